@@ -1,0 +1,3 @@
+from overunlearn.cli import main
+
+main()

@@ -1,0 +1,78 @@
+"""The protocol every benchmark follows, and a registry of benchmarks by name.
+
+A benchmark instance is configured once (dataset, recipe, cache directory, device) and
+then, for each seed, provides the unlearning problem (whose model is the cached original
+model), the metrics of any model, and reference metrics of the original and ground-truth
+models. Sweeps and reports only use this interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Protocol, runtime_checkable
+
+from torch import nn
+
+from overunlearn.problem import UnlearningProblem
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric's name, whether larger or smaller is better, and a human label."""
+
+    name: str
+    direction: Literal["min", "max"]
+    label: str = ""
+
+
+@runtime_checkable
+class Benchmark(Protocol):
+    name: str
+    metrics: tuple[MetricSpec, ...]
+
+    def problem(self, seed: int) -> UnlearningProblem:
+        """The unlearning problem for ``seed`` (trains and caches the original model if needed)."""
+        ...
+
+    def evaluate(self, model: nn.Module, seed: int) -> dict[str, float]:
+        """Task metrics of ``model`` (keys are the names in ``metrics``)."""
+        ...
+
+    def reference(self, seed: int) -> dict[str, dict[str, float]]:
+        """Metrics of the reference models: ``{"original": {...}, "ground_truth": {...}}``."""
+        ...
+
+
+_BENCHMARKS: dict[str, Callable[..., Benchmark]] = {}
+
+
+def register_benchmark(name: str) -> Callable[[Callable[..., Benchmark]], Callable[..., Benchmark]]:
+    def deco(factory: Callable[..., Benchmark]) -> Callable[..., Benchmark]:
+        _BENCHMARKS[name] = factory
+        return factory
+
+    return deco
+
+
+def list_benchmarks() -> list[str]:
+    _load_builtin()
+    return sorted(_BENCHMARKS)
+
+
+def get_benchmark(name: str, **options: Any) -> Benchmark:
+    """Instantiate the benchmark registered as ``name`` with ``options``."""
+    _load_builtin()
+    if name not in _BENCHMARKS:
+        raise KeyError(f"unknown benchmark {name!r}; valid names: {', '.join(sorted(_BENCHMARKS))}")
+    return _BENCHMARKS[name](**options)
+
+
+def _load_builtin() -> None:
+    import importlib
+
+    for mod in ("poison", "erase", "collapse"):
+        try:
+            importlib.import_module(f"overunlearn.benchmarks.{mod}")
+        except ModuleNotFoundError as exc:  # a benchmark module not written yet
+            if exc.name != f"overunlearn.benchmarks.{mod}":
+                raise

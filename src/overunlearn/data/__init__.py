@@ -1,0 +1,1 @@
+"""Dataset sources (torchvision roots, Debian Fashion-MNIST, scikit-learn digits) and colouring."""

@@ -1,0 +1,309 @@
+"""The unlearning loop: budgets, batches, optimizer, timing.
+
+Protocol (paper.md section 6): one epoch is one pass over the forget batches; each
+forget batch is paired with the next batch of a persistent, reshuffling retain
+iterator; every method gets the same number of steps for the same budget.
+
+Budgets (:class:`Budget`) combine ``epochs``, ``steps`` and ``seconds``; the run
+stops at whichever limit is reached first. The wall-clock rule is precise:
+
+* the clock starts after the working copy of the model is on its device and
+  before ``method.setup`` (so SalUn's mask, teacher copies and Retrain's
+  re-initialisation count), with the device synchronised;
+* **a step starts only if the elapsed time, measured after synchronising the
+  device, is below the deadline**; a step that has started always finishes, so
+  a run overshoots ``seconds`` by at most one step;
+* the record reports the steps done and the seconds used (setup included).
+
+Schedules that depend on the number of epochs ``T`` (MinNorm-OG's and SCRUB's
+final descent-only epochs, L1-Sparse's decay) use ``Budget.epochs`` as the planned
+``T`` even when ``seconds`` or ``steps`` cut the run shorter.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from overunlearn.batching import RetainCycle, forget_batches_per_epoch, forget_epoch
+from overunlearn.errors import NonFiniteLossError
+from overunlearn.methods.base import Method, MethodConfig
+from overunlearn.problem import Batch, Outputs, UnlearningProblem
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long to unlearn: any combination of ``epochs``, ``steps`` and ``seconds``."""
+
+    epochs: int | None = None
+    steps: int | None = None
+    seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs is None and self.steps is None and self.seconds is None:
+            raise ValueError("a Budget needs at least one of epochs, steps or seconds")
+        if self.epochs is not None and self.epochs < 0:
+            raise ValueError(f"epochs={self.epochs} must be >= 0")
+        if self.steps is not None and self.steps < 0:
+            raise ValueError(f"steps={self.steps} must be >= 0")
+        if self.seconds is not None and not self.seconds > 0:
+            raise ValueError(f"seconds={self.seconds} must be > 0")
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where the loop is: global step, epoch, step within the epoch (all 0-based)."""
+
+    step: int
+    epoch: int
+    step_in_epoch: int
+    steps_per_epoch: int
+    planned_epochs: int | None
+
+
+@dataclass
+class UnlearnRecord:
+    """What a run did: steps, time, losses, and why it stopped."""
+
+    method: str
+    config: dict
+    steps: int = 0
+    epochs_completed: int = 0
+    steps_per_epoch: int = 0
+    seconds: float = 0.0
+    setup_seconds: float = 0.0
+    stopped_by: str = ""
+    epoch_losses: list[float] = field(default_factory=list)
+    device: str = "cpu"
+
+
+@dataclass
+class UnlearnResult:
+    model: nn.Module
+    record: UnlearnRecord
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but CUDA is not available; use --device cpu or auto")
+    return dev
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class UnlearningContext:
+    """The state a method sees: the working model, the problem, device, randomness, optimizer."""
+
+    def __init__(self, problem: UnlearningProblem, model: nn.Module, device: torch.device, seed: int,
+                 planned_epochs: int | None, steps_per_epoch: int) -> None:
+        self.problem = problem
+        self.model = model
+        self.device = device
+        self.seed = seed
+        self.planned_epochs = planned_epochs
+        self.steps_per_epoch = steps_per_epoch
+        #: CPU generator for sampling decisions (subsets, batch order)
+        self.generator = torch.Generator().manual_seed(seed)
+        #: generator on the model's device for noise
+        self.device_generator = torch.Generator(device=device).manual_seed(seed + 1)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._original: nn.Module | None = None
+        self._checked = False
+
+    # -- models -------------------------------------------------------------------
+    def original(self) -> nn.Module:
+        """A frozen copy of the model as it was before unlearning (made on first use)."""
+        if self._original is None:
+            from overunlearn.methods.base import frozen_copy
+
+            self._original = frozen_copy(self.model)
+        return self._original
+
+    def trainable(self) -> list[Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def require_planned_epochs(self, method: str) -> int:
+        if self.planned_epochs is None:
+            raise ValueError(
+                f"method {method!r} schedules by the number of epochs: give the budget an 'epochs' value "
+                "(it may be combined with 'seconds' or 'steps' as a cut-off)"
+            )
+        return self.planned_epochs
+
+    # -- losses -------------------------------------------------------------------
+    def forward(self, batch: Batch, model: nn.Module | None = None) -> Outputs:
+        return (model or self.model)(batch.inputs)
+
+    def data_loss(self, outputs: Outputs, batch: Batch) -> Tensor:
+        """The task loss of a batch: ``mean(loss_i * w_i)`` (``w_i = 1`` without weights)."""
+        task = self.problem.task
+        if not self._checked:
+            task.check(outputs, batch.targets)
+            self._checked = True
+        per = task.per_sample_loss(outputs, batch.targets)
+        if batch.weights is not None:
+            per = per * batch.weights.to(per.dtype)
+        return per.mean()
+
+    def batch_loss(self, batch: Batch) -> Tensor:
+        return self.data_loss(self.forward(batch), batch)
+
+
+def _reinitialise(problem: UnlearningProblem, model: nn.Module, seed: int) -> nn.Module:
+    """Fresh parameters for Retrain: ``problem.make_model()`` or every module's ``reset_parameters``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if problem.make_model is not None:
+            fresh = problem.make_model()
+            model.load_state_dict(fresh.state_dict())
+        else:
+            for m in model.modules():
+                reset = getattr(m, "reset_parameters", None)
+                if callable(reset):
+                    reset()
+    return model
+
+
+def _make_optimizer(config: MethodConfig, params: list[Tensor]) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _one_step(ctx: UnlearningContext, method: Method, info: StepInfo, retain_b: Batch, forget_b: Batch,
+              forget_bn_stats: bool) -> float:
+    model, dev = ctx.model, ctx.device
+    forget_dev: Batch | None = None
+    if method.uses_forget:
+        forget_dev = forget_b.to(dev)
+    elif forget_bn_stats:
+        with torch.no_grad():
+            model(forget_b.to(dev).inputs)
+    method.before_step(ctx, info, retain_b)
+    assert ctx.optimizer is not None
+    ctx.optimizer.zero_grad(set_to_none=True)
+    loss = method.loss(ctx, info, retain_b, forget_dev)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"{method.name}: the loss became {value} at step {info.step} (epoch {info.epoch}); "
+            "lower the learning rate or the ascent coefficient", step=info.step, method=method.name)
+    loss.backward()
+    method.on_gradients(ctx, info)
+    ctx.optimizer.step()
+    method.after_step(ctx, info, retain_b)
+    return value
+
+
+def unlearn(problem: UnlearningProblem, method: Method, budget: Budget, *, seed: int = 0,
+            device: str | torch.device = "auto", progress: bool = False,
+            forget_bn_stats: bool = False,
+            on_step: Callable[[StepInfo, float], None] | None = None) -> UnlearnResult:
+    """Run ``method`` on ``problem`` within ``budget`` and return the unlearned model.
+
+    The caller's ``problem.model`` is never modified: the engine works on a deep copy,
+    which it returns. The model stays in train mode throughout, as in the reference code.
+
+    Args:
+        problem: model, retain / forget data and task.
+        method: an instance from :func:`overunlearn.methods.create` or a method class.
+        budget: epochs / steps / seconds (see the module docstring for the cut-off rule).
+        seed: seeds batch order and every random choice of the method; on CPU the same
+            seed gives the same numbers.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        progress: show a progress bar.
+        forget_bn_stats: also forward forget batches (without gradient) for methods that do
+            not use them, so BatchNorm running statistics see them as in the reference code.
+        on_step: called after every step with the step info and the loss value.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN/inf; the error names the step.
+    """
+    dev = resolve_device(device)
+    model = copy.deepcopy(problem.model).to(dev)
+    model.train()
+    steps_per_epoch = forget_batches_per_epoch(problem.forget, problem.batch_size)
+    planned = budget.epochs
+    if planned is None and budget.steps is not None:
+        planned = math.ceil(budget.steps / steps_per_epoch)
+    max_steps = math.inf
+    if budget.epochs is not None:
+        max_steps = budget.epochs * steps_per_epoch
+    if budget.steps is not None:
+        max_steps = min(max_steps, budget.steps)
+
+    ctx = UnlearningContext(problem, model, dev, seed, planned, steps_per_epoch)
+    if method.needs_planned_epochs:
+        ctx.require_planned_epochs(method.name)
+    record = UnlearnRecord(method=method.name, config=method.config.to_dict(), steps_per_epoch=steps_per_epoch,
+                           device=str(dev))
+    data_gen = torch.Generator().manual_seed(seed)
+    retain_iter = RetainCycle(problem.retain, problem.batch_size, data_gen)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=None if math.isinf(max_steps) else int(max_steps), desc=method.name, unit="step",
+                   leave=False)
+
+    synchronize(dev)
+    t0 = time.perf_counter()
+    try:
+        if getattr(method, "reinitialise", False):
+            _reinitialise(problem, model, seed)
+        method.setup(ctx)
+        ctx.optimizer = _make_optimizer(method.config, ctx.trainable())
+        synchronize(dev)
+        record.setup_seconds = time.perf_counter() - t0
+        step, epoch, stopped = 0, 0, ""
+        while not stopped:
+            if step >= max_steps:
+                by_epochs = budget.epochs is not None and step >= budget.epochs * steps_per_epoch
+                stopped = "epochs" if by_epochs else "steps"
+                break
+            losses: list[float] = []
+            for j, forget_b in enumerate(forget_epoch(problem.forget, problem.batch_size, data_gen)):
+                if step >= max_steps:
+                    break
+                if budget.seconds is not None:
+                    synchronize(dev)
+                    if time.perf_counter() - t0 >= budget.seconds:
+                        stopped = "seconds"
+                        break
+                info = StepInfo(step, epoch, j, steps_per_epoch, planned)
+                losses.append(_one_step(ctx, method, info, next(retain_iter).to(dev), forget_b, forget_bn_stats))
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+                if on_step is not None:
+                    on_step(info, losses[-1])
+            if losses:
+                record.epoch_losses.append(sum(losses) / len(losses))
+            if len(losses) == steps_per_epoch:
+                epoch += 1
+                record.epochs_completed = epoch
+        synchronize(dev)
+        record.seconds = time.perf_counter() - t0
+        record.steps = step
+        record.stopped_by = stopped
+    finally:
+        method.teardown(ctx)
+        if bar is not None:
+            bar.close()
+    return UnlearnResult(model=model, record=record)

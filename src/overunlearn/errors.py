@@ -1,0 +1,31 @@
+"""Exceptions raised by overunlearn, each with a message that says what to do."""
+
+from __future__ import annotations
+
+
+class OverunlearnError(Exception):
+    """Base class of every error raised on purpose by this package."""
+
+
+class DataError(OverunlearnError, ValueError):
+    """Input data is malformed: empty, wrong shapes, non-finite values."""
+
+
+class DatasetNotFoundError(OverunlearnError, FileNotFoundError):
+    """A dataset is not on disk; the message says how to provide it."""
+
+
+class NonFiniteLossError(OverunlearnError, FloatingPointError):
+    """The loss became NaN or infinite; ``step`` is the (0-based) step at which it happened."""
+
+    def __init__(self, message: str, step: int, method: str = "") -> None:
+        super().__init__(message)
+        self.step = step
+        self.method = method
+
+
+class UnknownMethodError(OverunlearnError, KeyError):
+    """No method is registered under the requested name."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""

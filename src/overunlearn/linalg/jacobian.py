@@ -1,0 +1,160 @@
+"""Jacobians of a model's scalar output scores with respect to its trainable parameters.
+
+Two BatchNorm semantics (option ``mode``):
+
+* ``"per_sample"`` (default): every row is the gradient of one example's score with
+  the model in **eval** mode, so BatchNorm uses its running statistics and examples
+  do not interact. This is the textbook per-example gradient of eqn (5), computed with
+  ``torch.func.vmap(jacrev(...))`` in one vectorised pass. Running statistics are not
+  updated.
+* ``"batch_train"``: the reference code's semantics -- one batched forward of the
+  subsample in **train** mode (BatchNorm normalises with the subsample's statistics,
+  coupling the rows), then the gradient of each score. Computed with ``jacrev`` of the
+  batched function; running statistics are not updated (the reference updates them
+  once more; that side effect is not reproduced).
+
+For models without BatchNorm or dropout the two coincide.
+
+Rows are ordered head-major: all samples' scores of head 0, then of head 1, ...,
+as the reference stacks them. The slow, obviously-correct reference
+(:func:`output_jacobian_reference`) loops over per-score backward passes.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+
+ScoreFn = Callable[[object], Tensor]
+Mode = Literal["per_sample", "batch_train"]
+
+
+@contextmanager
+def _mode(model: nn.Module, train: bool) -> Iterator[None]:
+    flags = {m: m.training for m in model.modules()}
+    model.train(train)
+    try:
+        yield
+    finally:
+        for m, f in flags.items():
+            m.training = f
+
+
+def _split(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    rest = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    rest.update({n: b.detach().clone() for n, b in model.named_buffers()})
+    return params, rest
+
+
+def _flatten(jac: dict[str, Tensor], names: list[str], rows: int) -> Tensor:
+    return torch.cat([jac[n].reshape(rows, -1) for n in names], dim=1)
+
+
+def output_jacobian(model: nn.Module, inputs: Tensor, score_fn: ScoreFn, mode: Mode = "per_sample") -> Tensor:
+    """``(n * heads, d)`` Jacobian of the scores of ``inputs`` w.r.t. the trainable parameters.
+
+    ``score_fn`` maps model outputs of a batch to a ``(batch, heads)`` tensor.
+    The column order is that of ``[p for p in model.parameters() if p.requires_grad]``.
+    """
+    params, rest = _split(model)
+    names = list(params)
+    n = inputs.shape[0]
+    if mode == "per_sample":
+
+        def f_one(p: dict[str, Tensor], x: Tensor) -> Tensor:
+            out = functional_call(model, (p, rest), (x.unsqueeze(0),), strict=False)
+            return score_fn(out)[0]
+
+        with _mode(model, train=False):
+            jac = vmap(jacrev(f_one), in_dims=(None, 0))(params, inputs)  # name -> (n, heads, *shape)
+        heads = next(iter(jac.values())).shape[1]
+        # head-major rows
+        return torch.cat([jac[k].transpose(0, 1).reshape(heads * n, -1) for k in names], dim=1)
+    if mode == "batch_train":
+
+        def f_all(p: dict[str, Tensor], r: dict[str, Tensor]) -> Tensor:
+            out = functional_call(model, (p, r), (inputs,), strict=False)
+            return score_fn(out).transpose(0, 1).reshape(-1)  # head-major
+
+        # the buffers are passed as (non-differentiated) inputs so that BatchNorm may update
+        # its running statistics in place -- on a throw-away clone
+        with _mode(model, train=True):
+            jac = jacrev(f_all, argnums=0)(params, rest)
+        rows = next(iter(jac.values())).shape[0]
+        return _flatten(jac, names, rows)
+    raise ValueError(f"mode={mode!r} is not one of 'per_sample', 'batch_train'")
+
+
+def output_jacobian_reference(model: nn.Module, inputs: Tensor, score_fn: ScoreFn,
+                              mode: Mode = "per_sample") -> Tensor:
+    """The same Jacobian by one backward pass per score (slow; the test oracle).
+
+    ``"batch_train"`` does exactly what the authors' code does: one batched forward in
+    train mode, then ``score[i].backward()`` for every sample and head. ``"per_sample"``
+    forwards every example alone in eval mode.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rows: list[list[Tensor]] = []
+    try:
+        if mode == "batch_train":
+            with _mode(model, train=True):
+                scores = score_fn(model(inputs))  # (n, heads)
+            for h in range(scores.shape[1]):
+                for i in range(scores.shape[0]):
+                    g = torch.autograd.grad(scores[i, h], params, retain_graph=True, allow_unused=True)
+                    rows.append([torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)])
+        elif mode == "per_sample":
+            per_head: list[list[list[Tensor]]] = []
+            with _mode(model, train=False):
+                for i in range(inputs.shape[0]):
+                    s = score_fn(model(inputs[i : i + 1]))[0]
+                    for h in range(s.shape[0]):
+                        if len(per_head) <= h:
+                            per_head.append([])
+                        g = torch.autograd.grad(s[h], params, retain_graph=h + 1 < s.shape[0], allow_unused=True)
+                        per_head[h].append([torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)])
+            rows = [r for head in per_head for r in head]
+        else:
+            raise ValueError(f"mode={mode!r} is not one of 'per_sample', 'batch_train'")
+    finally:
+        model.load_state_dict(state)  # undo running-stat updates of the train-mode forward
+    return torch.stack([torch.cat([g.reshape(-1) for g in r]) for r in rows])
+
+
+def sample_indices(n: int, k: int, generator: torch.Generator, strata: Tensor | None = None) -> Tensor:
+    """Choose ``min(k, n)`` distinct indices out of ``n``, balanced across ``strata`` if given.
+
+    Stratified choice: shuffle each stratum, visit the strata in a random order round-robin,
+    and take the first ``k`` picks. Every stratum gets ``k // C`` or ``k // C + 1`` picks
+    (fewer only if it is smaller), and exactly ``min(k, n)`` indices are returned even when
+    there are more strata than ``k`` -- the reference code draws ``k // C`` per class and so
+    draws nothing when ``C > k`` (paper.md section 3.3).
+    """
+    k = min(k, n)
+    if strata is None:
+        return torch.randperm(n, generator=generator)[:k]
+    strata = strata.detach().cpu().reshape(-1)
+    if strata.shape[0] != n:
+        raise ValueError(f"strata has {strata.shape[0]} entries for {n} samples")
+    labels = strata.unique()
+    labels = labels[torch.randperm(labels.numel(), generator=generator)]
+    groups = []
+    for c in labels:
+        idx = (strata == c).nonzero().reshape(-1)
+        groups.append(idx[torch.randperm(idx.numel(), generator=generator)].tolist())
+    picks: list[int] = []
+    depth = 0
+    while len(picks) < k:
+        for g in groups:
+            if depth < len(g):
+                picks.append(g[depth])
+                if len(picks) == k:
+                    break
+        depth += 1
+    return torch.tensor(picks, dtype=torch.long)

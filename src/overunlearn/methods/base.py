@@ -1,0 +1,139 @@
+"""What every unlearning method is made of.
+
+A method is small: a frozen hyperparameter dataclass (:class:`MethodConfig`
+subclass, validated on construction) and a class whose hooks the engine calls.
+The engine owns the loop, the optimizer, budgets and timing:
+
+``setup`` (once, timed) -> per step: ``before_step`` -> ``loss`` -> backward ->
+``on_gradients`` -> optimizer step -> ``after_step`` -> ... -> ``teardown``.
+
+Schedules (decaying coefficients, step counters) live on the method instance,
+never in its config; a method never mutates its config.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from overunlearn.problem import Batch, ClassificationTask, Outputs
+
+if TYPE_CHECKING:  # pragma: no cover
+    from overunlearn.engine import StepInfo, UnlearningContext
+
+
+def check_range(name: str, value: float, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ``ValueError`` naming the field and its allowed range if ``value`` is outside it."""
+    bad = isinstance(value, float) and math.isnan(value)
+    if low is not None:
+        bad |= value <= low if low_open else value < low
+    if high is not None:
+        bad |= value >= high if high_open else value > high
+    if bad:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise ValueError(f"{name}={value!r} is out of range: it must lie in {interval}")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Hyperparameters shared by every method.
+
+    Attributes:
+        lr: optimizer learning rate (``eta`` in the paper).
+        weight_decay: AdamW's decoupled weight decay. The default 0.01 is PyTorch's
+            default, which the reference code uses implicitly for every method
+            (paper.md section 9, item 6); set 0 to switch it off.
+        optimizer: ``"adamw"`` (the paper's choice) or ``"sgd"`` (plain, no momentum).
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+
+    def __post_init__(self) -> None:
+        check_range("lr", self.lr, 0.0, low_open=True)
+        check_range("weight_decay", self.weight_decay, 0.0)
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer={self.optimizer!r} is not one of 'adamw', 'sgd'")
+
+    def replace(self, **changes: Any) -> "MethodConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Method:
+    """Base class of unlearning methods. Subclasses set the class attributes and override hooks."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    #: task kinds this method applies to
+    tasks: ClassVar[frozenset[str]] = frozenset({"regression", "classification", "custom"})
+    #: whether ``loss`` looks at forget batches
+    uses_forget: ClassVar[bool] = False
+    #: whether the method needs the planned number of epochs (``T``) for its schedule
+    needs_planned_epochs: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig | None = None, **overrides: Any) -> None:
+        if config is None:
+            config = self.Config(**overrides)
+        elif overrides:
+            config = dataclasses.replace(config, **overrides)
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{type(self).__name__} expects a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+    # ---- hooks -------------------------------------------------------------------
+    def setup(self, ctx: "UnlearningContext") -> None:
+        """Called once before the loop, inside the timed region (teacher copies, masks...)."""
+
+    def before_step(self, ctx: "UnlearningContext", info: "StepInfo", retain: Batch) -> None:
+        """Called before the loss of a step is computed (MinNorm-OG projects here)."""
+
+    def loss(self, ctx: "UnlearningContext", info: "StepInfo", retain: Batch, forget: Batch | None) -> Tensor:
+        """The scalar objective the optimizer minimises at this step."""
+        raise NotImplementedError
+
+    def on_gradients(self, ctx: "UnlearningContext", info: "StepInfo") -> None:
+        """Called after backward, before the optimizer step (noise, gradient masks)."""
+
+    def after_step(self, ctx: "UnlearningContext", info: "StepInfo", retain: Batch) -> None:
+        """Called after the optimizer step."""
+
+    def teardown(self, ctx: "UnlearningContext") -> None:
+        """Called once after the loop, also on errors: remove anything attached to the model."""
+
+
+# ---- helpers shared by several methods ------------------------------------------
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with gradients switched off (a teacher / reference policy)."""
+    teacher = copy.deepcopy(model)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def require_classifier(method: Method, ctx: "UnlearningContext") -> ClassificationTask:
+    task = ctx.problem.task
+    if not isinstance(task, ClassificationTask):
+        raise TypeError(f"method {method.name!r} applies to classification only, not to a {task.kind} task")
+    return task
+
+
+def head_log_probs(task: ClassificationTask, outputs: Outputs) -> tuple[Tensor, ...]:
+    return tuple(torch.log_softmax(h, dim=1) for h in task.logits(outputs))

@@ -1,0 +1,72 @@
+"""SCRUB (Kurmanji et al., 2023): alternate min steps (distil on retain) and max steps (diverge on forget)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.nn import functional as F
+
+from overunlearn.methods.base import Method, MethodConfig, check_range, require_classifier
+from overunlearn.methods.registry import register_method
+from overunlearn.problem import ClassificationTask, Outputs
+
+
+@dataclass(frozen=True)
+class ScrubConfig(MethodConfig):
+    """``reg_coef``: KL weight on retain (min) steps; ``ga_coef``: KL weight on forget (max) steps;
+    ``num_gd_epochs``: final epochs that are min epochs only; ``teacher_mode``: the frozen teacher's
+    train/eval mode (``"train"`` reproduces the reference, whose teacher uses batch statistics)."""
+
+    reg_coef: float = 0.1
+    ga_coef: float = 0.01
+    num_gd_epochs: int = 0
+    teacher_mode: Literal["train", "eval"] = "train"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("reg_coef", self.reg_coef, 0.0)
+        check_range("ga_coef", self.ga_coef, 0.0)
+        check_range("num_gd_epochs", self.num_gd_epochs, 0)
+        if self.teacher_mode not in ("train", "eval"):
+            raise ValueError(f"teacher_mode={self.teacher_mode!r} is not one of 'train', 'eval'")
+
+
+def kl_teacher_student(task: ClassificationTask, student: Outputs, teacher: Outputs) -> torch.Tensor:
+    """``sum_heads KL(pi_teacher || pi_student)``, averaged over the batch."""
+    total = 0.0
+    for s, t in zip(task.logits(student), task.logits(teacher)):
+        total = total + F.kl_div(F.log_softmax(s, dim=1), F.softmax(t, dim=1), reduction="batchmean")
+    return total  # type: ignore[return-value]
+
+
+@register_method("scrub")
+class Scrub(Method):
+    """SCRUB. Epoch ``t`` is a *min* epoch if ``t`` is even or ``t >= T - num_gd_epochs``:
+    ``J(theta; B_r) + reg_coef * KL(pi_orig(x_r) || pi_theta(x_r))``; otherwise a *max* epoch:
+    ``-ga_coef * KL(pi_orig(x_f) || pi_theta(x_f))``. Classification only."""
+
+    Config = ScrubConfig
+    uses_forget = True
+    needs_planned_epochs = True
+    tasks = frozenset({"classification"})
+
+    def setup(self, ctx):  # type: ignore[override]
+        require_classifier(self, ctx)
+        self.teacher = ctx.original()
+        self.teacher.train(self.config.teacher_mode == "train")
+
+    def is_min_epoch(self, epoch: int, planned: int) -> bool:
+        return epoch % 2 == 0 or epoch >= planned - self.config.num_gd_epochs
+
+    def loss(self, ctx, info, retain, forget):  # type: ignore[override]
+        task = require_classifier(self, ctx)
+        if self.is_min_epoch(info.epoch, ctx.require_planned_epochs(self.name)):
+            out = ctx.forward(retain)
+            with torch.no_grad():
+                t_out = self.teacher(retain.inputs)
+            return ctx.data_loss(out, retain) + self.config.reg_coef * kl_teacher_student(task, out, t_out)
+        with torch.no_grad():
+            t_out = self.teacher(forget.inputs)
+        return -self.config.ga_coef * kl_teacher_student(task, ctx.forward(forget), t_out)

@@ -1,0 +1,1 @@
+"""Model architectures used by the benchmarks (MLP, small CNN, two-head ResNets)."""

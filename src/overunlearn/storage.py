@@ -1,0 +1,65 @@
+"""Atomic writes, safe loading and content-keyed caching of expensive artefacts.
+
+Every file is written to a temporary name in the same directory, flushed, fsynced and
+renamed over the target, so an interrupted run never leaves a truncated file. Tensors
+and state dicts are loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def default_cache_dir() -> Path:
+    """``$OVERUNLEARN_CACHE`` if set, else ``~/.cache/overunlearn``."""
+    env = os.environ.get("OVERUNLEARN_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "overunlearn"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_torch_save(path: str | Path, obj: Any) -> Path:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    return torch.load(Path(path), map_location=map_location, weights_only=True)
+
+
+def stable_hash(obj: Any, length: int = 12) -> str:
+    """A short hex digest of a JSON-serialisable object (dict keys sorted)."""
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
