@@ -1,1 +1,89 @@
-"""Reports: tables and figures derived from a sweep journal."""
+"""Reports: tables and figures derived from a sweep journal.
+
+:func:`build_report` reads a journal and writes, per sweep, into ``out_dir/<sweep>/``:
+
+* ``results.md`` / ``results.csv`` -- Table 1/2 style (best-mean sweeps: a row per setting,
+  a column per method, original and ground-truth columns) or the frontier points of
+  every method (Pareto sweeps, rebuttal-table style);
+* ``hyperparameters.md`` / ``.csv`` -- the winning hyperparameters of every method;
+* ``runtime.md`` / ``.csv`` -- seconds per trial / epoch of the selected settings;
+* ``frontier[_<setting>].png`` -- Figure 2-style fronts (two or more metrics);
+
+and ``out_dir/index.md`` linking everything, with notes (excluded settings, failures).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from overunlearn.report.aggregate import SettingResult, SweepReport, load
+from overunlearn.report.figures import frontier_plot
+from overunlearn.report.tables import frontier_table, hyperparameter_table, results_table, runtime_table
+from overunlearn.storage import atomic_write_text
+
+__all__ = ["build_report", "load", "frontier_plot", "SettingResult", "SweepReport"]
+
+
+def _slug(text: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_")
+    return s or "default"
+
+
+def build_report(journal: str | Path, out_dir: str | Path | None = None, *, allow_partial: bool = False,
+                 sweeps: list[str] | None = None, figures: bool = True) -> list[Path]:
+    """Write tables and figures for every sweep in ``journal``; return the files written."""
+    journal = Path(journal)
+    if not journal.exists():
+        raise FileNotFoundError(f"journal {str(journal)!r} does not exist; run `overunlearn sweep SPEC` first")
+    out = Path(out_dir) if out_dir is not None else journal.with_name(journal.stem + "_report")
+    reports, contents = load(journal, allow_partial=allow_partial, sweeps=sweeps)
+    written: list[Path] = []
+    index = [f"# Report for `{journal}`", ""]
+    if contents.bad_lines:
+        index.append(f"Ignored {contents.bad_lines} unreadable journal line(s).\n")
+    if not reports:
+        index.append("The journal holds no trials yet.")
+    for rep in reports:
+        d = out / _slug(rep.name)
+        index += [f"## {rep.name}: {rep.title}" + (f" ({rep.paper})" if rep.paper else ""), ""]
+        if not rep.settings:
+            index += ["No finished trials yet.", ""]
+            continue
+        by_sel = {"best_mean": [s for s in rep.settings if s.selection == "best_mean"],
+                  "pareto": [s for s in rep.settings if s.selection == "pareto"]}
+        if by_sel["best_mean"]:
+            md, csv = results_table(by_sel["best_mean"])
+            written += _pair(d / "results", md, csv, f"{rep.title}: results")
+        if by_sel["pareto"]:
+            md_all, csv_all = [], []
+            for s in by_sel["pareto"]:
+                md, csv = frontier_table(s)
+                md_all.append(f"### {s.title or s.setting or rep.name}\n\n{md}")
+                csv_all.append(csv if not csv_all else csv.split("\n", 1)[1])
+                if figures and len(s.metrics) >= 2:
+                    fname = f"frontier_{_slug(s.setting)}.png" if s.setting else "frontier.png"
+                    written.append(frontier_plot(s, d / fname,
+                                                 title=f"{rep.title} {s.title or ''}".strip()))
+            written += _pair(d / "frontiers", "\n".join(md_all), "".join(csv_all), f"{rep.title}: Pareto fronts")
+        md, csv = hyperparameter_table(rep.settings)
+        written += _pair(d / "hyperparameters", md, csv, f"{rep.title}: selected hyperparameters")
+        md, csv = runtime_table(rep.settings)
+        written += _pair(d / "runtime", md, csv, f"{rep.title}: runtime of the selected settings")
+        for p in written:
+            if p.parent == d:
+                rel = p.relative_to(out)
+                line = f"- [{rel}]({rel})"
+                if line not in index:
+                    index.append(line)
+        notes = list(rep.notes) + [f"[{s.setting}] {n}" if s.setting else n for s in rep.settings for n in s.notes]
+        if notes:
+            index += ["", "Notes:", *[f"- {n}" for n in notes]]
+        index.append("")
+    written.append(atomic_write_text(out / "index.md", "\n".join(index) + "\n"))
+    return written
+
+
+def _pair(stem: Path, md: str, csv: str, title: str) -> list[Path]:
+    return [atomic_write_text(stem.with_suffix(".md"), f"# {title}\n\n{md}"),
+            atomic_write_text(stem.with_suffix(".csv"), csv)]

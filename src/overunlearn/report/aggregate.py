@@ -1,0 +1,224 @@
+"""From journal records to per-setting, per-method hyperparameter groups with seed statistics."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from overunlearn.sweep.journal import FINISHED, JournalContents, read_journal
+from overunlearn.sweep.select import SeedStats, best_mean, pareto_front, seed_stats
+from overunlearn.sweep.spec import benchmark_key
+
+MINNORM = "minnorm_og"
+
+
+@dataclass
+class ConfigGroup:
+    """One hyperparameter setting of one method: its per-seed results."""
+
+    method: str
+    config_key: str
+    hyper: dict[str, Any]
+    config: dict[str, Any]
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # seed -> metrics
+    failed: dict[int, str] = field(default_factory=dict)  # seed -> error
+    seconds: dict[int, float] = field(default_factory=dict)
+    steps: dict[int, int] = field(default_factory=dict)
+    order: int = 0
+
+    def values(self, metric: str) -> list[float]:
+        return [float(m[metric]) if m.get(metric) is not None else math.nan
+                for _, m in sorted(self.metrics.items())]
+
+    def stats(self, metric: str) -> SeedStats:
+        return seed_stats(self.values(metric))
+
+    def complete(self, seeds: list[int]) -> bool:
+        return all(s in self.metrics for s in seeds) and not self.failed
+
+
+@dataclass
+class MethodResult:
+    method: str
+    groups: list[ConfigGroup]
+    selected: list[ConfigGroup]  # best mean: one group; Pareto: the front, best-first by metric 0
+    excluded: int = 0  # groups left out: incomplete seeds or failures
+
+
+@dataclass
+class SettingResult:
+    sweep: str
+    setting: str
+    title: str
+    seeds: list[int]
+    budget: dict[str, Any]
+    metrics: list[tuple[str, str]]  # (name, direction), report order
+    selection: str  # "best_mean" | "pareto"
+    statistic: str  # "mean_se" | "median"
+    methods: list[MethodResult]
+    reference: dict[str, dict[str, SeedStats]]  # "original"/"ground_truth" -> metric -> stats
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SweepReport:
+    name: str
+    title: str
+    paper: str
+    settings: list[SettingResult]
+    notes: list[str] = field(default_factory=list)
+
+
+def load(path: str | Path, allow_partial: bool = False, sweeps: list[str] | None = None) -> tuple[list[SweepReport], JournalContents]:
+    """Aggregate a journal into one :class:`SweepReport` per sweep name."""
+    contents = read_journal(path)
+    headers = contents.sweeps()
+    latest = contents.latest_trials()
+    refs = contents.references()
+    by_sweep: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for rec in latest.values():
+        by_sweep.setdefault(rec.get("sweep", "?"), {}).setdefault(rec.get("setting", ""), []).append(rec)
+    names = list(dict.fromkeys([*headers, *by_sweep]))
+    if sweeps:
+        names = [n for n in names if n in sweeps]
+    out = []
+    for name in names:
+        header = headers.get(name, {}).get("spec", {})
+        setting_hdrs = {s["name"]: s for s in header.get("settings", [])}
+        groups = by_sweep.get(name, {})
+        setting_names = list(dict.fromkeys([*setting_hdrs, *groups]))
+        sweep_notes: list[str] = []
+        if contents.bad_lines:
+            sweep_notes.append(f"{contents.bad_lines} unreadable journal line(s) ignored")
+        results = []
+        for sname in setting_names:
+            shdr = setting_hdrs.get(sname)
+            recs = _members(shdr, header, latest.values()) if shdr else groups.get(sname, [])
+            if not recs:
+                sweep_notes.append(f"setting {sname!r}: no trials in the journal yet")
+                continue
+            results.append(_setting(name, sname, header, setting_hdrs.get(sname, {}), recs, refs, allow_partial))
+        out.append(SweepReport(name=name, title=header.get("title", name), paper=header.get("paper", ""),
+                               settings=results, notes=sweep_notes + list(header.get("notes", []))))
+    return out, contents
+
+
+def _members(shdr: dict[str, Any], header: dict[str, Any], records: Any) -> list[dict[str, Any]]:
+    """The trials of a spec setting, found by content (not by label): a trial run under another
+    sweep or setting name with the same identity belongs here too."""
+    bench_name = header.get("benchmark", {}).get("name")
+    engine = header.get("engine")
+    seeds = set(shdr.get("seeds", []))
+    grids = shdr.get("grids", {})
+    out = []
+    for r in records:
+        grid = grids.get(r.get("method"))
+        if grid is None or r.get("seed") not in seeds or r.get("budget") != shdr.get("budget"):
+            continue
+        bench = r.get("benchmark", {})
+        if bench.get("name") != bench_name or bench.get("options") != shdr.get("benchmark_options"):
+            continue
+        if engine is not None and r.get("engine") != engine:
+            continue
+        config = r.get("config", {})
+        fixed = shdr.get("fixed", {}).get(r["method"], {})
+        if any(config.get(k) not in vals for k, vals in grid.items()) or any(
+                config.get(k) != v for k, v in fixed.items()):
+            continue
+        out.append(r)
+    return out
+
+
+def _metric_order(header: dict[str, Any], recs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    bench_specs: list[dict[str, str]] = next((r["metric_specs"] for r in recs if r.get("metric_specs")), [])
+    directions = {m["name"]: m["direction"] for m in bench_specs}
+    spec_metrics = [(m["name"], m["direction"]) for m in header.get("metrics", [])]
+    directions.update(dict(spec_metrics))
+    wanted = (header.get("report", {}).get("metrics") or [m for m, _ in spec_metrics]
+              or [m["name"] for m in bench_specs])
+    if not wanted:  # no specs recorded: take the metric names of the first finished trial
+        first = next((r for r in recs if r.get("status") == FINISHED), None)
+        wanted = list((first or {}).get("metrics", {}))
+    return [(m, directions.get(m, "max")) for m in wanted]
+
+
+def _setting(sweep: str, sname: str, header: dict[str, Any], shdr: dict[str, Any], recs: list[dict[str, Any]],
+             refs: dict[tuple[str, int], dict[str, Any]], allow_partial: bool) -> SettingResult:
+    notes: list[str] = []
+    metrics = _metric_order(header, recs)
+    seeds = shdr.get("seeds") or sorted({int(r["seed"]) for r in recs})
+    methods_order = shdr.get("methods") or list(dict.fromkeys(r["method"] for r in recs))
+    report_opts = header.get("report", {})
+    selection = report_opts.get("selection", "auto")
+    if selection == "auto":
+        selection = "best_mean" if len(metrics) == 1 else "pareto"
+    statistic = report_opts.get("statistic", "mean_se")
+
+    groups: dict[str, dict[str, ConfigGroup]] = {}
+    for rec in recs:
+        g = groups.setdefault(rec["method"], {}).get(rec["config_key"])
+        if g is None:
+            g = ConfigGroup(method=rec["method"], config_key=rec["config_key"], hyper=rec.get("hyper", {}),
+                            config=rec.get("config", {}), order=len(groups[rec["method"]]))
+            groups[rec["method"]][rec["config_key"]] = g
+        seed = int(rec["seed"])
+        if rec.get("status") == FINISHED:
+            g.metrics[seed] = rec.get("metrics", {})
+            if rec.get("seconds") is not None:
+                g.seconds[seed] = float(rec["seconds"])
+            if rec.get("steps") is not None:
+                g.steps[seed] = int(rec["steps"])
+        else:
+            g.failed[seed] = rec.get("error", "failed")
+    # order groups as in the grid (the first trial seen of each config), methods as in the spec
+    method_results = []
+    for m in [*methods_order, *[m for m in groups if m not in methods_order]]:
+        if m not in groups:
+            continue
+        gl = sorted(groups[m].values(), key=lambda g: g.order)
+        usable = [g for g in gl if (g.complete(seeds) if not allow_partial else (g.metrics and not g.failed))]
+        n_failed = sum(1 for g in gl if g.failed)
+        n_partial = sum(1 for g in gl if not g.failed and not g.complete(seeds))
+        if n_failed:
+            notes.append(f"{m}: {n_failed} setting(s) with failed seeds excluded "
+                         f"(e.g. {next(iter(next(g for g in gl if g.failed).failed.values()))[:120]})")
+        if n_partial and not allow_partial:
+            notes.append(f"{m}: {n_partial} setting(s) without all {len(seeds)} seeds excluded (sweep unfinished?)")
+        selected: list[ConfigGroup] = []
+        usable = [g for g in usable if all(math.isfinite(g.stats(name).mean) for name, _ in metrics)]
+        if usable and metrics:
+            if selection == "best_mean":
+                name, direction = metrics[0]
+                selected = [usable[best_mean([g.values(name) for g in usable], direction)]]
+            else:
+                pts = [[g.stats(name).mean for name, _ in metrics] for g in usable]
+                selected = [usable[i] for i in pareto_front(pts, [d for _, d in metrics])]
+        method_results.append(MethodResult(method=m, groups=gl, selected=selected, excluded=len(gl) - len(usable)))
+
+    reference: dict[str, dict[str, SeedStats]] = {}
+    bopts = shdr.get("benchmark_options")
+    if bopts is None:
+        bopts = recs[0].get("benchmark", {}).get("options", {})
+    bname = recs[0].get("benchmark", {}).get("name", header.get("benchmark", {}).get("name", ""))
+    bkey = benchmark_key(bname, bopts)
+    per_kind: dict[str, dict[str, list[float]]] = {}
+    missing = []
+    for seed in seeds:
+        r = refs.get((bkey, seed))
+        if r is None or r.get("status") != FINISHED:
+            missing.append(seed)
+            continue
+        for kind, vals in r.get("reference", {}).items():
+            for metric, v in vals.items():
+                per_kind.setdefault(kind, {}).setdefault(metric, []).append(
+                    float(v) if v is not None else math.nan)
+    if missing:
+        notes.append(f"reference metrics missing for seed(s) {missing}")
+    for kind in sorted(per_kind, key=lambda k: (k != "original", k != "ground_truth", k)):
+        reference[kind] = {metric: seed_stats(v) for metric, v in per_kind[kind].items()}
+    return SettingResult(sweep=sweep, setting=sname, title=shdr.get("title", sname) or sname, seeds=list(seeds),
+                         budget=shdr.get("budget") or recs[0].get("budget", {}), metrics=metrics,
+                         selection=selection, statistic=statistic, methods=method_results, reference=reference,
+                         notes=notes)

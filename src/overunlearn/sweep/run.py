@@ -1,0 +1,189 @@
+"""Running a spec: pending trials -> executor -> journal (written here, by the parent only)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from overunlearn.errors import OverunlearnError
+from overunlearn.sweep.executors import Executor, SequentialExecutor
+from overunlearn.sweep.journal import FINISHED, JournalWriter, environment, git_revision, package_versions, read_journal
+from overunlearn.sweep.spec import SweepSpec, Trial, benchmark_key, check_benchmark
+
+#: failures in these phases are not about the trial: the same error would hit every trial
+SETUP_PHASES = ("benchmark", "problem")
+
+
+class SweepAborted(OverunlearnError, RuntimeError):
+    """A failure that every remaining trial would repeat (missing dataset, bad benchmark options)."""
+
+
+@dataclass
+class SweepResult:
+    journal: Path
+    total: int
+    skipped: int
+    finished: int = 0
+    failed: int = 0
+    references: int = 0
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def trial_task(trial: Trial, device: str, threads: int | None = None) -> dict[str, Any]:
+    ident = trial.identity()
+    labels = {"sweep": trial.sweep, "setting": trial.setting, "hyper": trial.hyper}
+    return {"kind": "trial", "id": trial.id, "config_key": trial.config_key,
+            "benchmark_key": benchmark_key(trial.benchmark, trial.benchmark_options),
+            "trial": {**ident, **labels}, "imports": list(trial.imports), "device": device, "threads": threads}
+
+
+def pending_trials(spec: SweepSpec, done: set[str]) -> list[Trial]:
+    """Trials not yet done, each once, ordered by setting, seed, method (keeps problem caches warm)."""
+    seen: set[str] = set()
+    out: list[Trial] = []
+    for t in spec.trials:
+        if t.id in done or t.id in seen:
+            continue
+        seen.add(t.id)
+        out.append(t)
+    return out
+
+
+def check_metric_specs(spec: SweepSpec, specs: list[dict[str, Any]] | None) -> str | None:
+    """A message if the spec's ``[metrics]`` disagree with what the benchmark reports, else ``None``."""
+    if not spec.metrics or not specs:
+        return None
+    actual = {m["name"]: m["direction"] for m in specs}
+    for name, direction in spec.metrics.items():
+        if name not in actual:
+            return (f"the spec lists metric {name!r} but benchmark {spec.benchmark!r} reports "
+                    f"{sorted(actual)}; fix [metrics] in {spec.path}")
+        if actual[name] != direction:
+            return (f"the spec says metric {name!r} is {direction!r}-is-better but benchmark {spec.benchmark!r} "
+                    f"says {actual[name]!r}; fix [metrics] in {spec.path}")
+    return None
+
+
+def run_sweep(spec: SweepSpec, journal: str | Path, executor: Executor | None = None, *,
+              device: str | None = None, threads: int | None = None, retry_failed: bool = False,
+              references: bool = True, max_trials: int | None = None, check: bool = True,
+              log: Callable[[str], None] | None = None) -> SweepResult:
+    """Run every trial of ``spec`` that ``journal`` does not already hold as done.
+
+    Safe to kill at any moment and run again: finished trials are skipped, and a trial is
+    marked finished only by its own fsynced journal line.
+
+    Args:
+        spec: a loaded spec.
+        journal: JSONL path (created if missing).
+        executor: where trials run (default: sequentially in this process).
+        device: overrides the spec's ``[engine].device``.
+        threads: torch threads per trial.
+        retry_failed: rerun trials that failed deterministically (NaN loss) before.
+        references: also record ``benchmark.reference(seed)`` for every seed not yet recorded.
+        max_trials: stop after this many trials (for smoke runs).
+        check: configure the benchmark here first (cheap) and stop on unknown names, bad options
+            or metrics that disagree with the spec's ``[metrics]``.
+        log: receives one line per completed task.
+    """
+    journal = Path(journal)
+    log = log or (lambda _msg: None)
+    if check:
+        problems = check_benchmark(spec)
+        if problems:
+            raise SweepAborted(f"{spec.path}: " + "; ".join(problems))
+    executor = executor or SequentialExecutor(threads=threads)
+    contents = read_journal(journal)
+    if contents.bad_lines:
+        log(f"journal: ignored {contents.bad_lines} unreadable line(s) (a torn line from an interrupted run)")
+    done = contents.done_ids(retry_failed=retry_failed)
+    todo = pending_trials(spec, done)
+    if max_trials is not None:
+        todo = todo[:max_trials]
+    distinct = len({t.id for t in spec.trials})
+    result = SweepResult(journal=journal, total=distinct, skipped=distinct - len(pending_trials(spec, done)))
+    dev = device or spec.device
+
+    refs_done = {k for k, r in contents.references().items() if r.get("status") == FINISHED}
+    ref_tasks: list[dict[str, Any]] = []
+    if references:
+        for s in spec.settings:
+            bkey = benchmark_key(spec.benchmark, s.benchmark_options)
+            for seed in s.seeds:
+                if (bkey, seed) not in refs_done and not any(
+                        t["benchmark_key"] == bkey and t["seed"] == seed for t in ref_tasks):
+                    ref_tasks.append({"kind": "reference", "benchmark": {"name": spec.benchmark,
+                                                                         "options": s.benchmark_options},
+                                      "benchmark_key": bkey, "seed": seed, "imports": list(spec.imports),
+                                      "device": dev, "threads": threads})
+    t_start = time.perf_counter()
+    run_info = {"executor": getattr(executor, "name", type(executor).__name__), "device": dev, "threads": threads,
+                "pending": len(todo), "references": len(ref_tasks)}
+
+    n_total = len(todo) + len(ref_tasks)
+    counter = {"i": 0}
+    abort: str | None = None
+    with JournalWriter(journal) as writer:
+        git = git_revision()
+        versions = package_versions()
+        writer.append({"kind": "sweep", "spec": spec.header(), "run": run_info, "versions": versions, "git": git,
+                       "env": environment()})
+        provenance = {"versions": versions, "git": git, "executor": run_info["executor"]}
+        if not todo and not ref_tasks:
+            log(f"nothing to do: all {distinct} trials are in {journal}")
+        # references first, as a barrier: they usually train (and cache) the original models, which the
+        # trials of the same seed would otherwise train concurrently in other workers
+        phases = [ref_tasks, [trial_task(t, dev, threads) for t in todo]]
+        for phase in phases:
+            if not phase or abort is not None:
+                continue
+            abort = _consume(executor.run(iter(phase)), writer, spec, provenance, result, counter, n_total, log)
+    result.seconds = time.perf_counter() - t_start
+    if abort is not None:
+        raise SweepAborted(
+            f"stopped: a setup step failed and would fail for every trial: {abort}. The failure is recorded in "
+            f"{journal}; fix the cause and run the sweep again (finished trials are kept).")
+    return result
+
+
+def _consume(gen: Iterator[dict[str, Any]], writer: JournalWriter, spec: SweepSpec, provenance: dict[str, Any],
+             result: SweepResult, counter: dict[str, int], n_total: int, log: Callable[[str], None]) -> str | None:
+    """Write every record the executor yields; return an abort reason, or ``None``."""
+    try:
+        for rec in gen:
+            counter["i"] += 1
+            i = counter["i"]
+            rec.update(provenance)
+            rec["finished_at"] = time.time()
+            writer.append(rec)
+            mismatch = check_metric_specs(spec, rec.get("metric_specs"))
+            if mismatch:
+                return mismatch
+            ok = rec.get("status") == FINISHED
+            if rec["kind"] == "reference":
+                result.references += 1
+                what = f"reference seed={rec['seed']}"
+            else:
+                result.finished += ok
+                result.failed += not ok
+                hyper = " ".join(f"{k}={v}" for k, v in rec.get("hyper", {}).items())
+                what = f"{rec.get('setting') or ''} {rec['method']} seed={rec['seed']} {hyper}".strip()
+            if ok:
+                metr = " ".join(f"{k}={v:.4g}" for k, v in (rec.get("metrics") or {}).items()
+                                if isinstance(v, (int, float)))
+                log(f"[{i}/{n_total}] {what}: {metr}")
+            else:
+                msg = f"[{i}/{n_total}] {what}: FAILED {rec.get('error', '')}"
+                log(msg)
+                result.failures.append(msg)
+                if rec["kind"] == "reference" or rec.get("phase") in SETUP_PHASES:
+                    return rec.get("error", "setup failed")
+    finally:
+        close = getattr(gen, "close", None)
+        if close is not None:
+            close()
+    return None

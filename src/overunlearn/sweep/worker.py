@@ -1,0 +1,158 @@
+"""Running one task in whatever process an executor chose.
+
+A *task* is a plain, picklable dict (so it crosses process and Ray boundaries); running
+it returns a plain dict, the journal record without provenance. Nothing here writes the
+journal. Benchmarks and problems are cached per process, so consecutive trials on the
+same benchmark and seed reuse the original model.
+
+Task kinds:
+
+* ``{"kind": "trial", "trial": Trial.identity() + labels, ...}`` -> a ``"trial"`` record;
+* ``{"kind": "reference", "benchmark": ..., "seed": ...}`` -> a ``"reference"`` record.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+import traceback
+from collections import OrderedDict
+from typing import Any
+
+_BENCH_CACHE: OrderedDict[str, Any] = OrderedDict()
+_PROBLEM_CACHE: OrderedDict[tuple[str, int], Any] = OrderedDict()
+_MAX_BENCH = 4
+_MAX_PROBLEMS = 2
+_CONFIGURED = {"threads": None}
+
+
+def configure_process(threads: int | None = None, cuda_device: str | None = None) -> None:
+    """Set torch's thread count and pin the process to one GPU (call before CUDA is used)."""
+    if cuda_device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_device
+    if threads:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        import torch
+
+        torch.set_num_threads(int(threads))
+        _CONFIGURED["threads"] = int(threads)
+
+
+def clear_caches() -> None:
+    _BENCH_CACHE.clear()
+    _PROBLEM_CACHE.clear()
+
+
+def _benchmark(name: str, options: dict[str, Any], imports: list[str] | tuple[str, ...]) -> Any:
+    from overunlearn.benchmarks import get_benchmark
+    from overunlearn.sweep.spec import benchmark_key
+
+    for mod in imports:
+        importlib.import_module(mod)
+    key = benchmark_key(name, options)
+    if key not in _BENCH_CACHE:
+        _BENCH_CACHE[key] = get_benchmark(name, **options)
+        while len(_BENCH_CACHE) > _MAX_BENCH:
+            _BENCH_CACHE.popitem(last=False)
+    _BENCH_CACHE.move_to_end(key)
+    return _BENCH_CACHE[key]
+
+
+def _problem(bench: Any, bkey: str, seed: int) -> Any:
+    key = (bkey, seed)
+    if key not in _PROBLEM_CACHE:
+        _PROBLEM_CACHE[key] = bench.problem(seed)
+        while len(_PROBLEM_CACHE) > _MAX_PROBLEMS:
+            _PROBLEM_CACHE.popitem(last=False)
+    _PROBLEM_CACHE.move_to_end(key)
+    return _PROBLEM_CACHE[key]
+
+
+def _metric_specs(bench: Any) -> list[dict[str, str]]:
+    return [{"name": m.name, "direction": m.direction, "label": getattr(m, "label", "")} for m in bench.metrics]
+
+
+def _device_info(device: str) -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"device": device, "torch_threads": torch.get_num_threads(), "pid": os.getpid()}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        idx = torch.device(device).index or 0
+        info["gpu"] = torch.cuda.get_device_name(idx)
+        info["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return info
+
+
+def _error_fields(exc: BaseException) -> dict[str, Any]:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    out = {"error_type": type(exc).__name__, "error": f"{type(exc).__name__}: {exc}", "traceback": tb[-4000:]}
+    step = getattr(exc, "step", None)
+    if isinstance(step, int):
+        out["error_step"] = step
+    return out
+
+
+def run_task(task: dict[str, Any]) -> dict[str, Any]:
+    """Run one task and return its record; exceptions are caught and recorded, never raised."""
+    if task.get("threads") and _CONFIGURED["threads"] != task["threads"]:
+        configure_process(threads=task["threads"])
+    kind = task["kind"]
+    if kind == "trial":
+        return _run_trial(task)
+    if kind == "reference":
+        return _run_reference(task)
+    raise ValueError(f"unknown task kind {kind!r}")
+
+
+def _run_reference(task: dict[str, Any]) -> dict[str, Any]:
+    rec: dict[str, Any] = {"kind": "reference", "benchmark": task["benchmark"], "benchmark_key": task["benchmark_key"],
+                           "seed": task["seed"], "started_at": time.time()}
+    t0 = time.perf_counter()
+    try:
+        bench = _benchmark(task["benchmark"]["name"], task["benchmark"]["options"], task.get("imports", ()))
+        rec["metric_specs"] = _metric_specs(bench)
+        rec["reference"] = {k: {m: float(v) for m, v in d.items()} for k, d in bench.reference(task["seed"]).items()}
+        rec["status"] = "finished"
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded
+        rec.update(_error_fields(exc))
+        rec["status"] = "failed"
+    rec["wall_seconds"] = time.perf_counter() - t0
+    return rec
+
+
+def _run_trial(task: dict[str, Any]) -> dict[str, Any]:
+    from overunlearn.engine import Budget, resolve_device, unlearn
+    from overunlearn.methods import create
+
+    t = task["trial"]
+    rec: dict[str, Any] = {"kind": "trial", "id": task["id"], "config_key": task["config_key"], **t,
+                           "started_at": time.time()}
+    t0 = time.perf_counter()
+    phase = "benchmark"
+    try:
+        bench_name, options = t["benchmark"]["name"], t["benchmark"]["options"]
+        bench = _benchmark(bench_name, options, task.get("imports", ()))
+        rec["metric_specs"] = _metric_specs(bench)
+        phase = "problem"
+        problem = _problem(bench, task["benchmark_key"], t["seed"])
+        phase = "unlearn"
+        method = create(t["method"], **t["config"])
+        device = str(resolve_device(task.get("device", "auto")))
+        rec.update(_device_info(device))
+        result = unlearn(problem, method, Budget(**t["budget"]), seed=t["seed"], device=device,
+                         forget_bn_stats=bool(t["engine"].get("forget_bn_stats", False)))
+        r = result.record
+        rec.update(steps=r.steps, epochs_completed=r.epochs_completed, steps_per_epoch=r.steps_per_epoch,
+                   seconds=r.seconds, setup_seconds=r.setup_seconds, stopped_by=r.stopped_by,
+                   epoch_losses=r.epoch_losses)
+        phase = "evaluate"
+        metrics = bench.evaluate(result.model, t["seed"])
+        rec["metrics"] = {k: float(v) for k, v in metrics.items()}
+        rec["status"] = "finished"
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded, the sweep goes on
+        rec.update(_error_fields(exc))
+        rec["status"] = "failed"
+        rec["phase"] = phase
+    rec["wall_seconds"] = time.perf_counter() - t0
+    return rec

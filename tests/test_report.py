@@ -1,0 +1,122 @@
+"""Reports: tables (markdown, CSV), frontier figures and winning hyperparameters from a journal."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+import sweep_fake  # noqa: F401  (registers the fake benchmark and method)
+from typer.testing import CliRunner
+
+from overunlearn.report import build_report
+from overunlearn.report.aggregate import load
+from overunlearn.sweep.run import run_sweep
+from overunlearn.sweep.spec import parse_spec
+
+METHODS = ["gd", "minnorm_og", "ridge", "sweep_nan"]
+
+
+def spec(name, n_metrics, **extra):
+    metrics = {"retain_mse": "min", "forget_gap": "max"}
+    raw = {
+        "name": name,
+        "title": f"Fake {name}",
+        "seeds": [1, 2, 3],
+        "methods": METHODS,
+        "benchmark": {"name": "sweep_fake", "imports": ["sweep_fake"], "options": {"n_metrics": n_metrics}},
+        "budget": {"epochs": 2},
+        "metrics": dict(list(metrics.items())[:n_metrics]),
+        "grid": {"lr": [1e-2, 1e-3], "reg_coef": [0.1, 0.5], "minnorm_og": {"grad_sample_size": [4]}},
+    }
+    raw.update(extra)
+    return parse_spec(raw)
+
+
+@pytest.fixture(scope="module")
+def journal(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rep") / "j.jsonl"
+    table = spec("table", 1, report={"statistic": "median"},
+                 settings=[{"name": "T=2"}, {"name": "T=3", "budget": {"epochs": 3}}])
+    run_sweep(table, path)
+    run_sweep(spec("front", 2), path)
+    return path
+
+
+def test_aggregate_selection(journal):
+    reports, _ = load(journal)
+    by_name = {r.name: r for r in reports}
+    assert set(by_name) == {"table", "front"}
+    t2 = by_name["table"].settings[0]
+    assert t2.selection == "best_mean" and t2.metrics == [("retain_mse", "min")]
+    gd = next(m for m in t2.methods if m.method == "gd")
+    assert len(gd.selected) == 1
+    best = gd.selected[0]
+    assert all(best.stats("retain_mse").mean <= g.stats("retain_mse").mean for g in gd.groups)
+    assert set(t2.reference) == {"original", "ground_truth"}
+    nan = next(m for m in by_name["table"].settings[1].methods if m.method == "sweep_nan")  # 3 epochs: diverges
+    assert nan.selected == [] and nan.excluded == len(nan.groups)
+    front = by_name["front"].settings[0]
+    assert front.selection == "pareto" and [d for _, d in front.metrics] == ["min", "max"]
+    for mr in front.methods:
+        means = [g.stats("retain_mse").mean for g in mr.selected]
+        assert means == sorted(means)  # best-first by the first metric
+        gaps = [g.stats("forget_gap").mean for g in mr.selected]
+        assert gaps == sorted(gaps)  # ...and each further point improves the second
+
+
+def test_build_report_writes_tables_figures_and_hyperparameters(journal, tmp_path):
+    files = build_report(journal, tmp_path / "out")
+    names = {f.relative_to(tmp_path / "out").as_posix() for f in files}
+    for expected in ("index.md", "table/results.md", "table/results.csv", "table/hyperparameters.md",
+                     "table/hyperparameters.csv", "table/runtime.md", "front/frontiers.md", "front/frontiers.csv",
+                     "front/frontier.png", "front/hyperparameters.md"):
+        assert expected in names, (expected, sorted(names))
+    for f in files:
+        assert f.stat().st_size > 0
+    png = (tmp_path / "out/front/frontier.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+    md = (tmp_path / "out/table/results.md").read_text()
+    assert "retain_mse" in md and "Original" in md and "Ground truth" in md and "**minnorm_og**" in md
+    assert "| T=2 |" in md and "| T=3 |" in md and "median (central range)" in md
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "out/table/results.csv").read_text())))
+    assert {r["method"] for r in rows} >= {"gd", "minnorm_og", "ridge", "original", "ground_truth"}
+    assert all(r["n"] == "3" for r in rows)
+
+    hyp = (tmp_path / "out/table/hyperparameters.md").read_text()
+    for m in ("gd", "**minnorm_og**", "ridge"):
+        assert m in hyp
+    assert "lr=" in hyp and "reg_coef=" in hyp and "no complete setting" in hyp
+
+    fr = (tmp_path / "out/front/frontiers.md").read_text()
+    assert "retain_mse (↓)" in fr and "forget_gap (↑)" in fr and "Original" in fr
+    index = (tmp_path / "out/index.md").read_text()
+    assert "sweep_nan" in index and "failed seeds excluded" in index
+
+
+def test_settings_are_matched_by_content_not_by_label(journal, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy.jsonl"
+    shutil.copy(journal, copy)
+    renamed = spec("renamed", 2)  # the same trials as "front" under another name: nothing runs
+    res = run_sweep(renamed, copy)
+    assert res.finished == 0 and res.skipped == len(renamed.trials)
+    reports, _ = load(copy, sweeps=["renamed"])
+    (s,) = reports[0].settings
+    assert all(len(m.groups) == len([t for t in renamed.trials if t.method == m.method]) // 3 for m in s.methods)
+    assert next(m for m in s.methods if m.method == "gd").selected
+
+
+def test_report_cli(journal, tmp_path):
+    from overunlearn.cli import _register, app
+
+    _register()
+    res = CliRunner().invoke(app, ["report", str(journal), "--out", str(tmp_path / "r"), "--sweep", "front",
+                                   "--no-figures"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "r/front/frontiers.md").exists() and not (tmp_path / "r/table").exists()
+    assert not list((tmp_path / "r").rglob("*.png"))
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "missing.jsonl")])
+    assert res.exit_code == 2 and "does not exist" in res.output
