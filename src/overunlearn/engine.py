@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from overunlearn.batching import RetainCycle, forget_batches_per_epoch, forget_epoch
-from overunlearn.errors import NonFiniteLossError
+from overunlearn.errors import DataError, NonFiniteLossError
 from overunlearn.methods.base import Method, MethodConfig
-from overunlearn.problem import Batch, Outputs, UnlearningProblem
+from overunlearn.problem import Batch, Outputs, TensorData, UnlearningProblem, batch_from_items
 
 
 @dataclass(frozen=True)
@@ -179,6 +179,36 @@ def _reinitialise(problem: UnlearningProblem, model: nn.Module, seed: int) -> nn
     return model
 
 
+def _first_batch(data, k: int) -> Batch:
+    k = min(k, len(data))
+    if isinstance(data, TensorData):
+        return data.take(torch.arange(k))
+    from torch.utils.data import default_collate
+
+    return batch_from_items(default_collate([data[i] for i in range(k)]))
+
+
+def _check_data(problem: UnlearningProblem, model: nn.Module, dev: torch.device) -> None:
+    """Check outputs against targets on the first batch of the retain *and* the forget set.
+
+    Runs before the clock starts, without gradients and in eval mode (no BatchNorm update), so that
+    malformed targets raise a :class:`DataError` whichever set a method looks at first (or at all).
+    """
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            for name, data in (("retain", problem.retain), ("forget", problem.forget)):
+                b = _first_batch(data, problem.batch_size).to(dev)
+                try:
+                    problem.task.check(model(b.inputs), b.targets)
+                except DataError as e:
+                    raise DataError(f"{name} set: {e}") from None
+    finally:
+        for m, f in flags.items():
+            m.training = f
+
+
 def _make_optimizer(config: MethodConfig, params: list[Tensor]) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -200,6 +230,9 @@ def _one_step(ctx: UnlearningContext, method: Method, info: StepInfo, retain_b: 
     loss = method.loss(ctx, info, retain_b, forget_dev)
     value = float(loss.detach())
     if not math.isfinite(value):
+        for name, b in (("retain", retain_b), ("forget", forget_b)):
+            if b.inputs.dtype.is_floating_point and not bool(torch.isfinite(b.inputs).all()):
+                raise DataError(f"the {name} batch of step {info.step} contains NaN or infinite inputs")
         raise NonFiniteLossError(
             f"{method.name}: the loss became {value} at step {info.step} (epoch {info.epoch}); "
             "lower the learning rate or the ascent coefficient", step=info.step, method=method.name)
@@ -232,6 +265,8 @@ def unlearn(problem: UnlearningProblem, method: Method, budget: Budget, *, seed:
         on_step: called after every step with the step info and the loss value.
 
     Raises:
+        DataError: outputs and targets of the first retain or forget batch do not match (checked
+            before the clock starts), or a batch whose loss is not finite has NaN/inf inputs.
         NonFiniteLossError: the loss became NaN/inf; the error names the step.
     """
     dev = resolve_device(device)
@@ -247,6 +282,7 @@ def unlearn(problem: UnlearningProblem, method: Method, budget: Budget, *, seed:
     if budget.steps is not None:
         max_steps = min(max_steps, budget.steps)
 
+    _check_data(problem, model, dev)
     ctx = UnlearningContext(problem, model, dev, seed, planned, steps_per_epoch)
     if method.needs_planned_epochs:
         ctx.require_planned_epochs(method.name)

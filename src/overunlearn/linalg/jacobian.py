@@ -22,6 +22,7 @@ as the reference stacks them. The slow, obviously-correct reference
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Callable, Iterator, Literal
 
@@ -73,8 +74,16 @@ def output_jacobian(model: nn.Module, inputs: Tensor, score_fn: ScoreFn, mode: M
         with _mode(model, train=False):
             jac = vmap(jacrev(f_one), in_dims=(None, 0))(params, inputs)  # name -> (n, heads, *shape)
         heads = next(iter(jac.values())).shape[1]
-        # head-major rows
-        return torch.cat([jac[k].transpose(0, 1).reshape(heads * n, -1) for k in names], dim=1)
+        # head-major rows, written once into the output (a transpose + cat copied J twice)
+        d = sum(math.prod(jac[k].shape[2:]) for k in names)
+        first = jac[names[0]]
+        out = torch.empty(heads * n, d, dtype=first.dtype, device=first.device)
+        offset = 0
+        for k in names:
+            m = math.prod(jac[k].shape[2:])
+            out[:, offset : offset + m].view(heads, n, m).copy_(jac[k].reshape(n, heads, m).transpose(0, 1))
+            offset += m
+        return out
     if mode == "batch_train":
 
         def f_all(p: dict[str, Tensor], r: dict[str, Tensor]) -> Tensor:
@@ -88,6 +97,36 @@ def output_jacobian(model: nn.Module, inputs: Tensor, score_fn: ScoreFn, mode: M
         rows = next(iter(jac.values())).shape[0]
         return _flatten(jac, names, rows)
     raise ValueError(f"mode={mode!r} is not one of 'per_sample', 'batch_train'")
+
+
+def output_jacobian_dense(model: nn.Module, inputs: Tensor, score_fn: ScoreFn, wrt: list[Tensor]) -> Tensor:
+    """``"per_sample"`` Jacobian with respect to the parameters ``wrt`` only (in that order);
+    every other parameter is held fixed. Rows are head-major as in :func:`output_jacobian`."""
+    ids = {id(p) for p in wrt}
+    named = dict(model.named_parameters())
+    names = [n for n, p in named.items() if id(p) in ids]
+    order = {id(named[n]): n for n in names}
+    names = [order[id(p)] for p in wrt]
+    params = {n: named[n].detach() for n in names}
+    rest = {n: p.detach() for n, p in named.items() if id(p) not in ids}
+    rest.update({n: b.detach().clone() for n, b in model.named_buffers()})
+    n = inputs.shape[0]
+
+    def f_one(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        out = functional_call(model, (p, rest), (x.unsqueeze(0),), strict=False)
+        return score_fn(out)[0]
+
+    with _mode(model, train=False):
+        jac = vmap(jacrev(f_one), in_dims=(None, 0))(params, inputs)
+    heads = next(iter(jac.values())).shape[1]
+    d = sum(math.prod(jac[k].shape[2:]) for k in names)
+    out = torch.empty(heads * n, d, dtype=jac[names[0]].dtype, device=inputs.device)
+    offset = 0
+    for k in names:
+        m = math.prod(jac[k].shape[2:])
+        out[:, offset : offset + m].view(heads, n, m).copy_(jac[k].reshape(n, heads, m).transpose(0, 1))
+        offset += m
+    return out
 
 
 def output_jacobian_reference(model: nn.Module, inputs: Tensor, score_fn: ScoreFn,

@@ -30,8 +30,8 @@ from typing import Literal
 
 import torch
 
-from overunlearn.linalg.jacobian import output_jacobian, output_jacobian_reference, sample_indices
-from overunlearn.linalg.projection import project_onto_span, project_onto_span_qr
+from overunlearn.linalg.jacobian import output_jacobian_reference, sample_indices
+from overunlearn.linalg.projection import project_model_onto_span, project_onto_span_qr
 from overunlearn.methods.base import Method, MethodConfig, check_range
 from overunlearn.methods.registry import register_method
 from overunlearn.problem import Batch
@@ -88,14 +88,14 @@ def minnorm_projection_step(model: torch.nn.Module, batch: Batch, score_fn, stra
     with torch.no_grad():
         theta = torch.cat([p.detach().reshape(-1) for p in params])
     if implementation == "fast":
-        jac = output_jacobian(model, x, score_fn, mode=jacobian)  # type: ignore[arg-type]
-        in_span = project_onto_span(jac, theta)
+        # linear layers in factored form, the rest through the torch.func Jacobian (linalg/projection.py)
+        in_span = project_model_onto_span(model, x, score_fn, theta, mode=jacobian)
     else:
         jac = output_jacobian_reference(model, x, score_fn, mode=jacobian)  # type: ignore[arg-type]
         if not torch.isfinite(jac).all():
             raise FloatingPointError("the output Jacobian contains NaN or infinite values")
         in_span = project_onto_span_qr(jac, theta)
-    del jac
+        del jac
     # theta - coef * (theta - P theta) = (1 - coef) theta + coef * P theta
     with torch.no_grad():
         offset = 0

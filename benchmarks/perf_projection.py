@@ -1,0 +1,355 @@
+#!/usr/bin/env python
+"""Cost of one MinNorm-OG projection step against one GD step, measured side by side.
+
+For each model the script times, in the same process and on the same device:
+
+* **GD step**: forward + backward + ``AdamW.step`` on one retain batch (what every method pays);
+* **projection, fast**: ``minnorm_projection_step(..., implementation="fast")`` --
+  ``torch.func`` per-sample Jacobian of the scores + float64 Gram solve;
+* **projection, reference**: ``implementation="reference"`` -- one backward pass per score
+  and a float64 QR, as the authors' code does it;
+
+and prints the medians, the ratios ``fast / GD`` and ``reference / fast``, and the peak
+memory of each projection:
+
+* CUDA: ``torch.cuda.max_memory_allocated`` above the memory allocated before the call;
+* CPU: the growth of the peak resident set size (Linux ``VmHWM``; ``ru_maxrss`` elsewhere)
+  of a **fresh child process** that builds the model, warms the code path up with a
+  one-sample call, and then runs one call (the whole process's peak, so it includes the
+  allocator's and autograd's temporaries; read it as an upper bound, not an exact figure).
+
+Cases (paper.md section 5):
+
+* (a) Data Poisoning MLP 1-300-300-1 (SiLU), 50 points, k = 50 (regression, one score each);
+* (b) two-head ``SmallCNN`` on 3x28x28 inputs, batch 128, k = 50 samples -> 100 scores;
+* (c) two-head CIFAR ResNet-18 (torchvision backbone), batch 256, k = 50 samples -> 100
+  scores. On CPU the batch and k are reduced (``--cpu-resnet-batch``, ``--cpu-resnet-k``)
+  and labelled in the output.
+
+Targets: (b) fast projection <= 3x a GD step on CPU and >= 8x faster than the reference;
+(c) fast projection <= 3x a GD step on GPU.
+
+Timing: device synchronised before and after every call, ``--warmup`` untimed calls, median
+of ``--repeats`` timed calls. On a shared machine the absolute times are noisy; the ratios,
+measured back to back in one process, are what to read.
+
+Usage::
+
+    python benchmarks/perf_projection.py --device auto --repeats 5
+    python benchmarks/perf_projection.py --device cpu --quick          # a minute or two on a laptop
+    python benchmarks/perf_projection.py --cases b --repeats 3 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from overunlearn.methods.minnorm_og import minnorm_projection_step
+from overunlearn.problem import Batch, ClassificationTask, RegressionTask, Task
+
+# ---- models ----------------------------------------------------------------------------------
+
+
+def poison_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(1, 300), nn.SiLU(), nn.Linear(300, 300), nn.SiLU(), nn.Linear(300, 1))
+
+
+def small_cnn() -> nn.Module:
+    try:
+        from overunlearn.models.cnn import SmallCNN
+    except ImportError:  # pragma: no cover - fallback while the models package is being written
+        return _FallbackCNN()
+    return SmallCNN(3, 10, 3)
+
+
+def resnet18_two_head() -> nn.Module:
+    from overunlearn.models.resnet import two_head_resnet18
+
+    return two_head_resnet18(num_classes=10, color_classes=3)
+
+
+class _FallbackCNN(nn.Module):  # pragma: no cover
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                               nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                               nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(512, 128), nn.ReLU())
+        self.a, self.b = nn.Linear(128, 10), nn.Linear(128, 3)
+
+    def forward(self, x):
+        h = self.f(x)
+        return self.a(h), self.b(h)
+
+
+# ---- cases -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    key: str
+    label: str
+    model: nn.Module
+    batch: Batch
+    task: Task
+    n_pert: int
+    note: str = ""
+
+    @property
+    def d(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def to(self, device: torch.device) -> Case:
+        self.model = self.model.to(device).train()
+        self.batch = self.batch.to(device)
+        return self
+
+    @property
+    def heads(self) -> int:
+        out = self.model(self.batch.inputs[:2])
+        return len(out) if isinstance(out, tuple) else 1
+
+
+def build_case(key: str, device: torch.device, args: argparse.Namespace) -> Case:
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if key == "a":
+        x = (torch.rand(50, 1, generator=g) * 2 - 1) * 5 * math.pi
+        batch = Batch(x, torch.sin(x))
+        return Case("a", "poison MLP 1-300-300-1 SiLU", poison_mlp(), batch, RegressionTask(), 50).to(device)
+    if key == "b":
+        n = 128
+        batch = Batch(torch.randn(n, 3, 28, 28, generator=g),
+                      (torch.randint(0, 10, (n,), generator=g), torch.randint(0, 3, (n,), generator=g)))
+        return Case("b", "two-head SmallCNN 3x28x28", small_cnn(), batch, ClassificationTask(), 50).to(device)
+    if key == "c":
+        n, k, note = 256, 50, ""
+        if device.type == "cpu":
+            n, k = args.cpu_resnet_batch, args.cpu_resnet_k
+            note = f"CPU: batch {n} and k={k} per head instead of 256 / 50"
+        batch = Batch(torch.randn(n, 3, 32, 32, generator=g),
+                      (torch.randint(0, 10, (n,), generator=g), torch.randint(0, 3, (n,), generator=g)))
+        return Case("c", "two-head ResNet-18 (CIFAR stem) 3x32x32", resnet18_two_head(), batch,
+                    ClassificationTask(), k, note).to(device)
+    raise ValueError(f"unknown case {key!r}")
+
+
+# ---- measurement -----------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    out = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def gd_step(case: Case) -> Callable[[], None]:
+    model, batch, task = case.model, case.batch, case.task
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        task.per_sample_loss(model(batch.inputs), batch.targets).mean().backward()
+        opt.step()
+
+    return step
+
+
+def projection(case: Case, implementation: str) -> Callable[[], None]:
+    gen = torch.Generator().manual_seed(0)
+    strata = case.task.strata(case.batch.targets)
+
+    def step() -> None:
+        minnorm_projection_step(case.model, case.batch, case.task.scores, strata, 0.01, case.n_pert, gen,
+                                "per_sample", implementation)
+
+    return step
+
+
+def cuda_peak(fn: Callable[[], None], device: torch.device) -> float:
+    """Peak bytes allocated above what was allocated before the call."""
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return float(torch.cuda.max_memory_allocated(device) - base)
+
+
+def _maxrss_bytes() -> float:
+    """This process's peak RSS: ``VmHWM`` on Linux (``ru_maxrss`` survives ``exec`` there, so a child
+    would report its parent's peak), ``ru_maxrss`` elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(r if sys.platform == "darwin" else r * 1024)
+
+
+def cpu_peak_in_child(key: str, what: str, args: argparse.Namespace) -> float | None:
+    """Growth of a fresh process's peak RSS while it runs ``what`` once (``fast``, ``reference`` or ``gd``)."""
+    cmd = [sys.executable, __file__, "--_probe", key, what, "--cpu-resnet-batch", str(args.cpu_resnet_batch),
+           "--cpu-resnet-k", str(args.cpu_resnet_k), "--threads", str(args.threads)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.probe_timeout, check=True)
+        return float(json.loads(out.stdout.strip().splitlines()[-1])["rss_growth_bytes"])
+    except (subprocess.SubprocessError, ValueError, KeyError, IndexError):
+        return None
+
+
+def probe(key: str, what: str, args: argparse.Namespace) -> None:
+    device = torch.device("cpu")
+    case = build_case(key, device, args)
+    if what != "gd":
+        # warm up the code paths (lazy imports, torch.func tracing) with one sample, then measure;
+        # the GD step is measured cold, so its figure includes AdamW's state (2 d floats)
+        n_pert, case.n_pert = case.n_pert, 1
+        projection(case, what)()
+        case.n_pert = n_pert
+    fn = gd_step(case) if what == "gd" else projection(case, what)
+    base = _maxrss_bytes()
+    fn()
+    print(json.dumps({"rss_growth_bytes": _maxrss_bytes() - base}))
+
+
+# ---- report ----------------------------------------------------------------------------------
+
+
+def fmt_s(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x * 1e3:9.1f} ms" if x < 10 else f"{x:9.2f} s "
+
+
+def fmt_b(x: float | None) -> str:
+    return "-" if x is None else f"{x / 2**20:8.0f} MiB"
+
+
+def run_case(key: str, device: torch.device, args: argparse.Namespace) -> dict:
+    case = build_case(key, device, args)
+    repeats = args.repeats
+    if key == "c" and device.type == "cpu":
+        repeats = max(1, min(repeats, args.cpu_resnet_repeats))
+    warmup = 1
+    rows = case.n_pert * case.heads
+    res: dict = {"case": key, "label": case.label, "note": case.note, "device": str(device), "d": case.d,
+                 "batch": len(case.batch), "k_samples": case.n_pert, "jacobian_rows": rows,
+                 "repeats": repeats, "jacobian_mib_fp32": rows * case.d * 4 / 2**20}
+    gd = timed(gd_step(case), device, repeats, warmup)
+    fast = timed(projection(case, "fast"), device, repeats, warmup)
+    ref = None
+    if not args.skip_reference:
+        ref_repeats = repeats if not (key == "c" and device.type == "cpu") else 1
+        ref = timed(projection(case, "reference"), device, ref_repeats, 0 if ref_repeats == 1 else warmup)
+    res.update(gd_s=statistics.median(gd), fast_s=statistics.median(fast),
+               ref_s=None if ref is None else statistics.median(ref), gd_all=gd, fast_all=fast, ref_all=ref)
+    res["fast_over_gd"] = res["fast_s"] / res["gd_s"]
+    res["ref_over_fast"] = None if ref is None else res["ref_s"] / res["fast_s"]
+    if device.type == "cuda":
+        res["mem_kind"] = "torch.cuda.max_memory_allocated above the allocation before the call"
+        res["mem_gd"] = cuda_peak(gd_step(case), device)
+        res["mem_fast"] = cuda_peak(projection(case, "fast"), device)
+        res["mem_ref"] = None if args.skip_reference else cuda_peak(projection(case, "reference"), device)
+    elif not args.no_memory:
+        res["mem_kind"] = "peak-RSS growth (VmHWM) of a fresh child process running one call after a warm-up"
+        res["mem_gd"] = cpu_peak_in_child(key, "gd", args)
+        res["mem_fast"] = cpu_peak_in_child(key, "fast", args)
+        res["mem_ref"] = None if args.skip_reference else cpu_peak_in_child(key, "reference", args)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median reported)")
+    ap.add_argument("--quick", action="store_true", help="3 repeats, ResNet-18 on CPU at batch 16 / k=4")
+    ap.add_argument("--cases", default="a,b,c", help="comma-separated subset of a,b,c")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--cpu-resnet-batch", type=int, default=32)
+    ap.add_argument("--cpu-resnet-k", type=int, default=10, help="samples per head for ResNet-18 on CPU")
+    ap.add_argument("--cpu-resnet-repeats", type=int, default=2)
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory child processes")
+    ap.add_argument("--probe-timeout", type=float, default=900.0)
+    ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--_probe", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args._probe:
+        probe(args._probe[0], args._probe[1], args)
+        return 0
+    if args.quick:
+        args.repeats = min(args.repeats, 3)
+        args.cpu_resnet_batch, args.cpu_resnet_k, args.cpu_resnet_repeats = 16, 4, 1
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            ap.error("--device cuda was requested but CUDA is not available")
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"# perf_projection: torch {torch.__version__}, device {device} ({name}), "
+          f"threads {torch.get_num_threads()}, repeats {args.repeats}{', quick' if args.quick else ''}")
+    print(f"# command: {' '.join([sys.executable.split('/')[-1], *sys.argv])}")
+    results = []
+    for key in [c.strip() for c in args.cases.split(",") if c.strip()]:
+        r = run_case(key, device, args)
+        results.append(r)
+        print(f"\n({key}) {r['label']}: d={r['d']:,}, batch {r['batch']}, k={r['k_samples']} samples "
+              f"-> {r['jacobian_rows']} Jacobian rows ({r['jacobian_mib_fp32']:.0f} MiB fp32), "
+              f"median of {r['repeats']}" + (f"  [{r['note']}]" if r["note"] else ""))
+        print(f"    GD step (fwd+bwd+AdamW)     {fmt_s(r['gd_s'])}   peak mem {fmt_b(r.get('mem_gd'))}")
+        print(f"    projection, fast            {fmt_s(r['fast_s'])}   peak mem {fmt_b(r.get('mem_fast'))}"
+              f"   = {r['fast_over_gd']:.2f} x GD")
+        if r["ref_s"] is not None:
+            print(f"    projection, reference       {fmt_s(r['ref_s'])}   peak mem {fmt_b(r.get('mem_ref'))}"
+                  f"   = {r['ref_s'] / r['gd_s']:.2f} x GD; fast is {r['ref_over_fast']:.2f} x faster")
+        if "mem_kind" in r:
+            print(f"    (memory: {r['mem_kind']})")
+        if key == "b" and device.type == "cpu":
+            ok1, ok2 = r["fast_over_gd"] <= 3, r["ref_over_fast"] is not None and r["ref_over_fast"] >= 8
+            print(f"    target (b, CPU): fast <= 3 x GD: {'MET' if ok1 else 'MISSED'}; "
+                  f"fast >= 8 x faster than reference: {'MET' if ok2 else 'MISSED'}")
+        if key == "c" and device.type == "cuda":
+            print(f"    target (c, GPU): fast <= 3 x GD: {'MET' if r['fast_over_gd'] <= 3 else 'MISSED'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "device": str(device), "device_name": name,
+                       "threads": torch.get_num_threads(), "argv": sys.argv, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Small shared fixtures: tiny models and problems that run in milliseconds on one CPU thread."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from overunlearn import ClassificationTask, RegressionTask, TensorData, UnlearningProblem
+
+
+class TwoHeadMLP(nn.Module):
+    """A tanh MLP with two classification heads (tanh: no exactly-zero gradients)."""
+
+    def __init__(self, d_in: int = 4, hidden: int = 8, classes: tuple[int, int] = (5, 3)) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh())
+        self.head_a = nn.Linear(hidden, classes[0])
+        self.head_b = nn.Linear(hidden, classes[1])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        return self.head_a(h), self.head_b(h)
+
+
+def regression_problem(n_retain: int = 8, n_forget: int = 4, d: int = 3, hidden: int = 6, batch_size: int = 64,
+                       seed: int = 0) -> UnlearningProblem:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+    xr, xf = torch.randn(n_retain, d, generator=g), torch.randn(n_forget, d, generator=g)
+    yr, yf = torch.randn(n_retain, 1, generator=g), torch.randn(n_forget, 1, generator=g)
+    return UnlearningProblem(model, TensorData(xr, yr), TensorData(xf, yf), RegressionTask(), batch_size=batch_size)
+
+
+def classification_problem(n_retain: int = 12, n_forget: int = 6, d: int = 4, batch_size: int = 64, seed: int = 0,
+                           classes: tuple[int, int] = (5, 3)) -> UnlearningProblem:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = TwoHeadMLP(d, 8, classes)
+
+    def data(n: int) -> TensorData:
+        x = torch.randn(n, d, generator=g)
+        return TensorData(x, (torch.randint(0, classes[0], (n,), generator=g),
+                              torch.randint(0, classes[1], (n,), generator=g)))
+
+    return UnlearningProblem(model, data(n_retain), data(n_forget), ClassificationTask(), batch_size=batch_size)
+
+
+def params_vector(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def reg_problem() -> UnlearningProblem:
+    return regression_problem()
+
+
+@pytest.fixture
+def cls_problem() -> UnlearningProblem:
+    return classification_problem()

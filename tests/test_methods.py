@@ -1,0 +1,681 @@
+"""Each registered method's loss / update against the formulas of paper.md section 4, and config validation.
+
+Most checks use plain SGD without weight decay and full batches, so one step is
+``theta - lr * grad(loss)`` and the expected loss can be written down directly; a learning rate
+of 1e-30 keeps ``theta`` at ``theta*`` (in float32) so the recorded loss values expose the
+method's coefficient schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import TwoHeadMLP, classification_problem, params_vector, regression_problem, same_state, state_copy
+from torch import nn
+from torch.nn import functional as F
+
+import overunlearn.methods.minnorm_og as mnog
+from overunlearn import (
+    Budget,
+    ClassificationTask,
+    RegressionTask,
+    TensorData,
+    UnknownMethodError,
+    UnlearningProblem,
+    create,
+    list_methods,
+    unlearn,
+)
+from overunlearn.engine import StepInfo, UnlearningContext
+from overunlearn.methods.minnorm_og import MinNormOGConfig
+from overunlearn.methods.uniform import kl_to_uniform
+from overunlearn.problem import Batch, as_heads
+
+ALL_METHODS = ["ga", "gd", "kl_unif", "l1_sparse", "minnorm_og", "ngd", "ngp", "npo", "retrain", "ridge", "salun",
+               "scrub"]
+CLASSIFICATION_ONLY = ["kl_unif", "npo", "salun", "scrub"]
+TINY_LR = 1e-30
+pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+def sgd(name: str, lr: float = 0.1, **hyper):
+    return create(name, optimizer="sgd", weight_decay=0.0, lr=lr, **hyper)
+
+
+def run(problem, method, budget=None, seed=0, **kw):
+    return unlearn(problem, method, budget or Budget(steps=1), seed=seed, device="cpu", **kw)
+
+
+def full(data: TensorData) -> Batch:
+    return data.take(torch.arange(len(data)))
+
+
+def J(problem: UnlearningProblem, model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The task loss written out by hand: MSE, or cross-entropy summed over heads."""
+    out = model(batch.inputs)
+    if isinstance(problem.task, RegressionTask):
+        return ((out - batch.targets) ** 2).mean()
+    return sum(F.cross_entropy(o, t) for o, t in zip(as_heads(out), as_heads(batch.targets), strict=False))
+
+
+def jval(problem: UnlearningProblem, model: nn.Module, batch: Batch) -> float:
+    return float(J(problem, model, batch).detach())
+
+
+def manual_sgd(model: nn.Module, loss_fn, lr: float) -> torch.Tensor:
+    m = copy.deepcopy(model)
+    grads = torch.autograd.grad(loss_fn(m), list(m.parameters()))
+    with torch.no_grad():
+        for p, g in zip(m.parameters(), grads, strict=False):
+            p -= lr * g
+    return params_vector(m)
+
+
+def make_ctx(problem, method, planned=1, seed=0, perturb=0.0):
+    """A context as the engine builds it; ``perturb`` moves the working model away from theta* after setup."""
+    ctx = UnlearningContext(problem, copy.deepcopy(problem.model), torch.device("cpu"), seed, planned, 1)
+    method.setup(ctx)
+    if perturb:
+        g = torch.Generator().manual_seed(123)
+        with torch.no_grad():
+            for p in ctx.model.parameters():
+                p.add_(perturb * torch.randn(p.shape, generator=g))
+    return ctx
+
+
+def info(step=0, epoch=0, planned=1) -> StepInfo:
+    return StepInfo(step, epoch, 0, 1, planned)
+
+
+def recorded_losses(problem, method, budget, seed=0) -> list[float]:
+    losses: list[float] = []
+    unlearn(problem, method, budget, seed=seed, device="cpu", on_step=lambda i, v: losses.append(v))
+    return losses
+
+
+def softmax64(z: torch.Tensor) -> np.ndarray:
+    z = z.detach().double().numpy()
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+# ---- registry and configs ---------------------------------------------------------------------
+
+def test_registry_lists_exactly_the_twelve_methods():
+    assert list_methods() == sorted(ALL_METHODS)
+    assert set(list_methods(task="regression")) == set(ALL_METHODS) - set(CLASSIFICATION_ONLY)
+    assert list_methods("n*") == ["ngd", "ngp", "npo"]
+    assert create("MinNorm-OG").name == "minnorm_og"
+
+
+def test_unknown_method_lists_valid_names():
+    with pytest.raises(UnknownMethodError) as exc:
+        create("minnorm")
+    msg = str(exc.value)
+    assert "'minnorm'" in msg
+    for name in ALL_METHODS:
+        assert name in msg
+    assert isinstance(exc.value, KeyError)
+
+
+def test_create_rejects_unknown_hyperparameter_and_names_the_valid_ones():
+    with pytest.raises(ValueError, match="reg_coef") as exc:
+        create("gd", reg_coef=0.1)
+    assert "lr" in str(exc.value)  # lists the hyperparameters it does have
+    with pytest.raises(ValueError, match="noise_sigma"):
+        create("ngd", noise_sigma=0.1)
+
+
+@pytest.mark.parametrize("name, field, value, interval", [
+    ("minnorm_og", "reg_coef", 1.5, "[0.0, 1.0]"),
+    ("minnorm_og", "reg_coef", -0.1, "[0.0, 1.0]"),
+    ("minnorm_og", "reg_coef_decay", 1.2, "[0.0, 1.0]"),
+    ("minnorm_og", "proj_pd", 0, "[1, inf)"),
+    ("minnorm_og", "grad_sample_size", 0, "[1, inf)"),
+    ("ridge", "reg_coef_decay", 2.0, "[0.0, 1.0]"),
+    ("npo", "reg_coef", 0.0, "(0.0, inf)"),
+    ("ngd", "noise_sig", -1.0, "[0.0, inf)"),
+    ("salun", "sparsity", 1.0, "[0.0, 1.0)"),
+    ("gd", "lr", 0.0, "(0.0, inf)"),
+    ("gd", "lr", float("nan"), "(0.0, inf)"),
+])
+def test_config_out_of_range_names_field_and_allowed_range(name, field, value, interval):
+    with pytest.raises(ValueError) as exc:
+        create(name, **{field: value})
+    msg = str(exc.value)
+    assert field in msg and interval in msg
+
+
+def test_minnorm_config_direct_construction_is_validated():
+    with pytest.raises(ValueError, match=r"reg_coef=1\.5 .*\[0\.0, 1\.0\]"):
+        MinNormOGConfig(reg_coef=1.5)
+    with pytest.raises(ValueError, match="implementation"):
+        MinNormOGConfig(implementation="turbo")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="direction"):
+        create("kl_unif", direction="sideways")
+    with pytest.raises(ValueError, match="optimizer"):
+        create("gd", optimizer="adam")
+
+
+def test_configs_are_frozen_and_replace_revalidates():
+    cfg = create("ridge").config
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.reg_coef = 2.0  # type: ignore[misc]
+    assert cfg.replace(reg_coef=2.0).reg_coef == 2.0 and cfg.reg_coef == 0.1
+    with pytest.raises(ValueError, match="reg_coef_decay"):
+        cfg.replace(reg_coef_decay=3.0)
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_a_run_never_mutates_the_config(name, cls_problem):
+    method = create(name, reg_coef=0.5) if name in ("ridge", "minnorm_og", "l1_sparse", "npo", "scrub") else create(name)
+    before = method.config.to_dict()
+    res = run(cls_problem, method, Budget(epochs=3))
+    assert method.config.to_dict() == before
+    assert res.record.config == before
+    assert res.record.steps == 3
+
+
+@pytest.mark.parametrize("name", CLASSIFICATION_ONLY)
+def test_classification_only_methods_reject_regression(name, reg_problem):
+    before = state_copy(reg_problem.model)
+    with pytest.raises(TypeError, match=rf"{name}.*classification"):
+        run(reg_problem, create(name), Budget(epochs=2))
+    assert same_state(before, state_copy(reg_problem.model))
+
+
+# ---- GD, GA, NGP ------------------------------------------------------------------------------
+
+def test_gd_step_is_descent_on_retain_loss(reg_problem):
+    res = run(reg_problem, sgd("gd", lr=0.05))
+    expected = manual_sgd(reg_problem.model, lambda m: J(reg_problem, m, full(reg_problem.retain)), 0.05)
+    torch.testing.assert_close(params_vector(res.model), expected)
+
+
+def test_gd_three_steps_are_three_independent_gradient_steps(reg_problem):
+    p = reg_problem
+    res = run(p, sgd("gd", lr=0.05), Budget(steps=3))
+    model = copy.deepcopy(p.model)
+    for _ in range(3):
+        torch.nn.utils.vector_to_parameters(manual_sgd(model, lambda m: J(p, m, full(p.retain)), 0.05),
+                                            model.parameters())
+    torch.testing.assert_close(params_vector(res.model), params_vector(model))
+
+
+def test_ga_loss_is_negative_forget_loss_and_ascends(reg_problem):
+    p = reg_problem
+    losses = recorded_losses(p, sgd("ga", lr=TINY_LR), Budget(steps=2))
+    jf = jval(p, p.model, full(p.forget))
+    assert losses == pytest.approx([-jf, -jf], rel=1e-6)
+    res = run(p, sgd("ga", lr=0.05))
+    expected = manual_sgd(p.model, lambda m: -J(p, m, full(p.forget)), 0.05)
+    torch.testing.assert_close(params_vector(res.model), expected)
+    assert jval(p, res.model, full(p.forget)) > jf  # the forget loss went up
+
+
+@pytest.mark.parametrize("ga_coef", [0.0, 0.3, 2.0])
+def test_ngp_is_retain_minus_weighted_forget(cls_problem, ga_coef):
+    p = cls_problem
+    jr, jf = jval(p, p.model, full(p.retain)), jval(p, p.model, full(p.forget))
+    losses = recorded_losses(p, sgd("ngp", lr=TINY_LR, ga_coef=ga_coef), Budget(steps=1))
+    assert losses[0] == pytest.approx(jr - ga_coef * jf, rel=1e-5)
+    res = run(p, sgd("ngp", lr=0.05, ga_coef=ga_coef))
+    expected = manual_sgd(p.model, lambda m: J(p, m, full(p.retain)) - ga_coef * J(p, m, full(p.forget)), 0.05)
+    torch.testing.assert_close(params_vector(res.model), expected)
+
+
+def test_sample_weighted_loss_is_mean_of_weighted_losses():
+    p = regression_problem(n_retain=6)
+    w = torch.tensor([2.0, 0.0, 1.0, 0.5, 0.0, 1.5])
+    weighted = UnlearningProblem(p.model, TensorData(p.retain.inputs, p.retain.targets, w), p.forget, p.task)
+    losses = recorded_losses(weighted, sgd("gd", lr=TINY_LR), Budget(steps=1))
+    per = ((p.model(p.retain.inputs) - p.retain.targets) ** 2).reshape(-1)
+    assert losses[0] == pytest.approx(float((per * w).mean().detach()), rel=1e-6)
+
+
+# ---- NGD --------------------------------------------------------------------------------------
+
+def test_ngd_adds_standard_gaussian_noise_of_scale_sigma():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 300), nn.Tanh(), nn.Linear(300, 1))  # d = 1501
+    base = regression_problem()
+    p = UnlearningProblem(model, base.retain, base.forget, base.task)
+    sigma = 0.5
+    grad_step = manual_sgd(model, lambda m: J(p, m, full(p.retain)), 1.0)  # theta - grad
+    theta0 = params_vector(model)
+    res = run(p, sgd("ngd", lr=1.0, noise_sig=sigma), seed=4)
+    xi = (grad_step - params_vector(res.model)) / sigma  # theta1 = theta0 - grad - sigma * xi
+    n = xi.numel()
+    assert abs(float(xi.mean())) < 4 / math.sqrt(n)
+    assert float(xi.std()) == pytest.approx(1.0, abs=0.08)
+    # reproducible per seed, different across seeds
+    again = run(p, sgd("ngd", lr=1.0, noise_sig=sigma), seed=4)
+    other = run(p, sgd("ngd", lr=1.0, noise_sig=sigma), seed=5)
+    assert torch.equal(params_vector(again.model), params_vector(res.model))
+    assert not torch.allclose(params_vector(other.model), params_vector(res.model))
+    # sigma = 0 is GD
+    zero = run(p, sgd("ngd", lr=1.0, noise_sig=0.0))
+    torch.testing.assert_close(params_vector(zero.model), grad_step)
+    assert not torch.equal(theta0, params_vector(res.model))
+
+
+# ---- Ridge, L1-Sparse -------------------------------------------------------------------------
+
+def test_ridge_lambda_decays_after_every_step():
+    p = regression_problem(n_forget=4, batch_size=2, n_retain=2)  # 2 steps per epoch, full retain batch
+    jr = jval(p, p.model, full(p.retain))
+    sq = float((params_vector(p.model) ** 2).sum())
+    losses = recorded_losses(p, sgd("ridge", lr=TINY_LR, reg_coef=0.3, reg_coef_decay=0.5), Budget(epochs=3))
+    lambdas = [(v - jr) / sq for v in losses]
+    assert lambdas == pytest.approx([0.3 * 0.5**t for t in range(6)], rel=1e-4)
+
+
+def test_l1_sparse_schedule_matches_reference():
+    """First step: lambda; every later step: (2 - 2 t/T) lambda with t the epoch of the previous step."""
+    p = regression_problem(n_forget=4, batch_size=2, n_retain=2)  # 2 steps per epoch
+    jr = jval(p, p.model, full(p.retain))
+    l1 = float(params_vector(p.model).abs().sum())
+    lam, T = 0.2, 3
+    losses = recorded_losses(p, sgd("l1_sparse", lr=TINY_LR, reg_coef=lam), Budget(epochs=T))
+    coefs = [(v - jr) / l1 for v in losses]
+    prev_epochs = [None, 0, 0, 1, 1, 2]  # step 0..5 run in epochs 0,0,1,1,2,2
+    expected = [lam] + [(2 - 2 * t / T) * lam for t in prev_epochs[1:]]
+    assert coefs == pytest.approx(expected, rel=1e-4)
+    assert expected[-1] == pytest.approx(2 * lam / T)
+
+
+def test_l1_sparse_needs_planned_epochs(reg_problem):
+    with pytest.raises(ValueError, match="epochs"):
+        run(reg_problem, create("l1_sparse"), Budget(seconds=10.0))
+
+
+# ---- SCRUB ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T, num_gd, kinds", [
+    (5, 0, "min max min max min"),
+    (5, 1, "min max min max min"),
+    (4, 1, "min max min min"),
+    (6, 3, "min max min min min min"),
+])
+def test_scrub_min_max_epoch_alternation(cls_problem, T, num_gd, kinds):
+    """At theta = theta* the KL terms vanish: min epochs report J(B_r), max epochs report 0."""
+    jr = jval(cls_problem, cls_problem.model, full(cls_problem.retain))
+    losses = recorded_losses(cls_problem, sgd("scrub", lr=TINY_LR, num_gd_epochs=num_gd), Budget(epochs=T))
+    got = ["min" if v == pytest.approx(jr, rel=1e-5) else "max" if abs(v) < 1e-5 else f"?{v}" for v in losses]
+    assert got == kinds.split()
+
+
+def kl_np(p: np.ndarray, q: np.ndarray) -> float:
+    """Mean over rows of KL(p || q)."""
+    return float((p * (np.log(p) - np.log(q))).sum(axis=1).mean())
+
+
+def test_scrub_kl_is_teacher_to_student_on_both_phases(cls_problem):
+    p = cls_problem
+    reg, ga = 0.7, 0.4
+    method = sgd("scrub", reg_coef=reg, ga_coef=ga)
+    ctx = make_ctx(p, method, planned=3, perturb=0.5)
+    r, f = full(p.retain), full(p.forget)
+
+    def kl_sum(x, reverse=False):
+        s, t = as_heads(ctx.model(x)), as_heads(p.model(x))
+        return sum(kl_np(softmax64(b), softmax64(a)) if reverse else kl_np(softmax64(a), softmax64(b))
+                   for a, b in zip(t, s, strict=False))
+
+    min_loss = float(method.loss(ctx, info(epoch=0, planned=3), r, f))
+    expected_min = jval(p, ctx.model, r) + reg * kl_sum(r.inputs)
+    assert min_loss == pytest.approx(expected_min, rel=1e-5)
+    # the wrong direction would give a visibly different value
+    assert abs(kl_sum(r.inputs) - kl_sum(r.inputs, reverse=True)) > 1e-3
+    max_loss = float(method.loss(ctx, info(epoch=1, planned=3), r, f))
+    assert max_loss == pytest.approx(-ga * kl_sum(f.inputs), rel=1e-5)
+    # the teacher is the frozen original
+    assert all(not q.requires_grad for q in method.teacher.parameters())
+    assert same_state(state_copy(method.teacher), state_copy(p.model))
+
+
+# ---- NPO --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("beta", [0.1, 1.0, 3.0])
+def test_npo_matches_direct_numpy_formula(cls_problem, beta):
+    p = cls_problem
+    method = sgd("npo", reg_coef=beta)
+    ctx = make_ctx(p, method, perturb=0.4)
+    f = full(p.forget)
+    loss = float(method.loss(ctx, info(), full(p.retain), f))
+    expected = 0.0
+    for s, t, y in zip(as_heads(ctx.model(f.inputs)), as_heads(p.model(f.inputs)), as_heads(f.targets), strict=False):
+        pi, pref = softmax64(s), softmax64(t)
+        rows = np.arange(len(y))
+        ratio = pi[rows, y.numpy()] / pref[rows, y.numpy()]
+        expected += 2.0 / beta * np.mean(np.log1p(ratio**beta))
+    assert loss == pytest.approx(expected, rel=1e-5)
+    # at theta = theta* the ratio is 1: (2 / beta) log 2 per head
+    ctx0 = make_ctx(p, sgd("npo", reg_coef=beta))
+    assert float(method.loss(ctx0, info(), full(p.retain), f)) == pytest.approx(2 * 2 / beta * math.log(2), rel=1e-5)
+
+
+def test_npo_ignores_retain_data(cls_problem):
+    p = cls_problem
+    method = sgd("npo")
+    ctx = make_ctx(p, method, perturb=0.3)
+    f = full(p.forget)
+    a = float(method.loss(ctx, info(), full(p.retain), f))
+    b = float(method.loss(ctx, info(), p.retain.take(torch.arange(2)), f))
+    assert a == b
+
+
+# ---- SalUn ------------------------------------------------------------------------------------
+
+def no_hooks(model: nn.Module) -> bool:
+    for m in model.modules():
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return False
+    for q in model.parameters():
+        if q._backward_hooks or getattr(q, "_post_accumulate_grad_hooks", None):
+            return False
+    return True
+
+
+def test_salun_mask_is_the_median_of_forget_gradient_magnitudes():
+    p = classification_problem(n_forget=6, batch_size=4)  # two forget batches: the gradient is their sum
+    method = sgd("salun")
+    make_ctx(p, method)
+    gen = torch.Generator().manual_seed(0)
+    from overunlearn.batching import forget_epoch
+
+    grads = [torch.zeros_like(q) for q in p.model.parameters()]
+    for b in forget_epoch(p.forget, p.batch_size, gen):
+        for acc, g in zip(grads, torch.autograd.grad(J(p, p.model, b), list(p.model.parameters())), strict=False):
+            acc += g
+    mags = torch.cat([g.abs().reshape(-1) for g in grads])
+    mask = torch.cat([m.reshape(-1) for m in method.masks])
+    torch.testing.assert_close(mask, (mags >= mags.median()).float())
+    assert 0.45 <= float(mask.mean()) <= 0.55
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.8])
+def test_salun_freezes_about_sparsity_fraction_and_leaves_no_hooks(sparsity):
+    p = classification_problem(n_retain=12, n_forget=6)
+    assert no_hooks(p.model)
+    res = run(p, sgd("salun", lr=0.1, sparsity=sparsity, ga_coef=0.5), Budget(epochs=3))
+    unchanged = (params_vector(res.model) == params_vector(p.model)).float().mean()
+    assert float(unchanged) == pytest.approx(sparsity, abs=0.03)
+    assert no_hooks(res.model) and no_hooks(p.model)
+    # the returned model trains normally afterwards: every entry receives its gradient
+    out = res.model(p.retain.inputs)
+    J(p, res.model, full(p.retain)).backward()
+    assert all(q.grad is not None and bool((q.grad != 0).any()) for q in res.model.parameters())
+    del out
+
+
+def test_salun_random_labels_are_always_incorrect_and_cover_the_other_classes():
+    p = classification_problem(classes=(5, 2))
+    method = sgd("salun")
+    ctx = make_ctx(p, method)
+    f = full(p.forget)
+    seen: list[set[int]] = [set(), set()]
+    for _ in range(100):
+        new = method.relabel(ctx, f, [5, 2])
+        for h, (y, z) in enumerate(zip(as_heads(f.targets), as_heads(new.targets), strict=False)):
+            assert bool((z != y).all())
+            assert int(z.min()) >= 0 and int(z.max()) < (5, 2)[h]
+            seen[h].update(int(v) for v in z[y == y[0]])
+    y0a, y0b = int(f.targets[0][0]), int(f.targets[1][0])
+    assert seen[0] == set(range(5)) - {y0a}
+    assert seen[1] == {1 - y0b}
+
+
+def test_salun_loss_is_retain_plus_weighted_random_label_loss(cls_problem):
+    p = cls_problem
+    method = sgd("salun", ga_coef=0.3)
+    ctx = make_ctx(p, method, perturb=0.2)
+    r, f = full(p.retain), full(p.forget)
+    state = ctx.generator.get_state()
+    loss = float(method.loss(ctx, info(), r, f))
+    ctx.generator.set_state(state)
+    relabelled = method.relabel(ctx, f, [5, 3])
+    expected = jval(p, ctx.model, r) + 0.3 * jval(p, ctx.model, relabelled)
+    assert loss == pytest.approx(expected, rel=1e-6)
+
+
+# ---- KL-Unif ----------------------------------------------------------------------------------
+
+def test_kl_to_uniform_both_directions_match_closed_forms():
+    torch.manual_seed(1)
+    z = torch.randn(7, 6, dtype=torch.float64) * 2
+    p = softmax64(z)
+    k = z.shape[1]
+    entropy = -(p * np.log(p)).sum(axis=1)
+    np.testing.assert_allclose(kl_to_uniform(z, "model_to_uniform").numpy(), math.log(k) - entropy, rtol=1e-10)
+    u = np.full_like(p, 1 / k)
+    np.testing.assert_allclose(kl_to_uniform(z, "uniform_to_model").numpy(),
+                               (u * (np.log(u) - np.log(p))).sum(axis=1), rtol=1e-10)
+    # uniform_to_model is what F.kl_div(log_softmax(z), 1/K) computes
+    torch.testing.assert_close(kl_to_uniform(z, "uniform_to_model"),
+                               F.kl_div(F.log_softmax(z, 1), torch.full_like(z, 1 / k), reduction="none").sum(1))
+    # both vanish at uniform logits
+    assert kl_to_uniform(torch.zeros(2, 4), "model_to_uniform").abs().max() < 1e-6
+    assert kl_to_uniform(torch.zeros(2, 4), "uniform_to_model").abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("direction", ["model_to_uniform", "uniform_to_model"])
+def test_kl_unif_loss(cls_problem, direction):
+    p = cls_problem
+    method = sgd("kl_unif", kl_coef=0.6, direction=direction)
+    ctx = make_ctx(p, method, perturb=0.3)
+    r, f = full(p.retain), full(p.forget)
+    loss = float(method.loss(ctx, info(), r, f))
+    kl = 0.0
+    for h in as_heads(ctx.model(f.inputs)):
+        q = softmax64(h)
+        u = np.full_like(q, 1 / q.shape[1])
+        kl += kl_np(q, u) if direction == "model_to_uniform" else kl_np(u, q)
+    assert loss == pytest.approx(jval(p, ctx.model, r) + 0.6 * kl, rel=1e-5)
+
+
+# ---- MinNorm-OG -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("order", ["project_then_descend", "descend_then_project"])
+def test_minnorm_projects_in_the_right_epochs_with_decaying_coefficients(monkeypatch, order):
+    events: list[tuple] = []
+
+    def fake_projection(model, batch, score_fn, strata, coef, n_pert, generator, jacobian, implementation):
+        events.append(("proj", coef))
+
+    monkeypatch.setattr(mnog, "minnorm_projection_step", fake_projection)
+    p = regression_problem(n_forget=4, batch_size=2, n_retain=2)  # 2 steps per epoch
+    T, num_gd, pd = 7, 3, 2
+    method = sgd("minnorm_og", lr=TINY_LR, reg_coef=0.8, reg_coef_decay=0.5, num_gd_epochs=num_gd, proj_pd=pd,
+                 order=order)
+    descent_loss = method.loss
+
+    def loss(ctx, info, retain, forget):
+        events.append(("loss", info.epoch))
+        return descent_loss(ctx, info, retain, forget)
+
+    method.loss = loss  # type: ignore[method-assign]
+    unlearn(p, method, Budget(epochs=T), device="cpu")
+    assert sum(e[0] == "loss" for e in events) == 2 * T
+    projected_epochs = []
+    for i, e in enumerate(events):
+        if e[0] != "proj":
+            continue
+        # project_then_descend: the projection precedes its step's loss; descend_then_project: follows it
+        j = i + 1 if order == "project_then_descend" else i - 1
+        assert events[j][0] == "loss"
+        projected_epochs.append(events[j][1])
+    assert projected_epochs == [0, 0, 2, 2]  # t < T - num_gd = 4 and t % 2 == 0 (epoch 4 excluded)
+    coefs = [e[1] for e in events if e[0] == "proj"]
+    assert coefs == pytest.approx([0.8 * 0.5**k for k in range(4)])
+    assert method.config.reg_coef == 0.8
+
+
+def test_minnorm_without_planned_epochs_projects_every_epoch(monkeypatch, reg_problem):
+    calls = []
+    monkeypatch.setattr(mnog, "minnorm_projection_step", lambda *a, **k: calls.append(a[4]))
+    run(reg_problem, sgd("minnorm_og", lr=TINY_LR, reg_coef=1.0, reg_coef_decay=0.9), Budget(steps=3))
+    assert calls == pytest.approx([1.0, 0.9, 0.81])
+    with pytest.raises(ValueError, match="epochs"):
+        run(reg_problem, create("minnorm_og", num_gd_epochs=1), Budget(seconds=5.0))
+
+
+def linear_interpolation_problem(seed=0, n_r=4, n_f=2, m=10):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n_r + n_f, m, generator=g, dtype=torch.float64)
+    y = torch.randn(n_r + n_f, generator=g, dtype=torch.float64)
+    theta_mn = torch.linalg.pinv(X) @ y
+    kernel = torch.eye(m, dtype=torch.float64) - torch.linalg.pinv(X) @ X
+    theta_star = theta_mn + kernel @ torch.randn(m, generator=g, dtype=torch.float64)  # some interpolator of D
+    model = nn.Linear(m, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(theta_star.float().unsqueeze(0))
+    Xr, yr = X[:n_r], y[:n_r]
+    problem = UnlearningProblem(model, TensorData(Xr.float(), yr.float().unsqueeze(1)),
+                                TensorData(X[n_r:].float(), y[n_r:].float().unsqueeze(1)), RegressionTask())
+    return problem, theta_star, torch.linalg.pinv(Xr) @ yr, Xr
+
+
+@pytest.mark.parametrize("implementation", ["fast", "reference"])
+def test_minnorm_one_full_projection_recovers_min_norm_retain_interpolator(implementation):
+    """paper.md 2.5 item 2: reg_coef = 1 with all retain gradients gives X_r^+ y_r in one step."""
+    problem, theta_star, theta_r, _ = linear_interpolation_problem()
+    res = run(problem, sgd("minnorm_og", lr=TINY_LR, reg_coef=1.0, implementation=implementation))
+    got = res.model.weight.detach().double().reshape(-1)
+    assert float((theta_star - theta_r).norm()) > 0.1  # the test can fail
+    torch.testing.assert_close(got, theta_r, atol=1e-5, rtol=1e-5)
+
+
+def test_minnorm_partial_projection_shrinks_only_the_orthogonal_component():
+    problem, theta_star, theta_r, Xr = linear_interpolation_problem(seed=3)
+    res = run(problem, sgd("minnorm_og", lr=TINY_LR, reg_coef=0.5))
+    P = torch.linalg.pinv(Xr) @ Xr
+    expected = P @ theta_star + 0.5 * (theta_star - P @ theta_star)
+    torch.testing.assert_close(res.model.weight.detach().double().reshape(-1), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_minnorm_fast_and_reference_runs_agree(cls_problem):
+    fast = run(cls_problem, sgd("minnorm_og", reg_coef=0.5, grad_sample_size=5), Budget(epochs=3), seed=2)
+    ref = run(cls_problem, sgd("minnorm_og", reg_coef=0.5, grad_sample_size=5, implementation="reference"),
+              Budget(epochs=3), seed=2)
+    torch.testing.assert_close(params_vector(fast.model), params_vector(ref.model), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(params_vector(fast.model), params_vector(cls_problem.model))
+
+
+# ---- Retrain ----------------------------------------------------------------------------------
+
+def test_retrain_starts_from_make_model_under_the_run_seed():
+    base = regression_problem()
+    make = lambda: nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1))  # noqa: E731
+    p = UnlearningProblem(base.model, base.retain, base.forget, base.task, make_model=make)
+    res = run(p, sgd("retrain", lr=TINY_LR), seed=7)
+    torch.manual_seed(7)
+    fresh = make()
+    torch.testing.assert_close(params_vector(res.model), params_vector(fresh))
+    assert not torch.allclose(params_vector(res.model), params_vector(p.model))
+
+
+def test_retrain_reset_parameters_is_seeded_and_ignores_global_rng(reg_problem):
+    torch.manual_seed(1)
+    a = run(reg_problem, sgd("retrain", lr=TINY_LR), seed=3)
+    torch.manual_seed(2)
+    torch.rand(10)
+    b = run(reg_problem, sgd("retrain", lr=TINY_LR), seed=3)
+    c = run(reg_problem, sgd("retrain", lr=TINY_LR), seed=4)
+    va, vb, vc = (params_vector(r.model) for r in (a, b, c))
+    assert torch.equal(va, vb)
+    assert not torch.allclose(va, vc)
+    assert not torch.allclose(va, params_vector(reg_problem.model))
+
+
+def test_retrain_then_trains_on_retain(reg_problem):
+    make = lambda: nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1))  # noqa: E731
+    p = UnlearningProblem(reg_problem.model, reg_problem.retain, reg_problem.forget, reg_problem.task, make_model=make)
+    res = run(p, sgd("retrain", lr=0.05), seed=7)
+    torch.manual_seed(7)
+    fresh = make()
+    expected = manual_sgd(fresh, lambda m: J(p, m, full(p.retain)), 0.05)
+    torch.testing.assert_close(params_vector(res.model), expected)
+
+
+def test_classification_task_loss_sums_heads(cls_problem):
+    p = cls_problem
+    losses = recorded_losses(p, sgd("gd", lr=TINY_LR), Budget(steps=1))
+    out = p.model(p.retain.inputs)
+    ce = [float(F.cross_entropy(o, t)) for o, t in zip(out, p.retain.targets, strict=False)]
+    assert losses[0] == pytest.approx(sum(ce), rel=1e-6)
+    assert isinstance(p.task, ClassificationTask)
+    assert isinstance(TwoHeadMLP()(torch.zeros(1, 4)), tuple)
+
+
+# ---- MinNorm-OG's factored fast path (linear layers never materialised) ----------------------
+
+class _Mixed(nn.Module):
+    """Conv + BatchNorm + in-place ReLU + bias-free and frozen linear layers + two heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.bn = nn.BatchNorm1d(12)
+        self.fc = nn.Linear(12, 16, bias=False)
+        self.frozen = nn.Linear(16, 16)
+        self.frozen.requires_grad_(False)
+        self.relu = nn.ReLU(inplace=True)
+        self.a, self.b = nn.Linear(16, 4), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.relu(self.fc(self.bn(self.conv(x).flatten(1))))
+        h = torch.tanh(self.frozen(h))
+        return self.a(h), self.b(h)
+
+
+class _Shared(nn.Module):
+    """A linear layer applied twice and one applied to a sequence: the factored path must decline."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+        self.seq = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(torch.tanh(self.lin(x))))
+        h = torch.tanh(self.seq(h.unsqueeze(1).expand(-1, 3, -1))).mean(1)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("make, shape, task", [
+    (lambda: _Mixed(), (6, 2, 4, 4), ClassificationTask()),
+    (lambda: nn.Sequential(nn.Linear(3, 40), nn.SiLU(), nn.Linear(40, 40), nn.SiLU(), nn.Linear(40, 1)), (7, 3),
+     RegressionTask()),
+    (lambda: _Shared(), (6, 5), ClassificationTask()),
+    (lambda: TwoHeadMLP(4, 32, (5, 3)), (5, 4), ClassificationTask()),
+])
+@pytest.mark.parametrize("mode", ["per_sample", "batch_train"])
+def test_factored_projection_equals_materialised_and_qr(make, shape, task, mode):
+    from overunlearn.linalg.jacobian import output_jacobian, output_jacobian_reference
+    from overunlearn.linalg.projection import project_model_onto_span, project_onto_span, project_onto_span_qr
+
+    torch.manual_seed(0)
+    model = make()
+    with torch.no_grad():  # non-trivial BatchNorm running statistics
+        model.train()
+        model(torch.randn(*shape) * 2 + 0.5)
+    model.train()
+    before = state_copy(model)
+    x = torch.randn(*shape)
+    v = torch.cat([q.detach().reshape(-1) for q in model.parameters() if q.requires_grad])
+    got = project_model_onto_span(model, x, task.scores, v, mode=mode)
+    dense = project_onto_span(output_jacobian(model, x, task.scores, mode=mode), v)
+    qr = project_onto_span_qr(output_jacobian_reference(model, x, task.scores, mode=mode), v)
+    torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-6 * float(v.norm()))
+    torch.testing.assert_close(got, qr, rtol=1e-5, atol=1e-5 * float(v.norm()))
+    assert float(got.norm()) > 1e-3 * float(v.norm())  # a real projection, not zero
+    assert same_state(before, state_copy(model)) and model.training and no_hooks(model)
