@@ -22,14 +22,21 @@ from torch import Tensor
 _BLOCK_BYTES = 1 << 22
 
 
-def _chunk(k: int, chunk: int | None) -> int:
-    return chunk if chunk is not None else max(1024, _BLOCK_BYTES // (8 * max(k, 1)))
+#: on a GPU, kernel launches dominate small blocks; use blocks of about 256 MiB there
+_GPU_BLOCK_BYTES = 1 << 28
+
+
+def _chunk(k: int, chunk: int | None, device: torch.device | None = None) -> int:
+    if chunk is not None:
+        return chunk
+    budget = _GPU_BLOCK_BYTES if device is not None and device.type == "cuda" else _BLOCK_BYTES
+    return max(1024, budget // (8 * max(k, 1)))
 
 
 def gram_and_rhs(jac: Tensor, v: Tensor, chunk: int | None = None) -> tuple[Tensor, Tensor]:
     """``(J J^T, J v)`` in float64, accumulated over column chunks of ``J`` (about 4 MiB each by default)."""
     k, d = jac.shape
-    chunk = _chunk(k, chunk)
+    chunk = _chunk(k, chunk, jac.device)
     gram = torch.zeros(k, k, dtype=torch.float64, device=jac.device)
     rhs = torch.zeros(k, dtype=torch.float64, device=jac.device)
     for s in range(0, d, chunk):
@@ -60,7 +67,7 @@ def project_onto_span(jac: Tensor, v: Tensor, rcond: float = 1e-12, chunk: int |
         raise FloatingPointError("the output Jacobian contains NaN or infinite values")
     gram, rhs = gram_and_rhs(jac, v, chunk)
     alpha = solve_gram(gram, rhs, rcond)
-    chunk = _chunk(jac.shape[0], chunk)
+    chunk = _chunk(jac.shape[0], chunk, jac.device)
     out = torch.empty_like(v)
     for s in range(0, v.shape[0], chunk):
         out[s : s + chunk] = (jac[:, s : s + chunk].double().T @ alpha).to(v.dtype)
@@ -206,7 +213,7 @@ def project_model_onto_span(model: torch.nn.Module, inputs: Tensor, score_fn, v:
             out[ob : ob + cb] = (d_.T @ alpha).to(v.dtype)
     if jd is not None:
         back = torch.empty(jd.shape[1], dtype=v.dtype, device=v.device)
-        chunk = _chunk(k, None)
+        chunk = _chunk(k, None, jd.device)
         for s in range(0, jd.shape[1], chunk):
             back[s : s + chunk] = (jd[:, s : s + chunk].double().T @ alpha).to(v.dtype)
         pos = 0
