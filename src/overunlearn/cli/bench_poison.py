@@ -62,7 +62,7 @@ def poison_cmd(
     methods: str = typer.Option("all", help="comma-separated methods or 'all': "
                                 "retrain,minnorm_og,gd,ga,ngp,ngd,ridge,l1_sparse"),
     recipe: str = typer.Option("quick", help="'full' = the paper's (100k original / 50k ground-truth AdamW steps); "
-                               "'quick' = 20k / 10k steps (the default: the full recipe takes over 10 minutes on "
+                               "'quick' = 15k / 7.5k steps (the default: the full recipe takes over 10 minutes on "
                                "2 CPU cores); 'smoke' = a few hundred steps"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     out: Path = typer.Option(Path("results/poison"), help="directory for the table, CSV, JSON and figures"),

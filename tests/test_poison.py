@@ -1,0 +1,195 @@
+"""Data Poisoning benchmark: ensemble trainer, metric, cache, presets and the CLI end to end (fast)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from overunlearn.benchmarks import Benchmark, get_benchmark
+from overunlearn.benchmarks import poison as P
+from overunlearn.models.mlp import MLP, poison_mlp
+from overunlearn.training import Member, train_ensemble, train_single_reference
+
+TINY = P.PoisonRecipe(hidden=(16, 16), original_steps=40, ground_truth_steps=20, name="tiny")
+
+
+# ---- the ensemble trainer ------------------------------------------------------------------
+
+def _members(widths=(300, 300), steps=(6, 4, 6, 4)):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i, st in enumerate(steps):
+        n = 55 if i % 2 == 0 else 50  # original-sized and ground-truth-sized members share one ensemble
+        x = (torch.rand(n, 1, generator=g) * 2 - 1) * 5 * math.pi
+        y = torch.sin(x)
+        out.append(Member(MLP(1, widths, 1, generator=torch.Generator().manual_seed(i)), x, y, st, key=i))
+    return out
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ensemble_equals_per_model_adamw(workers):
+    members = _members()
+    results = train_ensemble(members, lr=1e-3, weight_decay=0.01, workers=workers)
+    for m, r in zip(members, results, strict=False):
+        ref = train_single_reference(m.model, m.x, m.y, m.steps, lr=1e-3, weight_decay=0.01)
+        assert r.steps == m.steps and r.key == m.key
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(r.state_dict[k], v, rtol=1e-4, atol=2e-5)
+        loss = nn.functional.mse_loss(ref(m.x), m.y).item()
+        assert r.final_loss == pytest.approx(loss, rel=1e-4, abs=1e-6)
+    # the caller's models are untouched
+    assert torch.equal(members[0].model.state_dict()["0.weight"], MLP(1, (300, 300), 1,
+                       generator=torch.Generator().manual_seed(0)).state_dict()["0.weight"])
+
+
+def test_ensemble_state_dicts_load_into_plain_mlp():
+    members = _members(widths=(8, 8), steps=(3, 3))
+    res = train_ensemble(members)
+    model = MLP(1, (8, 8), 1)
+    model.load_state_dict(res[0].state_dict)  # strict: the keys and shapes of an ordinary MLP
+    assert set(res[0].state_dict) == set(model.state_dict())
+
+
+def test_poison_mlp_is_the_papers_shallownet():
+    m = poison_mlp(seed=0)
+    assert sum(p.numel() for p in m.parameters()) == 91_201
+    assert [type(x).__name__ for x in m] == ["Linear", "SiLU", "Linear", "SiLU", "Linear"]
+    torch.testing.assert_close(poison_mlp(seed=3).state_dict()["2.weight"], poison_mlp(seed=3).state_dict()["2.weight"])
+    bound = 1 / math.sqrt(300)
+    assert m[2].weight.abs().max() <= bound and m[0].weight.abs().max() <= 1.0
+
+
+# ---- the metric ------------------------------------------------------------------------------
+
+class _Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.p = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return self.fn(x) + 0 * self.p
+
+
+def test_sup_error_on_known_functions():
+    assert P.sup_error(_Fn(torch.sin)) < 1e-6
+    assert P.sup_error(_Fn(torch.zeros_like)) == pytest.approx(1.0, abs=1e-4)
+    assert P.sup_error(_Fn(lambda x: torch.sin(x) + 0.25)) == pytest.approx(0.25, abs=1e-6)
+    assert P.sup_error(_Fn(lambda x: x * float("nan"))) == math.inf
+
+
+def test_median_and_central_range():
+    vals = [float(v) for v in range(10, 0, -1)]
+    assert P.median(vals) == 5.5
+    assert P.central_range(vals) == (3.0, 8.0)  # 3rd lowest .. 3rd highest of 10
+    assert P.central_range([1.0, 2.0]) == (1.0, 2.0)
+    assert P.median([1.0, math.inf, 2.0]) == 2.0
+
+
+# ---- presets and paper values -----------------------------------------------------------------
+
+def test_presets_cover_the_table_and_build_methods():
+    from overunlearn.methods import create
+
+    for T in (10, 100, 1000):
+        for m in P.POISON_METHODS:
+            pre = P.preset(m, T)
+            create(m, **pre.kwargs())  # validated by the method's config
+            assert (m, T) in P.PAPER_TABLE5
+    mn = P.preset("minnorm_og", 100).kwargs()
+    assert mn["num_gd_epochs"] == 50 and mn["proj_pd"] == 2 and mn["reg_coef"] == 0.1
+    assert "not in Table 6" in P.preset("gd", 30).note
+
+
+# ---- the benchmark protocol and the cache --------------------------------------------------------
+
+def test_benchmark_protocol_and_cache(tmp_path):
+    bench = get_benchmark("poison", recipe=TINY, cache_dir=tmp_path)
+    assert isinstance(bench, Benchmark)
+    prob = bench.problem(1)
+    assert len(prob.retain) == 50 and len(prob.forget) == 5
+    assert prob.batch_size >= 55  # one retain batch and one forget batch per epoch
+    assert torch.all(prob.forget.targets == 1.5)
+    torch.testing.assert_close(prob.retain.targets, torch.sin(prob.retain.inputs))
+    assert prob.retain.inputs.abs().max() <= 5 * math.pi
+    assert not torch.equal(bench.data(1)[0].inputs, bench.data(2)[0].inputs)
+    assert bench.trained_count == 2  # original + ground truth of seed 1
+    ref = bench.reference(1)
+    assert set(ref) == {"original", "ground_truth"} and math.isfinite(ref["original"]["sup_error"])
+    assert bench.evaluate(prob.model, 1) == ref["original"]
+    files = sorted(p.name for p in bench.cache_dir.iterdir())
+    assert "seed1-original.pt" in files and "seed1-ground_truth.pt" in files
+    sd = torch.load(bench.model_path(1, "original"), weights_only=True)
+    assert set(sd) == set(MLP(1, TINY.hidden, 1).state_dict())
+
+    again = get_benchmark("poison", recipe=TINY, cache_dir=tmp_path)
+    mtime = bench.model_path(1, "original").stat().st_mtime_ns
+    again.problem(1)
+    again.reference(1)
+    assert again.trained_count == 0
+    assert bench.model_path(1, "original").stat().st_mtime_ns == mtime
+    # a different recipe is a different cache entry
+    other = P.PoisonRecipe(hidden=(16, 16), original_steps=41, ground_truth_steps=20)
+    assert other.key() != TINY.key()
+
+
+def test_diverging_trial_is_recorded_not_raised(tmp_path, monkeypatch):
+    real = P.preset
+
+    def wild(method, epochs):
+        if method == "ga":
+            return P.Preset("ga", epochs, (("lr", 1e6),))
+        return real(method, epochs)
+
+    monkeypatch.setattr(P, "preset", wild)
+    run = P.run_poison(seeds=[1], epochs=[5], methods=["ga", "gd"], recipe=TINY, cache_dir=tmp_path,
+                       threads=1, progress=False)
+    ga = [t for t in run.trials if t.method == "ga"][0]
+    assert ga.status == "diverged" and ga.sup_error == math.inf
+    assert [t for t in run.trials if t.method == "gd"][0].status == "ok"
+
+
+# ---- the CLI end to end ----------------------------------------------------------------------------
+
+def test_cli_end_to_end_reuses_cache(tmp_path):
+    from typer.testing import CliRunner
+
+    from overunlearn.cli import _register, app
+
+    _register()
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = ["bench", "poison", "--recipe", "smoke", "--seeds", "1-2", "--epochs", "4", "--methods",
+            "minnorm_og,gd", "--out", str(out), "--cache", str(cache), "--threads", "2", "--no-progress",
+            "--device", "cpu"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "minnorm_og" in res.output and "(ground truth)" in res.output and str(out) in res.output
+    for name in ("poison_summary.csv", "poison_trials.csv", "poison_results.json", "poison_table.txt",
+                 "poison_fits_T4.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "poison_fits_T4.png").read_bytes()[:4] == b"\x89PNG"
+    first = json.loads((out / "poison_results.json").read_text())
+    assert first["trained_models"] == 4
+    assert len(first["trials"]) == 2 * 2
+    models = sorted(cache.rglob("seed*.pt"))
+    assert len(models) == 4
+    mtimes = [p.stat().st_mtime_ns for p in models]
+
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    second = json.loads((out / "poison_results.json").read_text())
+    assert second["trained_models"] == 0  # everything came from the cache
+    assert second["reused_trials"] == 4
+    assert [p.stat().st_mtime_ns for p in models] == mtimes
+    assert [t["sup_error"] for t in second["trials"]] == [t["sup_error"] for t in first["trials"]]
+
+    # recomputing the trials from the cached models gives the same numbers (deterministic on CPU)
+    res = CliRunner().invoke(app, args + ["--recompute", "--seeds", "2"])
+    assert res.exit_code == 0, res.output
+    third = json.loads((out / "poison_results.json").read_text())
+    assert third["trained_models"] == 0 and third["reused_trials"] == 0
+    assert [t["sup_error"] for t in third["trials"]] == [t["sup_error"] for t in first["trials"] if t["seed"] == 2]
