@@ -210,9 +210,11 @@ def _check_data(problem: UnlearningProblem, model: nn.Module, dev: torch.device)
 
 
 def _make_optimizer(config: MethodConfig, params: list[Tensor]) -> torch.optim.Optimizer:
+    # foreach=True: the multi-tensor implementation (PyTorch's default only on CUDA) is 20-30%
+    # faster per step on CPU for the small models of the benchmarks; same algorithm
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
 
 
 def _one_step(ctx: UnlearningContext, method: Method, info: StepInfo, retain_b: Batch, forget_b: Batch,
