@@ -205,6 +205,9 @@ def _command(benchmark: str):
         n_test: int | None = typer.Option(None, "--n-test", help="class-balanced test subset size (0: all)"),
         hp: list[str] = typer.Option([], "--hp", help="override a hyperparameter: METHOD.KEY=VALUE (repeatable)"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+        privacy: bool = typer.Option(False, "--privacy", help="then run the privacy report (MIA, U-LiRA, KLoM; "
+                                     "see `overunlearn privacy`) of the methods run, on the first seed"),
+        privacy_models: int | None = typer.Option(None, "--privacy-models", min=4, help="N for --privacy (default 8)"),
     ) -> None:
         from overunlearn.errors import DatasetNotFoundError
 
@@ -234,6 +237,15 @@ def _command(benchmark: str):
         if out is not None:
             write_results(out, rows, config)
             typer.echo(f"wrote {out}")
+        if privacy:
+            from overunlearn.cli.privacy import privacy_after_bench
+
+            privacy_after_bench(
+                benchmark, list(dict.fromkeys(r["row"] for r in rows if r.get("status") == "ok")), config["epochs"],
+                seed=parse_seeds(seeds)[0], n_models=privacy_models, out=out.parent / "privacy" if out else None,
+                device=device, cache=cache, recipe=preset, dataset=dataset, data_root=data_root, download=download,
+                overrides=parse_overrides(hp), progress=not quiet,
+                image_options={"n_train": n_train, "n_test": n_test, "p_retain": p_retain, "p_forget": p_forget})
 
     cmd.__doc__ = ("Label Erasure: erase red/green copies from a two-head model; prints retain accuracy and "
                    "forget error for every method." if benchmark == "erase" else

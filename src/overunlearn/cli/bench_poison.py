@@ -73,6 +73,9 @@ def poison_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show progress bars"),
     reuse: bool = typer.Option(True, "--reuse/--recompute", help="reuse unlearning trials cached by an earlier run "
                                "with the same recipe, presets and code (models are always reused)"),
+    privacy: bool = typer.Option(False, "--privacy", help="then run the privacy report (MIA, U-LiRA, KLoM; see "
+                                 "`overunlearn privacy`) of these methods at these T on the first seed"),
+    privacy_models: int | None = typer.Option(None, "--privacy-models", min=4, help="N for --privacy (default 16)"),
 ) -> None:
     """Data Poisoning (paper Section 5.1): unlearn 5 poisoned points from a sine regression MLP.
 
@@ -115,3 +118,8 @@ def poison_cmd(
         typer.echo("")
         typer.echo(f"note: this used the lighter {recipe!r} recipe, so the numbers are not the paper's setting. "
                    f"The paper's recipe (over 10 minutes on 2 CPU cores when nothing is cached) is:\n  {FULL_COMMAND}")
+    if privacy:
+        from overunlearn.cli.privacy import privacy_after_bench
+
+        privacy_after_bench("poison", method_list, epoch_list, seed=seed_list[0], n_models=privacy_models,
+                            out=out / "privacy", device=device, cache=cache, recipe=recipe, progress=progress)
