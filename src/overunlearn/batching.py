@@ -64,5 +64,5 @@ class RetainCycle:
             self._it = _epoch(self.data, self.batch_size, self.drop_last, self.generator)
             return next(self._it)
 
-    def __iter__(self) -> "RetainCycle":
+    def __iter__(self) -> RetainCycle:
         return self

@@ -17,8 +17,9 @@ them. Multi-head models are first class: a two-head classifier returns
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -162,12 +163,12 @@ class TensorData:
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
 
-    def take(self, index: Tensor) -> "Batch":
+    def take(self, index: Tensor) -> Batch:
         tg = self.targets
         targets: Targets = tg[index] if isinstance(tg, Tensor) else tuple(t[index] for t in tg)
         return Batch(self.inputs[index], targets, None if self.weights is None else self.weights[index])
 
-    def subset(self, index: Tensor | Sequence[int]) -> "TensorData":
+    def subset(self, index: Tensor | Sequence[int]) -> TensorData:
         idx = torch.as_tensor(index, dtype=torch.long)
         b = self.take(idx)
         return TensorData(b.inputs, b.targets, b.weights)
@@ -184,12 +185,12 @@ class Batch:
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         tg = self.targets
         targets: Targets = tg.to(device) if isinstance(tg, Tensor) else tuple(t.to(device) for t in tg)
         return Batch(self.inputs.to(device), targets, None if self.weights is None else self.weights.to(device))
 
-    def select(self, index: Tensor) -> "Batch":
+    def select(self, index: Tensor) -> Batch:
         tg = self.targets
         targets: Targets = tg[index] if isinstance(tg, Tensor) else tuple(t[index] for t in tg)
         return Batch(self.inputs[index], targets, None if self.weights is None else self.weights[index])

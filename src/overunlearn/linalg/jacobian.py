@@ -23,8 +23,9 @@ as the reference stacks them. The slow, obviously-correct reference
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn

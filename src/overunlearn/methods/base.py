@@ -65,7 +65,7 @@ class MethodConfig:
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer={self.optimizer!r} is not one of 'adamw', 'sgd'")
 
-    def replace(self, **changes: Any) -> "MethodConfig":
+    def replace(self, **changes: Any) -> MethodConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -98,23 +98,23 @@ class Method:
         return f"{type(self).__name__}({self.config})"
 
     # ---- hooks -------------------------------------------------------------------
-    def setup(self, ctx: "UnlearningContext") -> None:
+    def setup(self, ctx: UnlearningContext) -> None:
         """Called once before the loop, inside the timed region (teacher copies, masks...)."""
 
-    def before_step(self, ctx: "UnlearningContext", info: "StepInfo", retain: Batch) -> None:
+    def before_step(self, ctx: UnlearningContext, info: StepInfo, retain: Batch) -> None:
         """Called before the loss of a step is computed (MinNorm-OG projects here)."""
 
-    def loss(self, ctx: "UnlearningContext", info: "StepInfo", retain: Batch, forget: Batch | None) -> Tensor:
+    def loss(self, ctx: UnlearningContext, info: StepInfo, retain: Batch, forget: Batch | None) -> Tensor:
         """The scalar objective the optimizer minimises at this step."""
         raise NotImplementedError
 
-    def on_gradients(self, ctx: "UnlearningContext", info: "StepInfo") -> None:
+    def on_gradients(self, ctx: UnlearningContext, info: StepInfo) -> None:
         """Called after backward, before the optimizer step (noise, gradient masks)."""
 
-    def after_step(self, ctx: "UnlearningContext", info: "StepInfo", retain: Batch) -> None:
+    def after_step(self, ctx: UnlearningContext, info: StepInfo, retain: Batch) -> None:
         """Called after the optimizer step."""
 
-    def teardown(self, ctx: "UnlearningContext") -> None:
+    def teardown(self, ctx: UnlearningContext) -> None:
         """Called once after the loop, also on errors: remove anything attached to the model."""
 
 
@@ -128,7 +128,7 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return teacher
 
 
-def require_classifier(method: Method, ctx: "UnlearningContext") -> ClassificationTask:
+def require_classifier(method: Method, ctx: UnlearningContext) -> ClassificationTask:
     task = ctx.problem.task
     if not isinstance(task, ClassificationTask):
         raise TypeError(f"method {method.name!r} applies to classification only, not to a {task.kind} task")
