@@ -57,6 +57,23 @@ def _flatten(jac: dict[str, Tensor], names: list[str], rows: int) -> Tensor:
     return torch.cat([jac[n].reshape(rows, -1) for n in names], dim=1)
 
 
+def _head_major(jac: dict[str, Tensor], names: list[str], n: int) -> Tensor:
+    """Per-sample Jacobians ``name -> (n, heads, *shape)`` as one ``(heads * n, d)`` matrix, head-major.
+
+    Each block is written once into the output (a transpose + ``cat`` would copy ``J`` twice).
+    """
+    first = jac[names[0]]
+    heads = first.shape[1]
+    d = sum(math.prod(jac[k].shape[2:]) for k in names)
+    out = torch.empty(heads * n, d, dtype=first.dtype, device=first.device)
+    offset = 0
+    for k in names:
+        m = math.prod(jac[k].shape[2:])
+        out[:, offset : offset + m].view(heads, n, m).copy_(jac[k].reshape(n, heads, m).transpose(0, 1))
+        offset += m
+    return out
+
+
 def output_jacobian(model: nn.Module, inputs: Tensor, score_fn: ScoreFn, mode: Mode = "per_sample") -> Tensor:
     """``(n * heads, d)`` Jacobian of the scores of ``inputs`` w.r.t. the trainable parameters.
 
@@ -74,17 +91,7 @@ def output_jacobian(model: nn.Module, inputs: Tensor, score_fn: ScoreFn, mode: M
 
         with _mode(model, train=False):
             jac = vmap(jacrev(f_one), in_dims=(None, 0))(params, inputs)  # name -> (n, heads, *shape)
-        heads = next(iter(jac.values())).shape[1]
-        # head-major rows, written once into the output (a transpose + cat copied J twice)
-        d = sum(math.prod(jac[k].shape[2:]) for k in names)
-        first = jac[names[0]]
-        out = torch.empty(heads * n, d, dtype=first.dtype, device=first.device)
-        offset = 0
-        for k in names:
-            m = math.prod(jac[k].shape[2:])
-            out[:, offset : offset + m].view(heads, n, m).copy_(jac[k].reshape(n, heads, m).transpose(0, 1))
-            offset += m
-        return out
+        return _head_major(jac, names, n)
     if mode == "batch_train":
 
         def f_all(p: dict[str, Tensor], r: dict[str, Tensor]) -> Tensor:
@@ -119,15 +126,7 @@ def output_jacobian_dense(model: nn.Module, inputs: Tensor, score_fn: ScoreFn, w
 
     with _mode(model, train=False):
         jac = vmap(jacrev(f_one), in_dims=(None, 0))(params, inputs)
-    heads = next(iter(jac.values())).shape[1]
-    d = sum(math.prod(jac[k].shape[2:]) for k in names)
-    out = torch.empty(heads * n, d, dtype=jac[names[0]].dtype, device=inputs.device)
-    offset = 0
-    for k in names:
-        m = math.prod(jac[k].shape[2:])
-        out[:, offset : offset + m].view(heads, n, m).copy_(jac[k].reshape(n, heads, m).transpose(0, 1))
-        offset += m
-    return out
+    return _head_major(jac, names, n)
 
 
 def output_jacobian_reference(model: nn.Module, inputs: Tensor, score_fn: ScoreFn,
