@@ -25,6 +25,9 @@ def sweep_cmd(
     device: str | None = typer.Option(None, "--device", help="override [engine].device: auto, cpu, cuda"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="rerun trials that failed with a NaN loss"),
     max_trials: int | None = typer.Option(None, "--max-trials", help="run at most this many pending trials"),
+    batch: int | None = typer.Option(None, "--batch", min=0,
+                                     help="run up to N epoch-budget trials as one vectorised ensemble where the "
+                                          "model allows (default: the spec's [engine] batch; 0: one at a time)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no per-trial lines"),
 ) -> None:
     """Run a sweep spec. Killing it is safe: run it again and it continues where it stopped."""
@@ -70,7 +73,7 @@ def sweep_cmd(
     try:
         with ex:
             res = run_sweep(sp, jpath, ex, device=device, threads=threads, retry_failed=retry_failed,
-                            max_trials=max_trials, log=log)
+                            max_trials=max_trials, batch=batch, log=log)
     except SweepAborted as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

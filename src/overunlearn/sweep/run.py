@@ -41,6 +41,44 @@ def trial_task(trial: Trial, device: str, threads: int | None = None) -> dict[st
             "trial": {**ident, **labels}, "imports": list(trial.imports), "device": device, "threads": threads}
 
 
+def batch_key(trial: Trial) -> tuple[Any, ...] | None:
+    """Trials with the same key may share a vectorised batch (``None``: this one never does).
+
+    Only pure epoch budgets batch (a wall-clock budget must time each trial alone); members of
+    one batch share the benchmark, the budget and the optimizer settings, so one stacked AdamW
+    steps them all. Whether the model allows batching is decided by the worker, which runs any
+    trial it cannot batch on its own.
+    """
+    if set(trial.budget) != {"epochs"}:
+        return None
+    cfg = trial.config
+    return (benchmark_key(trial.benchmark, trial.benchmark_options), trial.budget["epochs"], cfg.get("lr"),
+            cfg.get("weight_decay"), cfg.get("optimizer"), tuple(sorted(trial.engine.items())))
+
+
+def make_tasks(trials: list[Trial], device: str, threads: int | None = None, batch: int = 0) -> list[dict[str, Any]]:
+    """One task per trial, or, with ``batch > 1``, batch tasks of up to ``batch`` compatible trials."""
+    if batch <= 1:
+        return [trial_task(t, device, threads) for t in trials]
+    groups: dict[tuple[Any, ...], list[Trial]] = {}
+    tasks: list[dict[str, Any]] = []
+    for t in trials:
+        key = batch_key(t)
+        if key is None:
+            tasks.append(trial_task(t, device, threads))
+        else:
+            groups.setdefault(key, []).append(t)
+    for members in groups.values():
+        for i in range(0, len(members), batch):
+            chunk = members[i : i + batch]
+            if len(chunk) == 1:
+                tasks.append(trial_task(chunk[0], device, threads))
+            else:
+                tasks.append({"kind": "batch", "tasks": [trial_task(t, device, threads) for t in chunk],
+                              "device": device, "threads": threads})
+    return tasks
+
+
 def pending_trials(spec: SweepSpec, done: set[str]) -> list[Trial]:
     """Trials not yet done, each once, ordered by setting, seed, method (keeps problem caches warm)."""
     seen: set[str] = set()
@@ -68,10 +106,42 @@ def check_metric_specs(spec: SweepSpec, specs: list[dict[str, Any]] | None) -> s
     return None
 
 
+def _record(rec: dict[str, Any], writer: JournalWriter, spec: SweepSpec, provenance: dict[str, Any],
+            result: SweepResult, counter: dict[str, int], n_total: int, log: Callable[[str], None]) -> str | None:
+    """Journal one record and log it; return an abort reason, or ``None``."""
+    counter["i"] += 1
+    i = counter["i"]
+    rec.update(provenance)
+    rec["finished_at"] = time.time()
+    writer.append(rec)
+    mismatch = check_metric_specs(spec, rec.get("metric_specs"))
+    if mismatch:
+        return mismatch
+    ok = rec.get("status") == FINISHED
+    if rec["kind"] == "reference":
+        result.references += 1
+        what = f"reference seed={rec['seed']}"
+    else:
+        result.finished += ok
+        result.failed += not ok
+        hyper = " ".join(f"{k}={v}" for k, v in rec.get("hyper", {}).items())
+        what = f"{rec.get('setting') or ''} {rec['method']} seed={rec['seed']} {hyper}".strip()
+    if ok:
+        metr = " ".join(f"{k}={v:.4g}" for k, v in (rec.get("metrics") or {}).items() if isinstance(v, (int, float)))
+        log(f"[{i}/{n_total}] {what}: {metr}")
+    else:
+        msg = f"[{i}/{n_total}] {what}: FAILED {rec.get('error', '')}"
+        log(msg)
+        result.failures.append(msg)
+        if rec["kind"] == "reference" or rec.get("phase") in SETUP_PHASES:
+            return rec.get("error", "setup failed")
+    return None
+
+
 def run_sweep(spec: SweepSpec, journal: str | Path, executor: Executor | None = None, *,
               device: str | None = None, threads: int | None = None, retry_failed: bool = False,
               references: bool = True, max_trials: int | None = None, check: bool = True,
-              log: Callable[[str], None] | None = None) -> SweepResult:
+              batch: int | None = None, log: Callable[[str], None] | None = None) -> SweepResult:
     """Run every trial of ``spec`` that ``journal`` does not already hold as done.
 
     Safe to kill at any moment and run again: finished trials are skipped, and a trial is
@@ -88,6 +158,8 @@ def run_sweep(spec: SweepSpec, journal: str | Path, executor: Executor | None = 
         max_trials: stop after this many trials (for smoke runs).
         check: configure the benchmark here first (cheap) and stop on unknown names, bad options
             or metrics that disagree with the spec's ``[metrics]``.
+        batch: most trials per vectorised batch task (default: the spec's ``[engine].batch``; 0 or 1:
+            one trial per task). Every trial still gets its own journal line.
         log: receives one line per completed task.
     """
     journal = Path(journal)
@@ -121,8 +193,9 @@ def run_sweep(spec: SweepSpec, journal: str | Path, executor: Executor | None = 
                                       "benchmark_key": bkey, "seed": seed, "imports": list(spec.imports),
                                       "device": dev, "threads": threads})
     t_start = time.perf_counter()
+    batch = spec.batch if batch is None else int(batch)
     run_info = {"executor": getattr(executor, "name", type(executor).__name__), "device": dev, "threads": threads,
-                "pending": len(todo), "references": len(ref_tasks)}
+                "pending": len(todo), "references": len(ref_tasks), "batch": batch}
 
     n_total = len(todo) + len(ref_tasks)
     counter = {"i": 0}
@@ -137,7 +210,7 @@ def run_sweep(spec: SweepSpec, journal: str | Path, executor: Executor | None = 
             log(f"nothing to do: all {distinct} trials are in {journal}")
         # references first, as a barrier: they usually train (and cache) the original models, which the
         # trials of the same seed would otherwise train concurrently in other workers
-        phases = [ref_tasks, [trial_task(t, dev, threads) for t in todo]]
+        phases = [ref_tasks, make_tasks(todo, dev, threads, batch)]
         for phase in phases:
             if not phase or abort is not None:
                 continue
@@ -154,34 +227,11 @@ def _consume(gen: Iterator[dict[str, Any]], writer: JournalWriter, spec: SweepSp
              result: SweepResult, counter: dict[str, int], n_total: int, log: Callable[[str], None]) -> str | None:
     """Write every record the executor yields; return an abort reason, or ``None``."""
     try:
-        for rec in gen:
-            counter["i"] += 1
-            i = counter["i"]
-            rec.update(provenance)
-            rec["finished_at"] = time.time()
-            writer.append(rec)
-            mismatch = check_metric_specs(spec, rec.get("metric_specs"))
-            if mismatch:
-                return mismatch
-            ok = rec.get("status") == FINISHED
-            if rec["kind"] == "reference":
-                result.references += 1
-                what = f"reference seed={rec['seed']}"
-            else:
-                result.finished += ok
-                result.failed += not ok
-                hyper = " ".join(f"{k}={v}" for k, v in rec.get("hyper", {}).items())
-                what = f"{rec.get('setting') or ''} {rec['method']} seed={rec['seed']} {hyper}".strip()
-            if ok:
-                metr = " ".join(f"{k}={v:.4g}" for k, v in (rec.get("metrics") or {}).items()
-                                if isinstance(v, (int, float)))
-                log(f"[{i}/{n_total}] {what}: {metr}")
-            else:
-                msg = f"[{i}/{n_total}] {what}: FAILED {rec.get('error', '')}"
-                log(msg)
-                result.failures.append(msg)
-                if rec["kind"] == "reference" or rec.get("phase") in SETUP_PHASES:
-                    return rec.get("error", "setup failed")
+        for out in gen:
+            for rec in (out["records"] if out.get("kind") == "batch" else [out]):
+                reason = _record(rec, writer, spec, provenance, result, counter, n_total, log)
+                if reason is not None:
+                    return reason
     finally:
         close = getattr(gen, "close", None)
         if close is not None:

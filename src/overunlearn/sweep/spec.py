@@ -19,6 +19,9 @@ and how results are reported. Format (full reference in ``docs/sweeps.md``)::
     [engine]
     forget_bn_stats = false                 # part of trial identity
     device = "auto"                         # not part of trial identity
+    batch = 0                               # > 0: run up to this many epoch-budget trials as one
+                                            # vectorised ensemble where the model allows
+                                            # (ensemble_unlearn.py); not part of trial identity
 
     [metrics]                               # name = "min" | "max"; must match the benchmark
     sup_error = "min"
@@ -73,7 +76,7 @@ _TOP_KEYS = {"name", "title", "paper", "description", "seeds", "methods", "bench
              "grid", "settings", "report", "notes"}
 _SETTING_KEYS = {"name", "title", "budget", "grid", "methods", "benchmark_options", "seeds"}
 _BUDGET_KEYS = {"epochs", "steps", "seconds"}
-_ENGINE_KEYS = {"forget_bn_stats", "device"}
+_ENGINE_KEYS = {"forget_bn_stats", "device", "batch"}
 _REPORT_KEYS = {"selection", "statistic", "metrics"}
 _IDENTITY_ENGINE_KEYS = ("forget_bn_stats",)
 
@@ -178,6 +181,11 @@ class SweepSpec:
     def device(self) -> str:
         return str(self.engine.get("device", "auto"))
 
+    @property
+    def batch(self) -> int:
+        """Most trials per vectorised batch (``[engine].batch``; 0: one trial at a time)."""
+        return int(self.engine.get("batch", 0))
+
     def header(self) -> dict[str, Any]:
         """What the journal records about the spec (for reports)."""
         return {
@@ -268,6 +276,9 @@ def parse_spec(raw: dict[str, Any], source: str = "<spec>", default_name: str = 
     if "forget_bn_stats" in engine and not isinstance(engine["forget_bn_stats"], bool):
         fail("[engine].forget_bn_stats must be true or false")
     engine.setdefault("forget_bn_stats", False)
+    if "batch" in engine and (isinstance(engine["batch"], bool) or not isinstance(engine["batch"], int)
+                              or engine["batch"] < 0):
+        fail("[engine].batch must be a whole number >= 0 (0: one trial at a time)")
 
     metrics = _table(raw.get("metrics", {}), "[metrics]", fail)
     for m, d in metrics.items():

@@ -8,7 +8,10 @@ same benchmark and seed reuse the original model.
 Task kinds:
 
 * ``{"kind": "trial", "trial": Trial.identity() + labels, ...}`` -> a ``"trial"`` record;
-* ``{"kind": "reference", "benchmark": ..., "seed": ...}`` -> a ``"reference"`` record.
+* ``{"kind": "reference", "benchmark": ..., "seed": ...}`` -> a ``"reference"`` record;
+* ``{"kind": "batch", "tasks": [trial tasks]}`` -> ``{"kind": "batch", "records": [trial records]}``:
+  the trials that qualify (:func:`overunlearn.ensemble_unlearn.batchable`) run as one vectorised
+  ensemble, any other one on its own; every trial still gets its own record.
 """
 
 from __future__ import annotations
@@ -121,6 +124,8 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
         return _run_trial(task)
     if kind == "reference":
         return _run_reference(task)
+    if kind == "batch":
+        return _run_batch(task)
     raise ValueError(f"unknown task kind {kind!r}")
 
 
@@ -176,3 +181,65 @@ def _run_trial(task: dict[str, Any]) -> dict[str, Any]:
         rec["phase"] = phase
     rec["wall_seconds"] = time.perf_counter() - t0
     return rec
+
+
+def _run_batch(task: dict[str, Any]) -> dict[str, Any]:
+    from overunlearn.engine import Budget, resolve_device
+    from overunlearn.ensemble_unlearn import BatchedRun, batchable, unlearn_batched
+    from overunlearn.methods import create
+
+    records: list[dict[str, Any]] = []
+    runs: list[BatchedRun] = []
+    members: list[tuple[dict[str, Any], Any]] = []
+    problems: dict[tuple[str, int], Any] = {}
+    for sub in task["tasks"]:
+        t = sub["trial"]
+        try:
+            bench = _benchmark(t["benchmark"]["name"], t["benchmark"]["options"], sub.get("imports", ()))
+            key = (sub["benchmark_key"], int(t["seed"]))
+            if key not in problems:
+                problems[key] = bench.problem(t["seed"])
+            method = create(t["method"], **t["config"])
+            budget = Budget(**t["budget"])
+            why = batchable(problems[key], method, budget)
+        except Exception:  # noqa: BLE001 - the trial on its own records the failure and its phase
+            why = "setup failed"
+        if why is not None or t["engine"].get("forget_bn_stats"):
+            records.append(_run_trial(sub))
+            continue
+        runs.append(BatchedRun(problems[key], method, budget, seed=int(t["seed"]), key=len(members)))
+        members.append((sub, bench))
+    if not runs:
+        return {"kind": "batch", "records": records}
+    warm_up()
+    device = str(resolve_device(task.get("device", "auto")))
+    started = time.time()
+    try:
+        outcomes = unlearn_batched(runs, device)
+    except Exception:  # noqa: BLE001 - never lose trials to a batch problem: run them one by one
+        records += [_run_trial(sub) for sub, _ in members]
+        return {"kind": "batch", "records": records}
+    for (sub, bench), out in zip(members, outcomes, strict=True):
+        t = sub["trial"]
+        rec: dict[str, Any] = {"kind": "trial", "id": sub["id"], "config_key": sub["config_key"], **t,
+                               "started_at": started, "metric_specs": _metric_specs(bench)}
+        rec.update(_device_info(device))
+        r = out.record
+        rec.update(steps=r.steps, epochs_completed=r.epochs_completed, steps_per_epoch=r.steps_per_epoch,
+                   seconds=r.seconds, setup_seconds=r.setup_seconds, stopped_by=r.stopped_by,
+                   epoch_losses=r.epoch_losses, batch={"size": out.batch_size, "seconds": out.batch_seconds})
+        t0 = time.perf_counter()
+        if out.model is None:
+            rec.update(status="failed", phase="unlearn", error=out.error, error_type=out.error_type)
+            if out.error_step is not None:
+                rec["error_step"] = out.error_step
+        else:
+            try:
+                rec["metrics"] = {k: float(v) for k, v in bench.evaluate(out.model, t["seed"]).items()}
+                rec["status"] = "finished"
+            except Exception as exc:  # noqa: BLE001
+                rec.update(_error_fields(exc))
+                rec.update(status="failed", phase="evaluate")
+        rec["wall_seconds"] = r.seconds + time.perf_counter() - t0
+        records.append(rec)
+    return {"kind": "batch", "records": records}

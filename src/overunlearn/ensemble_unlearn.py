@@ -1,0 +1,521 @@
+"""Many unlearning runs of small MLP regressors at once, as one vectorised ensemble.
+
+:func:`overunlearn.engine.unlearn` runs one method on one problem; a hyperparameter sweep of the
+Data Poisoning benchmark runs thousands of such trials, each a few hundred thousand flops per step,
+where Python and per-op overhead dominate. This module runs a *batch* of trials together: the
+parameters of all members are stacked along a leading dimension (``W_l: (E, fan_in, fan_out)``),
+forward and backward passes are batched matrix products with a hand-written backward pass, and one
+fused AdamW steps every member (AdamW is elementwise, so this is the per-member update).
+
+Every member follows exactly the step of :func:`~overunlearn.engine.unlearn` for its method, as a
+weighted mean-squared error ``a_e mean_r (f - y)^2 + b_e mean_f (f - y)^2`` plus the method's extra
+terms:
+
+======================  =======================================================================
+method                  per-member step
+======================  =======================================================================
+``retrain``, ``gd``     ``a = 1, b = 0`` (Retrain starts from the problem's fresh model)
+``ga``                  ``a = 0, b = -1``
+``ngp``                 ``a = 1, b = -ga_coef``
+``ngd``                 GD plus ``noise_sig * N(0, I)`` on the gradient, drawn from the same
+                        generator stream as the engine (seed + 1, parameters in module order)
+``ridge``               gradient ``+ 2 c_t theta``, ``c_t = reg_coef * reg_coef_decay^t``
+``l1_sparse``           gradient ``+ c_t sign(theta)`` with the engine's L1 schedule
+``minnorm_og``          the orthogonal-gradient min-norm projection (factored Gram of the
+                        per-sample output gradients, float64 eigen-solve) before (or after) the
+                        descent step, on the epochs the method's schedule says
+======================  =======================================================================
+
+Scope (checked by :func:`batchable`, which says why a run does not qualify): the model is an
+:class:`~overunlearn.models.mlp.MLP` with SiLU activations and one output, the task is
+:class:`~overunlearn.problem.RegressionTask` with unweighted data, every epoch is one full-batch
+step (``batch_size >= len(retain)`` and ``>= len(forget)``), the budget is a number of epochs, the
+optimizer is AdamW, and MinNorm-OG uses its ``fast``/``per_sample`` implementation.
+
+What differs from running the trials one by one, and why it does not matter for results: the
+order of floating-point sums (batched products, fused AdamW), so parameters agree to float32
+rounding, amplified by chaotic dynamics only over long runs (``tests/test_ensemble_unlearn.py``
+holds every method to the engine). A failing member (non-finite loss or Jacobian) is recorded as
+failed at the step where the engine would raise, and the others go on. Time is measured for the
+whole batch; a member's ``seconds`` is its share, so use per-trial runs for runtime comparisons.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from overunlearn.engine import Budget, UnlearnRecord, _reinitialise
+from overunlearn.linalg.jacobian import sample_indices
+from overunlearn.methods.base import Method
+from overunlearn.models.mlp import MLP
+from overunlearn.problem import RegressionTask, TensorData, UnlearningProblem
+
+#: methods with a vectorised step
+BATCHED_METHODS = frozenset({"retrain", "gd", "ga", "ngd", "ngp", "ridge", "l1_sparse", "minnorm_og"})
+
+
+@dataclass
+class BatchedRun:
+    """One run of a batch: ``method`` on ``problem`` for ``budget.epochs`` epochs with ``seed``."""
+
+    problem: UnlearningProblem
+    method: Method
+    budget: Budget
+    seed: int = 0
+    key: Any = None
+
+
+@dataclass
+class BatchedOutcome:
+    """The result of one run: the unlearned model (``None`` if it failed) and its record."""
+
+    key: Any
+    model: MLP | None
+    record: UnlearnRecord
+    error: str | None = None
+    error_type: str | None = None
+    error_step: int | None = None
+    batch_size: int = 1
+    batch_seconds: float = 0.0
+
+
+def batchable(problem: UnlearningProblem, method: Method, budget: Budget) -> str | None:
+    """``None`` if the run can be vectorised, else the reason it cannot (for logs and fallbacks)."""
+    if method.name not in BATCHED_METHODS:
+        return f"method {method.name!r} has no vectorised step"
+    cfg = method.config
+    if cfg.optimizer != "adamw":
+        return "only AdamW is vectorised"
+    if budget.epochs is None or budget.seconds is not None or budget.steps is not None:
+        return "only pure epoch budgets are vectorised (wall-clock budgets time each run alone)"
+    model = problem.model
+    if not isinstance(model, MLP) or model.activation != "silu" or model.widths[-1] != 1:
+        return "the model is not a SiLU MLP with one output"
+    if any(not p.requires_grad for p in model.parameters()):
+        return "the model has frozen parameters"
+    if not isinstance(problem.task, RegressionTask):
+        return "the task is not a regression"
+    for data in (problem.retain, problem.forget):
+        if not isinstance(data, TensorData) or data.weights is not None:
+            return "the data are not unweighted tensors"
+        if problem.batch_size < len(data):
+            return "an epoch is more than one (full-batch) step"
+    if len(problem.retain) == 0 or len(problem.forget) == 0:
+        return "the retain or the forget set is empty"
+    if method.name == "minnorm_og" and (cfg.implementation != "fast" or cfg.jacobian != "per_sample"):
+        return "MinNorm-OG is vectorised for implementation='fast', jacobian='per_sample' only"
+    return None
+
+
+# ---- per-member schedules ---------------------------------------------------------------------------
+@dataclass
+class _Member:
+    run: BatchedRun
+    epochs: int
+    alpha: float  # retain weight
+    beta: float  # forget weight
+    ridge0: float = 0.0
+    ridge_decay: float = 1.0
+    l1: float = 0.0
+    noise: float = 0.0
+    noise_gen: torch.Generator | None = None
+    # MinNorm-OG
+    proj_coef0: float = 0.0
+    proj_decay: float = 1.0
+    proj_last: float = -1.0  # project at epochs t < proj_last with t % proj_pd == 0
+    proj_pd: int = 1
+    proj_after: bool = False
+    n_pert: int = 0
+    sample_gen: torch.Generator | None = None
+    data_gen: torch.Generator | None = None  # replays the engine's batch shuffles (subsampled projections)
+    retain_perm: Tensor | None = None
+    projections: int = 0
+    # bookkeeping
+    losses: list[float] = field(default_factory=list)
+    failed: tuple[str, str, int] | None = None
+    done: bool = False
+
+    def projects(self, t: int) -> bool:
+        return self.proj_coef0 > 0 and t < self.proj_last and t % self.proj_pd == 0
+
+    def ridge_coef(self, t: int) -> float:
+        return self.ridge0 * self.ridge_decay**t
+
+    def l1_coef(self, t: int) -> float:
+        if self.l1 == 0.0 or t == 0:
+            return self.l1
+        return (2.0 - 2.0 * (t - 1) / self.epochs) * self.l1
+
+
+def _member(run: BatchedRun) -> _Member:
+    name, cfg = run.method.name, run.method.config
+    epochs = int(run.budget.epochs)  # type: ignore[arg-type]
+    m = _Member(run, epochs, alpha=1.0, beta=0.0)
+    if name == "ga":
+        m.alpha, m.beta = 0.0, -1.0
+    elif name == "ngp":
+        m.beta = -cfg.ga_coef
+    elif name == "ngd":
+        m.noise = cfg.noise_sig
+        m.noise_gen = torch.Generator().manual_seed(run.seed + 1)
+    elif name == "ridge":
+        m.ridge0, m.ridge_decay = cfg.reg_coef, cfg.reg_coef_decay
+    elif name == "l1_sparse":
+        m.l1 = cfg.reg_coef
+    elif name == "minnorm_og":
+        m.proj_coef0, m.proj_decay = cfg.reg_coef, cfg.reg_coef_decay
+        m.proj_last, m.proj_pd = epochs - cfg.num_gd_epochs, cfg.proj_pd
+        m.proj_after = cfg.order == "descend_then_project"
+        m.n_pert = cfg.grad_sample_size
+        m.sample_gen = torch.Generator().manual_seed(run.seed)
+        if m.n_pert < len(run.problem.retain):
+            # the engine subsamples the current (shuffled) retain batch: replay its shuffles
+            m.data_gen = torch.Generator().manual_seed(run.seed)
+    return m
+
+
+# ---- the stacked ensemble -----------------------------------------------------------------------------
+class _Stack:
+    """Stacked parameters ``W_l: (E, in, out)``, ``b_l: (E, 1, out)``, data and one AdamW."""
+
+    def __init__(self, members: list[_Member], start: list[MLP], device: torch.device) -> None:
+        self.members = members
+        self.device = device
+        widths = start[0].widths
+        self.widths = widths
+        n_r = max(len(m.run.problem.retain) for m in members)
+        n_f = max(len(m.run.problem.forget) for m in members)
+        e, d_in = len(members), widths[0]
+        n = n_r + n_f
+        self.n_r = n_r
+        self.x = torch.zeros(e, n, d_in, device=device)
+        self.y = torch.zeros(e, n, 1, device=device)
+        self.w = torch.zeros(e, n, 1, device=device)  # loss weights, with sign
+        self.r_count = torch.zeros(e, dtype=torch.long)
+        for i, m in enumerate(members):
+            r, f = m.run.problem.retain, m.run.problem.forget
+            nr, nf = len(r), len(f)
+            self.r_count[i] = nr
+            self.x[i, :nr] = r.inputs.reshape(nr, d_in).to(device, torch.float32)
+            self.y[i, :nr] = r.targets.reshape(nr, 1).to(device, torch.float32)
+            self.w[i, :nr] = m.alpha / nr
+            if nf:
+                self.x[i, n_r:n_r + nf] = f.inputs.reshape(nf, d_in).to(device, torch.float32)
+                self.y[i, n_r:n_r + nf] = f.targets.reshape(nf, 1).to(device, torch.float32)
+                self.w[i, n_r:n_r + nf] = m.beta / nf
+        self.params: list[Tensor] = []
+        for li in range(len(widths) - 1):
+            lins = [s.linears()[li] for s in start]
+            self.params.append(torch.stack([lin.weight.detach().T for lin in lins]).to(device).contiguous())
+            self.params.append(torch.stack([lin.bias.detach().reshape(1, -1) for lin in lins]).to(device).contiguous())
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+
+        def col(values: Sequence[float]) -> Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device).reshape(-1, 1, 1)
+
+        self.has_ridge = any(m.ridge0 for m in members)
+        self.has_l1 = any(m.l1 for m in members)
+        self.has_noise = any(m.noise for m in members)
+        self.col = col
+
+    def forward(self, x: Tensor, params: list[Tensor]) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Outputs ``(E, n, 1)`` and, per layer, its input and pre-activation."""
+        acts: list[tuple[Tensor, Tensor]] = []
+        a = x
+        n_layers = len(params) // 2
+        for li in range(n_layers):
+            W, b = params[2 * li], params[2 * li + 1]
+            if W.shape[1] == 1:
+                z = torch.addcmul(b, a, W)  # fan_in 1: an outer product
+            elif W.shape[2] == 1:
+                z = torch.bmm(W.transpose(1, 2), a.transpose(1, 2)).transpose(1, 2) + b  # fan_out 1
+            else:
+                z = torch.baddbmm(b, a, W)
+            acts.append((a, z))
+            if li == n_layers - 1:
+                return z, acts
+            a = F.silu(z)
+        raise AssertionError("unreachable")
+
+    def backward(self, dz: Tensor, acts: list[tuple[Tensor, Tensor]], params: list[Tensor],
+                 grads: list[Tensor] | None) -> list[Tensor]:
+        """Back-propagate ``dz = d(sum)/d(output)``; fill ``grads`` (if given) and return every layer's
+        output gradient ``delta_l`` (``(E, n, out_l)``, last layer first)."""
+        deltas: list[Tensor] = []
+        for li in range(len(acts) - 1, -1, -1):
+            a, _ = acts[li]
+            W = params[2 * li]
+            deltas.append(dz)
+            if grads is not None:
+                gW, gb = grads[2 * li], grads[2 * li + 1]
+                if W.shape[1] == 1:
+                    torch.sum(a * dz, dim=1, keepdim=True, out=gW)
+                elif W.shape[2] == 1:
+                    gW.copy_(torch.bmm(dz.transpose(1, 2), a).transpose(1, 2))
+                else:
+                    torch.bmm(a.transpose(1, 2), dz, out=gW)
+                torch.sum(dz, dim=1, keepdim=True, out=gb)
+            if li:
+                da = dz * W.transpose(1, 2) if W.shape[2] == 1 else torch.bmm(dz, W.transpose(1, 2))
+                dz = torch.ops.aten.silu_backward(da, acts[li - 1][1])
+        return deltas
+
+    def state_dict_of(self, i: int) -> dict[str, Tensor]:
+        sd: dict[str, Tensor] = {}
+        for li in range(len(self.params) // 2):
+            sd[f"{2 * li}.weight"] = self.params[2 * li][i].T.detach().to("cpu").clone().contiguous()
+            sd[f"{2 * li}.bias"] = self.params[2 * li + 1][i].reshape(-1).detach().to("cpu").clone()
+        return sd
+
+
+def _project(stack: _Stack, idx: list[int], coefs: list[float], rcond: float = 1e-12) -> list[int]:
+    """``theta <- (1 - c) theta + c P_span(J^T) theta`` for members ``idx`` (coefficients ``coefs``);
+    returns the members whose Jacobian was not finite (left unchanged)."""
+    by_k: dict[int, tuple[list[int], list[float], list[Tensor]]] = {}
+    for i, c in zip(idx, coefs, strict=True):
+        m = stack.members[i]
+        nr = int(stack.r_count[i])
+        if m.n_pert >= nr:  # every retain point: the order does not matter
+            x = stack.x[i, :nr]
+        else:  # the engine's subsample, from the same generator stream
+            assert m.sample_gen is not None
+            assert m.retain_perm is not None
+            pick = m.retain_perm[sample_indices(nr, m.n_pert, m.sample_gen)]
+            x = stack.x[i, pick.to(stack.x.device)]
+        group = by_k.setdefault(int(x.shape[0]), ([], [], []))
+        group[0].append(i)
+        group[1].append(c)
+        group[2].append(x)
+    bad: list[int] = []
+    for sub_idx, sub_coefs, xs in by_k.values():
+        bad += _project_same_size(stack, sub_idx, sub_coefs, torch.stack(xs), rcond)
+    return bad
+
+
+def _project_same_size(stack: _Stack, idx: list[int], coefs: list[float], x: Tensor, rcond: float) -> list[int]:
+    dev = stack.device
+    ii = torch.tensor(idx, device=dev)
+    params = [p.index_select(0, ii) for p in stack.params]
+    k = x.shape[1]
+    out, acts = stack.forward(x, params)
+    deltas = stack.backward(torch.ones_like(out), acts, params, None)[::-1]  # first layer first
+    e = len(idx)
+    gram = torch.zeros(e, k, k, dtype=torch.float64, device=dev)
+    rhs = torch.zeros(e, k, dtype=torch.float64, device=dev)
+    for li, ((a, _), d) in enumerate(zip(acts, deltas, strict=True)):
+        a64, d64 = a.double(), d.double()
+        gram += (torch.bmm(a64, a64.transpose(1, 2)) + 1.0) * torch.bmm(d64, d64.transpose(1, 2))
+        # J_i . theta = sum_l delta_i^l . (a_i^l W_l + b_l), in float64 like the Gram: the solve is
+        # ill-conditioned, and float32 pre-activations would perturb it visibly
+        z64 = torch.baddbmm(params[2 * li + 1].double(), a64, params[2 * li].double())
+        rhs += (d64 * z64).sum(-1)
+    finite = torch.isfinite(gram).all(dim=(1, 2)) & torch.isfinite(rhs).all(dim=1)
+    bad = [idx[j] for j in range(e) if not bool(finite[j])]
+    if bad:
+        keep = [j for j in range(e) if bool(finite[j])]
+        if not keep:
+            return bad
+        gram, rhs = gram[keep], rhs[keep]
+        acts = [(a[keep], z[keep]) for a, z in acts]
+        deltas = [d[keep] for d in deltas]
+        idx = [idx[j] for j in keep]
+        coefs = [coefs[j] for j in keep]
+        ii = torch.tensor(idx, device=dev)
+        params = [p.index_select(0, ii) for p in stack.params]
+    evals, evecs = torch.linalg.eigh(gram)
+    top = evals.max(dim=1, keepdim=True).values.clamp_min(0.0)
+    keep_ev = evals > rcond * top
+    inv = torch.where(keep_ev, 1.0 / torch.where(keep_ev, evals, torch.ones_like(evals)), torch.zeros_like(evals))
+    alpha = torch.bmm(evecs, (inv * torch.bmm(evecs.transpose(1, 2), rhs.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1))
+    c = stack.col(coefs)
+    for li, ((a, _), d) in enumerate(zip(acts, deltas, strict=True)):
+        W, b = params[2 * li], params[2 * li + 1]
+        ad = d.double() * alpha  # (e, k, out)
+        pw = torch.bmm(a.double().transpose(1, 2), ad).to(W.dtype)  # (e, in, out)
+        pb = ad.sum(dim=1, keepdim=True).to(b.dtype)  # (e, 1, out)
+        W.mul_(1.0 - c).add_(c * pw)
+        b.mul_(1.0 - c).add_(c * pb)
+        stack.params[2 * li].index_copy_(0, ii, W)
+        stack.params[2 * li + 1].index_copy_(0, ii, b)
+    return bad
+
+
+def _fail(members: list[_Member], i: int, error_type: str, message: str, step: int) -> None:
+    """Mark member ``i`` failed at ``step``: it takes no further part (its slice is ignored from now on;
+    members share no parameters, so whatever it holds cannot reach the others)."""
+    members[i].failed = (error_type, message, step)
+    members[i].done = True
+
+
+def _adamw(params: list[Tensor], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The engine's AdamW (same defaults); the fused kernel where the device has one (same update)."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError):  # pragma: no cover - no fused kernel on this device
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def _run_group(members: list[_Member], device: torch.device, lr: float, weight_decay: float,
+               progress: Callable[[int], None] | None) -> dict[int, dict[str, Tensor]]:
+    """Run one group of members sharing (lr, weight_decay); return the final state dicts by position."""
+    start: list[MLP] = []
+    for m in members:
+        model = m.run.problem.model
+        if m.run.method.name == "retrain":
+            import copy
+
+            model = _reinitialise(m.run.problem, copy.deepcopy(model).cpu(), m.run.seed)
+        start.append(model)
+    stack = _Stack(members, start, device)
+    opt = _adamw(stack.params, lr, weight_decay)
+    finals: dict[int, dict[str, Tensor]] = {}
+    horizon = max(m.epochs for m in members)
+    names = [m.run.method.name for m in members]
+    for t in range(horizon):
+        for i, m in enumerate(members):
+            if not m.done and m.epochs <= t:
+                finals[i] = stack.state_dict_of(i)
+                m.done = True
+                stack.w[i].zero_()
+        live = [i for i, m in enumerate(members) if not m.done]
+        if not live:
+            break
+        for i in live:
+            m = members[i]
+            if m.data_gen is not None:  # the engine shuffles the forget set, then the retain set, every epoch
+                torch.randperm(len(m.run.problem.forget), generator=m.data_gen)
+                m.retain_perm = torch.randperm(len(m.run.problem.retain), generator=m.data_gen)
+
+        def project(after: bool) -> None:
+            idx = [i for i in live if not members[i].done and members[i].projects(t) and members[i].proj_after == after]
+            if not idx:
+                return
+            coefs = [members[i].proj_coef0 * members[i].proj_decay ** members[i].projections for i in idx]
+            bad = _project(stack, idx, coefs)
+            for i in idx:
+                if i in bad:
+                    _fail(members, i, "FloatingPointError",
+                          "FloatingPointError: the output Jacobian contains NaN or infinite values", t)
+                else:
+                    members[i].projections += 1
+
+        project(after=False)
+        out, acts = stack.forward(stack.x, stack.params)
+        resid = out - stack.y
+        # rows a member ignores (weight 0) count 0 even where their residual overflows
+        wr = stack.w * resid
+        data_loss = torch.where(stack.w != 0, wr * resid, torch.zeros_like(wr)).sum(dim=(1, 2))  # (E,)
+        reg = torch.zeros_like(data_loss)
+        ridge = l1 = None
+        if stack.has_ridge:
+            ridge = stack.col([m.ridge_coef(t) for m in members])
+            reg += ridge.reshape(-1) * sum((p * p).sum(dim=(1, 2)) for p in stack.params)
+        if stack.has_l1:
+            l1 = stack.col([m.l1_coef(t) for m in members])
+            reg += l1.reshape(-1) * sum(p.abs().sum(dim=(1, 2)) for p in stack.params)
+        values = (data_loss + reg).tolist()
+        for i in live:
+            m = members[i]
+            if m.done:
+                continue
+            v = values[i]
+            if not math.isfinite(v):
+                _fail(members, i, "NonFiniteLossError",
+                      f"NonFiniteLossError: {names[i]}: the loss became {v} at step {t} (epoch {t}); lower the "
+                      "learning rate or the ascent coefficient", t)
+            else:
+                m.losses.append(v)
+        stack.backward(2.0 * wr, acts, stack.params, [p.grad for p in stack.params])  # type: ignore[misc]
+        for p in stack.params:
+            g = p.grad
+            assert g is not None
+            if ridge is not None:
+                g.add_(2.0 * ridge * p)
+            if l1 is not None:
+                g.add_(l1 * torch.sign(p))
+        if stack.has_noise:
+            for i in live:
+                m = members[i]
+                if m.noise and not m.done:
+                    assert m.noise_gen is not None
+                    for j, p in enumerate(stack.params):  # the engine's order: weight (out, in), then bias
+                        g = p.grad[i]  # type: ignore[index]
+                        if j % 2 == 0:
+                            noise = torch.randn(g.shape[1], g.shape[0], generator=m.noise_gen).T
+                        else:
+                            noise = torch.randn(g.shape[1], generator=m.noise_gen).reshape(g.shape)
+                        g.add_(noise.to(g.device), alpha=m.noise)
+        opt.step()
+        project(after=True)
+        if progress is not None:
+            progress(len(live))
+    for i, m in enumerate(members):
+        if not m.done:
+            finals[i] = stack.state_dict_of(i)
+            m.done = True
+    return finals
+
+
+def unlearn_batched(runs: Sequence[BatchedRun], device: str | torch.device = "cpu",
+                    progress: Callable[[int], None] | None = None) -> list[BatchedOutcome]:
+    """Run every run of ``runs`` (each must pass :func:`batchable`) and return their outcomes in order.
+
+    Runs with the same learning rate and weight decay share one stacked ensemble; groups run
+    one after another on ``device`` with torch's current thread count.
+
+    Args:
+        runs: the runs; the problems' models are not modified.
+        device: where to compute.
+        progress: called after every step with the number of member-steps taken.
+
+    Raises:
+        ValueError: a run is not batchable (the message says why).
+    """
+    from overunlearn.engine import resolve_device
+
+    dev = resolve_device(device)
+    for r in runs:
+        why = batchable(r.problem, r.method, r.budget)
+        if why is not None:
+            raise ValueError(f"run {r.key!r} ({r.method.name}) cannot be batched: {why}")
+    groups: dict[tuple[float, float, tuple[int, ...]], list[int]] = {}
+    for j, r in enumerate(runs):
+        cfg = r.method.config
+        groups.setdefault((cfg.lr, cfg.weight_decay, tuple(r.problem.model.widths)), []).append(j)
+    outcomes: list[BatchedOutcome | None] = [None] * len(runs)
+    for (lr, wd, _widths), pos in groups.items():
+        members = [_member(runs[j]) for j in pos]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            finals = _run_group(members, dev, lr, wd, progress)
+        seconds = time.perf_counter() - t0
+        for local, j in enumerate(pos):
+            m = members[local]
+            run = runs[j]
+            rec = UnlearnRecord(method=run.method.name, config=run.method.config.to_dict(), steps_per_epoch=1,
+                                device=str(dev))
+            rec.epoch_losses = list(m.losses)
+            rec.seconds = seconds / len(pos)
+            if m.failed is not None:
+                etype, msg, step = m.failed
+                rec.steps = rec.epochs_completed = step
+                outcomes[j] = BatchedOutcome(run.key, None, rec, msg, etype, step, len(pos), seconds)
+                continue
+            model = MLP(run.problem.model.widths[0], run.problem.model.widths[1:-1], 1, "silu")
+            model.load_state_dict(finals[local])
+            rec.steps = rec.epochs_completed = m.epochs
+            rec.stopped_by = "epochs"
+            outcomes[j] = BatchedOutcome(run.key, model.to(dev), rec, batch_size=len(pos), batch_seconds=seconds)
+    return [o for o in outcomes if o is not None]
+
+
+__all__ = ["BATCHED_METHODS", "BatchedOutcome", "BatchedRun", "batchable", "unlearn_batched"]
