@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from overunlearn.engine import Budget, unlearn
-from overunlearn.errors import NonFiniteLossError
 from overunlearn.ensemble_unlearn import BatchedRun, batchable, unlearn_batched
+from overunlearn.errors import NonFiniteLossError
 from overunlearn.methods import create
 from overunlearn.models.mlp import MLP
 from overunlearn.problem import ClassificationTask, RegressionTask, TensorData, UnlearningProblem

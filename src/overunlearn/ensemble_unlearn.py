@@ -218,14 +218,13 @@ class _Stack:
             self.params.append(torch.stack([lin.bias.detach().reshape(1, -1) for lin in lins]).to(device).contiguous())
         for p in self.params:
             p.grad = torch.zeros_like(p)
-
-        def col(values: Sequence[float]) -> Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device).reshape(-1, 1, 1)
-
         self.has_ridge = any(m.ridge0 for m in members)
         self.has_l1 = any(m.l1 for m in members)
         self.has_noise = any(m.noise for m in members)
-        self.col = col
+
+    def col(self, values: Sequence[float]) -> Tensor:
+        """Per-member scalars as an ``(E, 1, 1)`` tensor that broadcasts over a stacked parameter."""
+        return torch.tensor(values, dtype=torch.float32, device=self.device).reshape(-1, 1, 1)
 
     def forward(self, x: Tensor, params: list[Tensor]) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """Outputs ``(E, n, 1)`` and, per layer, its input and pre-activation."""
@@ -356,6 +355,21 @@ def _fail(members: list[_Member], i: int, error_type: str, message: str, step: i
     members[i].done = True
 
 
+def _projections(stack: _Stack, members: list[_Member], live: list[int], t: int, after: bool) -> None:
+    """MinNorm-OG's projections of epoch ``t`` for the live members that project before (or after) the step."""
+    idx = [i for i in live if not members[i].done and members[i].projects(t) and members[i].proj_after == after]
+    if not idx:
+        return
+    coefs = [members[i].proj_coef0 * members[i].proj_decay ** members[i].projections for i in idx]
+    bad = _project(stack, idx, coefs)
+    for i in idx:
+        if i in bad:
+            _fail(members, i, "FloatingPointError",
+                  "FloatingPointError: the output Jacobian contains NaN or infinite values", t)
+        else:
+            members[i].projections += 1
+
+
 def _adamw(params: list[Tensor], lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """The engine's AdamW (same defaults); the fused kernel where the device has one (same update)."""
     try:
@@ -395,20 +409,7 @@ def _run_group(members: list[_Member], device: torch.device, lr: float, weight_d
                 torch.randperm(len(m.run.problem.forget), generator=m.data_gen)
                 m.retain_perm = torch.randperm(len(m.run.problem.retain), generator=m.data_gen)
 
-        def project(after: bool) -> None:
-            idx = [i for i in live if not members[i].done and members[i].projects(t) and members[i].proj_after == after]
-            if not idx:
-                return
-            coefs = [members[i].proj_coef0 * members[i].proj_decay ** members[i].projections for i in idx]
-            bad = _project(stack, idx, coefs)
-            for i in idx:
-                if i in bad:
-                    _fail(members, i, "FloatingPointError",
-                          "FloatingPointError: the output Jacobian contains NaN or infinite values", t)
-                else:
-                    members[i].projections += 1
-
-        project(after=False)
+        _projections(stack, members, live, t, after=False)
         out, acts = stack.forward(stack.x, stack.params)
         resid = out - stack.y
         # rows a member ignores (weight 0) count 0 even where their residual overflows
@@ -455,7 +456,7 @@ def _run_group(members: list[_Member], device: torch.device, lr: float, weight_d
                             noise = torch.randn(g.shape[1], generator=m.noise_gen).reshape(g.shape)
                         g.add_(noise.to(g.device), alpha=m.noise)
         opt.step()
-        project(after=True)
+        _projections(stack, members, live, t, after=True)
         if progress is not None:
             progress(len(live))
     for i, m in enumerate(members):

@@ -508,7 +508,7 @@ def code_fingerprint() -> str:
 
     root = Path(overunlearn.__file__).resolve().parent
     files = [root / "engine.py", root / "batching.py", root / "problem.py", root / "models" / "mlp.py",
-             root / "benchmarks" / "poison.py"]
+             root / "benchmarks" / "poison.py", root / "ensemble_unlearn.py"]
     files += sorted((root / "methods").glob("*.py")) + sorted((root / "linalg").glob("*.py"))
     h = hashlib.sha256(torch.__version__.encode())
     for f in files:
@@ -517,8 +517,12 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:12]
 
 
-def _trial_key(method: str, epochs: int, seed: int, hyper: dict[str, Any], device: torch.device) -> str:
-    return stable_hash({"m": method, "T": epochs, "s": seed, "h": hyper, "d": device.type})
+def _trial_key(method: str, epochs: int, seed: int, hyper: dict[str, Any], device: torch.device,
+               batched: bool = False) -> str:
+    key = {"m": method, "T": epochs, "s": seed, "h": hyper, "d": device.type}
+    if batched:  # the vectorised path agrees with the engine to rounding, not bit for bit
+        key["x"] = "batched"
+    return stable_hash(key)
 
 
 def _run_trial(bench: PoisonBenchmark, method: str, epochs: int, seed: int, device: torch.device,
@@ -558,10 +562,74 @@ def _worker_trial(method: str, epochs: int, seed: int, keep_curve: bool) -> tupl
     return _run_trial(bench, method, epochs, seed, bench.device, keep_curve)
 
 
+def _run_batched(bench: PoisonBenchmark, jobs: list[tuple[str, int, int]], fig_seed: int, n_workers: int,
+                 dev: torch.device, trials: list[Trial], curves: dict[str, list[float]], stored: dict[str, Any],
+                 lock: threading.Lock, bar: Any) -> None:
+    """Run ``jobs`` as vectorised ensembles, one per thread, balanced by their total steps."""
+    from overunlearn.engine import Budget
+    from overunlearn.ensemble_unlearn import BatchedRun, unlearn_batched
+    from overunlearn.methods import create
+
+    shards: list[list[tuple[str, int, int]]] = [[] for _ in range(max(1, n_workers))]
+    load = [0] * len(shards)
+    for job in sorted(jobs, key=lambda j: -j[1]):
+        k = min(range(len(shards)), key=lambda i: load[i])
+        shards[k].append(job)
+        load[k] += job[1]
+    errors: list[BaseException] = []
+
+    def run(shard: list[tuple[str, int, int]]) -> None:
+        try:
+            runs = [BatchedRun(bench.problem(s), create(m, **preset(m, T).kwargs()), Budget(epochs=T), seed=s,
+                               key=(m, T, s)) for (m, T, s) in shard]
+
+            def tick(n: int) -> None:
+                if bar is not None:
+                    with lock:
+                        bar.update(n)
+
+            for out in unlearn_batched(runs, dev, progress=tick):
+                m, T, s = out.key
+                pre = preset(m, T).kwargs()
+                curve = None
+                if out.model is None:
+                    trial = Trial(m, T, s, math.inf, "diverged", out.record.seconds, int(out.error_step or 0), pre,
+                                  out.error or "")
+                else:
+                    err = bench.evaluate(out.model, s)["sup_error"]
+                    trial = Trial(m, T, s, err, "ok" if math.isfinite(err) else "diverged", out.record.seconds,
+                                  out.record.steps, pre)
+                    if s == fig_seed:
+                        with torch.no_grad():
+                            curve = out.model(bench.grid().reshape(-1, 1).to(dev)).reshape(-1).cpu().tolist()
+                with lock:
+                    trials.append(trial)
+                    if curve is not None:
+                        curves[f"{m}@{T}"] = curve
+                    stored[_trial_key(m, T, s, pre, dev, True)] = {"trial": _jsonable(dataclasses.asdict(trial)),
+                                                                   "curve": curve}
+        except BaseException as exc:  # pragma: no cover - re-raised below
+            errors.append(exc)
+
+    shards = [sh for sh in shards if sh]
+    if len(shards) == 1:
+        run(shards[0])
+    else:
+        torch.set_num_threads(1)  # one intra-op thread per shard; kernels release the GIL
+        threads = [threading.Thread(target=run, args=(sh,), daemon=True) for sh in shards]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+
+
 def run_poison(seeds: Sequence[int] = tuple(range(1, 11)), epochs: Sequence[int] = (10, 100, 1000),
                methods: Sequence[str] = POISON_METHODS, recipe: str | PoisonRecipe = "full",
                cache_dir: str | Path | None = None, device: str | torch.device = "cpu", threads: int | None = None,
-               progress: bool = True, figure_seed: int | None = None, reuse_trials: bool = True) -> PoisonRun:
+               progress: bool = True, figure_seed: int | None = None, reuse_trials: bool = True,
+               batched: bool = True) -> PoisonRun:
     """Train (or load) the original / ground-truth models of ``seeds``, run every method at every ``T``
     with the paper's presets, and collect sup-norm errors.
 
@@ -573,6 +641,11 @@ def run_poison(seeds: Sequence[int] = tuple(range(1, 11)), epochs: Sequence[int]
     With ``reuse_trials`` (default) finished trials are stored in the cache, keyed by the recipe, the
     method, its hyperparameters, T, the seed, the device type and :func:`code_fingerprint`; a rerun
     with unchanged code reuses them instead of recomputing (pass ``False`` to recompute everything).
+
+    With ``batched`` (default) the trials run as vectorised ensembles
+    (:mod:`overunlearn.ensemble_unlearn`, one per thread), which agree with one-at-a-time runs of the
+    engine to floating-point rounding and are 2-3x faster on a CPU; ``batched=False`` runs every trial
+    through :func:`overunlearn.engine.unlearn` in worker processes.
     """
     import time
 
@@ -618,7 +691,7 @@ def run_poison(seeds: Sequence[int] = tuple(range(1, 11)), epochs: Sequence[int]
     for s in seeds:
         for T in epochs:
             for m in methods:
-                hit = stored.get(_trial_key(m, T, s, preset(m, T).kwargs(), dev))
+                hit = stored.get(_trial_key(m, T, s, preset(m, T).kwargs(), dev, batched))
                 if hit is not None and (s != fig_seed or hit.get("curve") is not None
                                        or hit["trial"].get("status") != "ok"):
                     trials.append(Trial(**{k: _unjson(v) for k, v in hit["trial"].items()}))
@@ -647,8 +720,8 @@ def run_poison(seeds: Sequence[int] = tuple(range(1, 11)), epochs: Sequence[int]
             trials.append(trial)
             if curve is not None:
                 curves[f"{m}@{T}"] = curve
-            stored[_trial_key(m, T, s, trial.hyper, dev)] = {"trial": _jsonable(dataclasses.asdict(trial)),
-                                                             "curve": curve}
+            stored[_trial_key(m, T, s, trial.hyper, dev, batched)] = {
+                "trial": _jsonable(dataclasses.asdict(trial)), "curve": curve}
             if bar is not None:
                 bar.update(T)
 
@@ -656,7 +729,9 @@ def run_poison(seeds: Sequence[int] = tuple(range(1, 11)), epochs: Sequence[int]
         bench.load_model(s, "original")
     prev = torch.get_num_threads()
     try:
-        if n_workers == 1:
+        if batched and jobs:
+            _run_batched(bench, jobs, fig_seed, n_workers, dev, trials, curves, stored, lock, bar)
+        elif n_workers == 1:
             for job in jobs:
                 work(job)
         else:
@@ -676,7 +751,7 @@ def run_poison(seeds: Sequence[int] = tuple(range(1, 11)), epochs: Sequence[int]
                         trials.append(trial)
                         if curve is not None:
                             curves[f"{m}@{T}"] = curve
-                        stored[_trial_key(m, T, s, trial.hyper, dev)] = {
+                        stored[_trial_key(m, T, s, trial.hyper, dev, batched)] = {
                             "trial": _jsonable(dataclasses.asdict(trial)), "curve": curve}
                         if bar is not None:
                             bar.update(T)

@@ -73,6 +73,8 @@ def poison_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show progress bars"),
     reuse: bool = typer.Option(True, "--reuse/--recompute", help="reuse unlearning trials cached by an earlier run "
                                "with the same recipe, presets and code (models are always reused)"),
+    batched: bool = typer.Option(True, "--batched/--per-trial", help="run the unlearning trials as vectorised "
+                                 "ensembles (default, 2-3x faster on a CPU) or one at a time through the engine"),
     privacy: bool = typer.Option(False, "--privacy", help="then run the privacy report (MIA, U-LiRA, KLoM; see "
                                  "`overunlearn privacy`) of these methods at these T on the first seed"),
     privacy_models: int | None = typer.Option(None, "--privacy-models", min=4, help="N for --privacy (default 16)"),
@@ -101,7 +103,8 @@ def poison_cmd(
                f"ground-truth steps), seeds {seeds}, T {epoch_list}, {len(method_list)} methods, "
                f"{n_threads} CPU thread(s), device {device}")
     run = run_poison(seed_list, epoch_list, method_list, recipe=recipe, cache_dir=cache, device=device,
-                     threads=n_threads, progress=progress, figure_seed=figure_seed, reuse_trials=reuse)
+                     threads=n_threads, progress=progress, figure_seed=figure_seed, reuse_trials=reuse,
+                     batched=batched)
     typer.echo("")
     typer.echo(format_table(run))
     paths = write_outputs(run, out)

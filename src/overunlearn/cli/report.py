@@ -1,4 +1,9 @@
-"""``overunlearn report JOURNAL``: tables (markdown, CSV) and frontier figures from a sweep journal."""
+"""``overunlearn report JOURNAL``: tables (markdown, CSV) and frontier figures from a sweep journal.
+
+With ``--privacy`` the selected hyperparameters of every method are also evaluated by
+population MIA, MIA-efficacy, U-LiRA and KLoM (``privacy.md`` / ``.csv`` per sweep; see
+:mod:`overunlearn.report.privacy_columns` and ``docs/privacy.md``).
+"""
 
 from __future__ import annotations
 
@@ -17,13 +22,54 @@ def report_cmd(
     allow_partial: bool = typer.Option(False, "--allow-partial",
                                        help="also select among settings that lack some seeds"),
     no_figures: bool = typer.Option(False, "--no-figures", help="tables only"),
+    privacy: bool = typer.Option(False, "--privacy", help="also evaluate each method's selected hyperparameters "
+                                 "for privacy (MIA, U-LiRA, KLoM; trains N originals, N or 2N oracles and N "
+                                 "unlearned models per method and setting): privacy.md / .csv"),
+    privacy_models: int | None = typer.Option(None, "--privacy-models", help="N (default: as `overunlearn "
+                                              "privacy`: 16 for poison, 8 for images; at least 4)"),
+    privacy_seed: int | None = typer.Option(None, "--privacy-seed", help="data seed of the privacy evaluation "
+                                            "(default: the first seed of each setting)"),
+    privacy_pareto_metric: str | None = typer.Option(None, "--privacy-pareto-metric", help="Pareto sweeps: "
+                                                     "evaluate each method's front point that is best on this "
+                                                     "metric (default: the first report metric)"),
+    device: str = typer.Option("auto", "--device", help="privacy: unlearning and signal device (auto | cpu | cuda)"),
+    cache: Path | None = typer.Option(None, "--cache", help="privacy: cache root of the trained models (default: "
+                                      "the benchmark's cache_dir option, else $OVERUNLEARN_CACHE or "
+                                      "~/.cache/overunlearn)"),
+    imports: list[str] | None = typer.Option(None, "--import", help="privacy: module to import first (a plugin "
+                                             "registering the benchmark; repeatable)"),
 ) -> None:
-    """Write Table 1/2-style tables, Pareto-front figures and the winning hyperparameters."""
-    from overunlearn.report import build_report
+    """Write Table 1/2-style tables, Pareto-front figures and the winning hyperparameters.
+
+    With --privacy, also the privacy (MIA, U-LiRA, KLoM) of every selected setting: see docs/privacy.md.
+    """
+    from overunlearn.report import PrivacyColumnsError, PrivacyOptions, build_report
 
     if not journal.exists():
         typer.echo(f"error: journal {str(journal)!r} does not exist; run `overunlearn sweep SPEC` first", err=True)
         raise typer.Exit(2)
-    files = build_report(journal, out, allow_partial=allow_partial, sweeps=sweep or None, figures=not no_figures)
+    given = [name for name, v in (("--privacy-models", privacy_models), ("--privacy-seed", privacy_seed),
+                                  ("--privacy-pareto-metric", privacy_pareto_metric), ("--cache", cache),
+                                  ("--import", imports)) if v is not None and v != []]
+    if given and not privacy:
+        raise typer.BadParameter(f"{', '.join(given)} need --privacy")
+    options = None
+    if privacy:
+        try:
+            options = PrivacyOptions(n_models=privacy_models, seed=privacy_seed, device=device, cache_dir=cache,
+                                     pareto_metric=privacy_pareto_metric, imports=tuple(imports or ()),
+                                     plots=not no_figures)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    try:
+        files = build_report(journal, out, allow_partial=allow_partial, sweeps=sweep or None,
+                             figures=not no_figures, privacy=options)
+    except PrivacyColumnsError as exc:
+        for f in exc.files:
+            typer.echo(str(f))
+        for msg in exc.failures:
+            typer.echo(f"error: privacy columns not computed for {msg}", err=True)
+        typer.echo("the rest of the report was written", err=True)
+        raise typer.Exit(1) from None
     for f in files:
         typer.echo(str(f))

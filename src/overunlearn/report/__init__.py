@@ -10,6 +10,10 @@
 * ``frontier[_<setting>].png`` -- Figure 2-style fronts (two or more metrics);
 
 and ``out_dir/index.md`` linking everything, with notes (excluded settings, failures).
+
+With ``privacy=PrivacyOptions(...)`` it also writes ``privacy.md`` / ``.csv`` (and per-example
+arrays under ``privacy/``): the selected hyperparameters evaluated by MIA, U-LiRA and KLoM
+(:mod:`overunlearn.report.privacy_columns`).
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from pathlib import Path
 
 from overunlearn.report.aggregate import SettingResult, SweepReport, load
 from overunlearn.report.figures import frontier_plot
+from overunlearn.report.privacy_columns import PrivacyColumnsError, PrivacyOptions, sweep_privacy
 from overunlearn.report.tables import frontier_table, hyperparameter_table, results_table, runtime_table
 from overunlearn.storage import atomic_write_text
 
-__all__ = ["build_report", "load", "frontier_plot", "SettingResult", "SweepReport"]
+__all__ = ["build_report", "load", "frontier_plot", "SettingResult", "SweepReport", "PrivacyOptions",
+           "PrivacyColumnsError"]
 
 
 def _slug(text: str) -> str:
@@ -31,14 +37,21 @@ def _slug(text: str) -> str:
 
 
 def build_report(journal: str | Path, out_dir: str | Path | None = None, *, allow_partial: bool = False,
-                 sweeps: list[str] | None = None, figures: bool = True) -> list[Path]:
-    """Write tables and figures for every sweep in ``journal``; return the files written."""
+                 sweeps: list[str] | None = None, figures: bool = True,
+                 privacy: PrivacyOptions | None = None) -> list[Path]:
+    """Write tables and figures for every sweep in ``journal``; return the files written.
+
+    ``privacy``: also evaluate each method's selected hyperparameters for privacy (trains models;
+    see ``docs/privacy.md``). Settings where that fails are named in ``index.md`` and ``privacy.md``;
+    after everything else is written, :class:`PrivacyColumnsError` (with ``.files``) is raised.
+    """
     journal = Path(journal)
     if not journal.exists():
         raise FileNotFoundError(f"journal {str(journal)!r} does not exist; run `overunlearn sweep SPEC` first")
     out = Path(out_dir) if out_dir is not None else journal.with_name(journal.stem + "_report")
     reports, contents = load(journal, allow_partial=allow_partial, sweeps=sweeps)
     written: list[Path] = []
+    privacy_failures: list[str] = []
     index = [f"# Report for `{journal}`", ""]
     if contents.bad_lines:
         index.append(f"Ignored {contents.bad_lines} unreadable journal line(s).\n")
@@ -70,6 +83,11 @@ def build_report(journal: str | Path, out_dir: str | Path | None = None, *, allo
         written += _pair(d / "hyperparameters", md, csv, f"{rep.title}: selected hyperparameters")
         md, csv = runtime_table(rep.settings)
         written += _pair(d / "runtime", md, csv, f"{rep.title}: runtime of the selected settings")
+        privacy_notes: list[str] = []
+        if privacy is not None:
+            priv = sweep_privacy(rep, contents, d, privacy)
+            written += priv.files
+            privacy_notes, privacy_failures = priv.notes, privacy_failures + priv.failures
         for p in written:
             if p.parent == d:
                 rel = p.relative_to(out)
@@ -77,10 +95,13 @@ def build_report(journal: str | Path, out_dir: str | Path | None = None, *, allo
                 if line not in index:
                     index.append(line)
         notes = list(rep.notes) + [f"[{s.setting}] {n}" if s.setting else n for s in rep.settings for n in s.notes]
+        notes += privacy_notes
         if notes:
             index += ["", "Notes:", *[f"- {n}" for n in notes]]
         index.append("")
     written.append(atomic_write_text(out / "index.md", "\n".join(index) + "\n"))
+    if privacy_failures:
+        raise PrivacyColumnsError(privacy_failures, written)
     return written
 
 
