@@ -218,8 +218,9 @@ class _Stack:
             self.params.append(torch.stack([lin.bias.detach().reshape(1, -1) for lin in lins]).to(device).contiguous())
         for p in self.params:
             p.grad = torch.zeros_like(p)
-        self.has_ridge = any(m.ridge0 for m in members)
-        self.has_l1 = any(m.l1 for m in members)
+        # members with a penalty term: the terms are computed on these rows only
+        self.ridge_rows = [i for i, m in enumerate(members) if m.ridge0]
+        self.l1_rows = [i for i, m in enumerate(members) if m.l1]
         self.has_noise = any(m.noise for m in members)
 
     def col(self, values: Sequence[float]) -> Tensor:
@@ -416,13 +417,21 @@ def _run_group(members: list[_Member], device: torch.device, lr: float, weight_d
         wr = stack.w * resid
         data_loss = torch.where(stack.w != 0, wr * resid, torch.zeros_like(wr)).sum(dim=(1, 2))  # (E,)
         reg = torch.zeros_like(data_loss)
-        ridge = l1 = None
-        if stack.has_ridge:
-            ridge = stack.col([m.ridge_coef(t) for m in members])
-            reg += ridge.reshape(-1) * sum((p * p).sum(dim=(1, 2)) for p in stack.params)
-        if stack.has_l1:
-            l1 = stack.col([m.l1_coef(t) for m in members])
-            reg += l1.reshape(-1) * sum(p.abs().sum(dim=(1, 2)) for p in stack.params)
+        penalties = []  # (rows, per-row coefficients, gradient of the penalty given the rows' parameters)
+        if stack.ridge_rows:
+            rows = stack.ridge_rows
+            coef = stack.col([members[i].ridge_coef(t) for i in rows])
+            penalties.append((rows, coef, lambda q: 2.0 * q))
+            idx = torch.tensor(rows, device=stack.device)
+            sq = sum((q * q).sum(dim=(1, 2)) for q in (p.index_select(0, idx) for p in stack.params))
+            reg.index_add_(0, idx, coef.reshape(-1) * sq)
+        if stack.l1_rows:
+            rows = stack.l1_rows
+            coef = stack.col([members[i].l1_coef(t) for i in rows])
+            penalties.append((rows, coef, torch.sign))
+            idx = torch.tensor(rows, device=stack.device)
+            ab = sum(q.abs().sum(dim=(1, 2)) for q in (p.index_select(0, idx) for p in stack.params))
+            reg.index_add_(0, idx, coef.reshape(-1) * ab)
         values = (data_loss + reg).tolist()
         for i in live:
             m = members[i]
@@ -436,13 +445,10 @@ def _run_group(members: list[_Member], device: torch.device, lr: float, weight_d
             else:
                 m.losses.append(v)
         stack.backward(2.0 * wr, acts, stack.params, [p.grad for p in stack.params])  # type: ignore[misc]
-        for p in stack.params:
-            g = p.grad
-            assert g is not None
-            if ridge is not None:
-                g.add_(2.0 * ridge * p)
-            if l1 is not None:
-                g.add_(l1 * torch.sign(p))
+        for rows, coef, grad_of in penalties:
+            idx = torch.tensor(rows, device=stack.device)
+            for p in stack.params:
+                p.grad.index_add_(0, idx, coef * grad_of(p.index_select(0, idx)))  # type: ignore[union-attr]
         if stack.has_noise:
             for i in live:
                 m = members[i]
