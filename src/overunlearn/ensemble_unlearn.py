@@ -476,8 +476,8 @@ def unlearn_batched(runs: Sequence[BatchedRun], device: str | torch.device = "cp
                     progress: Callable[[int], None] | None = None) -> list[BatchedOutcome]:
     """Run every run of ``runs`` (each must pass :func:`batchable`) and return their outcomes in order.
 
-    Runs with the same learning rate and weight decay share one stacked ensemble; groups run
-    one after another on ``device`` with torch's current thread count.
+    Runs with the same learning rate, weight decay, architecture and number of epochs share one
+    stacked ensemble; groups run one after another on ``device`` with torch's current thread count.
 
     Args:
         runs: the runs; the problems' models are not modified.
@@ -494,12 +494,15 @@ def unlearn_batched(runs: Sequence[BatchedRun], device: str | torch.device = "cp
         why = batchable(r.problem, r.method, r.budget)
         if why is not None:
             raise ValueError(f"run {r.key!r} ({r.method.name}) cannot be batched: {why}")
-    groups: dict[tuple[float, float, tuple[int, ...]], list[int]] = {}
+    # one stack per (lr, weight decay, architecture, T): a finished member would keep costing its
+    # share of every batched product until the longest member is done
+    groups: dict[tuple[float, float, tuple[int, ...], int], list[int]] = {}
     for j, r in enumerate(runs):
         cfg = r.method.config
-        groups.setdefault((cfg.lr, cfg.weight_decay, tuple(r.problem.model.widths)), []).append(j)
+        key = (cfg.lr, cfg.weight_decay, tuple(r.problem.model.widths), int(r.budget.epochs))  # type: ignore[arg-type]
+        groups.setdefault(key, []).append(j)
     outcomes: list[BatchedOutcome | None] = [None] * len(runs)
-    for (lr, wd, _widths), pos in groups.items():
+    for (lr, wd, _widths, _epochs), pos in groups.items():
         members = [_member(runs[j]) for j in pos]
         t0 = time.perf_counter()
         with torch.no_grad():
