@@ -120,3 +120,25 @@ def test_report_cli(journal, tmp_path):
     assert not list((tmp_path / "r").rglob("*.png"))
     res = CliRunner().invoke(app, ["report", str(tmp_path / "missing.jsonl")])
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_dominance_table_counts_weakly_dominated_front_points():
+    from overunlearn.report.aggregate import ConfigGroup, MethodResult, SettingResult
+    from overunlearn.report.tables import dominance_table
+
+    def group(method: str, acc: float, err: float) -> ConfigGroup:
+        return ConfigGroup(method, f"{method}{acc}{err}", {}, {}, metrics={1: {"acc": acc, "err": err}})
+
+    mn = [group("minnorm_og", 0.9, 0.2), group("minnorm_og", 0.8, 0.05)]
+    gd = [group("gd", 0.85, 0.3), group("gd", 0.8, 0.05)]  # both dominated (the second one weakly: a tie)
+    salun = [group("salun", 0.95, 0.25)]  # better accuracy than every MinNorm-OG point: not dominated
+    s = SettingResult("sw", "", "", [1], {"epochs": 1}, [("acc", "max"), ("err", "min")], "pareto", "mean_se",
+                      [MethodResult("minnorm_og", mn, mn), MethodResult("gd", gd, gd),
+                       MethodResult("salun", salun, salun)], {})
+    md, csv = dominance_table(s)  # type: ignore[misc]
+    rows = {r.split(",")[1]: r.split(",") for r in csv.strip().splitlines()[1:]}
+    assert rows["gd"][2:6] == ["2", "2", "yes", "0"]
+    assert rows["salun"][2:6] == ["1", "0", "no", "0"]
+    assert "| SalUn |" in md or "salun" in md.lower()
+    best_mean = SettingResult("sw", "", "", [1], {}, [("acc", "max")], "best_mean", "mean_se", [], {})
+    assert dominance_table(best_mean) is None

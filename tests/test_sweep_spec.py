@@ -63,6 +63,8 @@ def test_per_method_grid_overrides_and_explicit_invalid_value_is_an_error():
     (base(grid={"lr": [1e-3], "num_gd_epochs": [1.5]}), r"num_gd_epochs=1.5 must be an integer"),
     (base(extra=1), r"unknown top-level key"),
     (base(grid={"lr": [-1.0]}), r"no valid value left for lr"),
+    (base(engine={"batch": -1}), r"\[engine\].batch must be a whole number >= 0"),
+    (base(engine={"batch": True}), r"\[engine\].batch must be a whole number >= 0"),
 ])
 def test_clear_errors(raw, match):
     with pytest.raises(SpecError, match=match):
@@ -170,3 +172,9 @@ def test_shipped_configs_parse(path):
         expected = PAPER_COUNTS.get((spec.name, s.name), {})
         got = {m: sum(1 for t in s.trials if t.method == m and t.seed == s.seeds[0]) for m in expected}
         assert got == expected
+
+
+def test_batch_is_an_engine_option_outside_trial_identity():
+    plain, batched = parse_spec(base()), parse_spec(base(engine={"batch": 16}))
+    assert plain.batch == 0 and batched.batch == 16
+    assert [t.id for t in plain.trials] == [t.id for t in batched.trials]

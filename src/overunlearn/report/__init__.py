@@ -24,7 +24,13 @@ from pathlib import Path
 from overunlearn.report.aggregate import SettingResult, SweepReport, load
 from overunlearn.report.figures import frontier_plot
 from overunlearn.report.privacy_columns import PrivacyColumnsError, PrivacyOptions, sweep_privacy
-from overunlearn.report.tables import frontier_table, hyperparameter_table, results_table, runtime_table
+from overunlearn.report.tables import (
+    dominance_table,
+    frontier_table,
+    hyperparameter_table,
+    results_table,
+    runtime_table,
+)
 from overunlearn.storage import atomic_write_text
 
 __all__ = ["build_report", "load", "frontier_plot", "SettingResult", "SweepReport", "PrivacyOptions",
@@ -79,6 +85,13 @@ def build_report(journal: str | Path, out_dir: str | Path | None = None, *, allo
                     written.append(frontier_plot(s, d / fname,
                                                  title=f"{rep.title} {s.title or ''}".strip()))
             written += _pair(d / "frontiers", "\n".join(md_all), "".join(csv_all), f"{rep.title}: Pareto fronts")
+            dom = [(s, dominance_table(s)) for s in by_sel["pareto"]]
+            dom = [(s, t) for s, t in dom if t is not None]
+            if dom:
+                md = "\n".join(f"### {s.title or s.setting or rep.name}\n\n{t[0]}" for s, t in dom)
+                csv = "".join(t[1] if i == 0 else t[1].split("\n", 1)[1] for i, (_, t) in enumerate(dom))
+                written += _pair(d / "dominance", md, csv, f"{rep.title}: is each baseline's front dominated by "
+                                 "MinNorm-OG's? (seed means; weak dominance: at least as good in every metric)")
         md, csv = hyperparameter_table(rep.settings)
         written += _pair(d / "hyperparameters", md, csv, f"{rep.title}: selected hyperparameters")
         md, csv = runtime_table(rep.settings)

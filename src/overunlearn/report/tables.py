@@ -177,3 +177,39 @@ def runtime_table(settings: list[SettingResult]) -> tuple[str, str]:
             crow.append([s.setting, mr.method, st.mean, st.se, per_epoch, steps.mean, st.n])
     return markdown(header, rows), to_csv(
         ["setting", "method", "seconds_mean", "seconds_se", "seconds_per_epoch", "steps_mean", "n"], crow)
+
+
+def _weakly_dominates(q: list[float], p: list[float], directions: list[str]) -> bool:
+    """``q`` is at least as good as ``p`` in every metric (means; ``min`` / ``max`` per metric)."""
+    return all((a <= b) if d == "min" else (a >= b) for a, b, d in zip(q, p, directions, strict=True))
+
+
+def dominance_table(s: SettingResult, reference: str = MINNORM) -> tuple[str, str] | None:
+    """Per baseline: how many of its Pareto-front points a point of ``reference``'s front weakly
+    dominates (at least as good in every metric, on seed means), and the other way round.
+
+    Answers "does MinNorm-OG's frontier dominate each baseline?" with the numbers behind it;
+    ``None`` if the setting is not a Pareto selection or ``reference`` has no front.
+    """
+    if s.selection != "pareto":
+        return None
+    names, dirs = [m for m, _ in s.metrics], [d for _, d in s.metrics]
+    fronts = {mr.method: [[g.stats(m).mean for m in names] for g in mr.selected] for mr in s.methods}
+    ref = fronts.get(reference) or []
+    if not ref:
+        return None
+    header = ["baseline", "front points", f"dominated by {_label(reference)}", "all dominated",
+              f"{_label(reference)} points dominated by it"]
+    rows: list[list[Any]] = []
+    crow: list[list[Any]] = []
+    for method, front in fronts.items():
+        if method == reference or not front:
+            continue
+        by_ref = sum(any(_weakly_dominates(q, p, dirs) for q in ref) for p in front)
+        of_ref = sum(any(_weakly_dominates(p, q, dirs) and p != q for p in front) for q in ref)
+        verdict = "yes" if by_ref == len(front) else "no"
+        rows.append([_label(method), len(front), by_ref, verdict, f"{of_ref} of {len(ref)}"])
+        crow.append([s.setting, method, len(front), by_ref, verdict, of_ref, len(ref)])
+    csv_header = ["setting", "baseline", "front_points", "dominated_by_reference", "all_dominated",
+                  "reference_points_dominated_by_baseline", "reference_front_points"]
+    return markdown(header, rows), to_csv(csv_header, crow)
