@@ -144,6 +144,12 @@ reg_coef = [0.5, 2.0]
     assert "8 trials in 1 setting(s)" in res.output
     assert "minnorm_og: reg_coef=2.0 dropped" in res.output
     assert res.output.count("minnorm_og ") >= 4  # per-trial rows
+    assert "batches:" not in res.output
+    res = CliRunner().invoke(app, ["sweep", str(path), "--dry-run", "--summary", "--batch", "3",
+                                   "--journal", str(tmp_path / "j.jsonl")])
+    assert res.exit_code == 0, res.output
+    # 8 trials, grouped by learning rate (4 each), in tasks of up to 3: per rate a batch of 3 and a single trial
+    assert "batches: 2 task(s) of up to 3 epoch-budget trials (6 trials), 2 single trial task(s)" in res.output
     bad = tmp_path / "bad.toml"
     bad.write_text(path.read_text().replace('"gd"', '"gdx"'))
     res = CliRunner().invoke(app, ["sweep", str(bad), "--dry-run"])

@@ -45,6 +45,15 @@ def sweep_cmd(
     if dry_run:
         done = read_journal(jpath).finished_ids() if jpath.exists() else None
         typer.echo(describe(sp, finished=done, show_trials=not summary_only))
+        n_batch = sp.batch if batch is None else batch
+        if n_batch > 1:
+            from overunlearn.sweep.run import make_tasks
+
+            tasks = make_tasks(sp.trials, sp.device, batch=n_batch)
+            grouped = [t for t in tasks if t["kind"] == "batch"]
+            typer.echo(f"batches: {len(grouped)} task(s) of up to {n_batch} epoch-budget trials "
+                       f"({sum(len(t['tasks']) for t in grouped)} trials), {len(tasks) - len(grouped)} single "
+                       "trial task(s); a worker runs a batch as one vectorised ensemble where the model allows")
         typer.echo(f"journal: {jpath}")
     for p in problems:
         typer.echo(f"error: {spec}: {p}", err=True)
