@@ -46,6 +46,32 @@ def test_ensemble_equals_per_model_adamw(workers):
                        generator=torch.Generator().manual_seed(0)).state_dict()["0.weight"])
 
 
+@pytest.mark.parametrize("group_size,workers", [(1, 1), (2, 2), (3, 1), (10, 1)])
+def test_ensemble_groups_and_early_finishers_equal_per_model_adamw(group_size, workers):
+    # mixed step counts inside one lockstep group: members that finish early leave the flat
+    # buffer (and AdamW's moments) while the others go on
+    members = _members(widths=(12, 12), steps=(7, 3, 5, 2, 7, 4))
+    results = train_ensemble(members, lr=1e-2, weight_decay=0.01, workers=workers, group_size=group_size)
+    for m, r in zip(members, results, strict=True):
+        ref = train_single_reference(m.model, m.x, m.y, m.steps, lr=1e-2, weight_decay=0.01)
+        assert r.steps == m.steps and r.key == m.key
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(r.state_dict[k], v, rtol=1e-4, atol=2e-5)
+
+
+def test_ensemble_groups_split_by_dataset_size():
+    from overunlearn.training.ensemble import _groups
+
+    members = _members(widths=(4, 4), steps=(5,) * 7)  # n alternates 55, 50: four 55s, three 50s
+    groups = _groups(members, 3)
+    assert sorted(len(g) for g in groups) == [2, 2, 3]  # 4 -> 2 + 2 (not 3 + 1), 3 -> 3
+    for g in groups:
+        assert len({int(m.x.shape[0]) for m in g}) == 1 and len(g) <= 3
+    assert sorted(id(m) for g in groups for m in g) == sorted(id(m) for m in members)
+    with pytest.raises(ValueError, match="group_size"):
+        train_ensemble(members, group_size=0)
+
+
 def test_ensemble_state_dicts_load_into_plain_mlp():
     members = _members(widths=(8, 8), steps=(3, 3))
     res = train_ensemble(members)

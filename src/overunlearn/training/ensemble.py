@@ -5,7 +5,9 @@ full-batch on its own data with the mean-squared error and AdamW. Instead of loo
 ``E`` models, the parameters of all members are stacked into tensors with a leading
 ensemble dimension (``W_l: (E, fan_in, fan_out)``, ``b_l: (E, 1, fan_out)``), the forward and
 backward passes are batched matrix products (``torch.baddbmm`` / ``torch.bmm``) with a
-hand-written backward pass, and **one** ``torch.optim.AdamW`` steps all stacked tensors.
+hand-written backward pass, and **one** fused ``torch.optim.AdamW`` steps all of them: the
+stacked tensors are views into a single flat buffer (and so are their gradients), so the
+optimizer is one kernel call per step.
 
 Why this equals independent training (checked in ``tests/test_poison.py``):
 
@@ -28,6 +30,11 @@ On CPU the ensemble is split into ``workers`` shards that run in Python threads 
 intra-op thread each. PyTorch releases the GIL inside its kernels, so this uses several
 cores without OpenMP barriers -- which matters on a shared machine, where a busy core makes
 every OpenMP parallel region wait (we measured 4-10x slowdowns of 2-thread OpenMP under load).
+Each worker steps its members in lockstep groups of at most ``group_size`` (default
+:data:`DEFAULT_CPU_GROUP`), one group after the other; members with the same number of points
+share a group, so short datasets are not padded. Small groups keep a group's working set
+(parameters, gradients, AdamW moments: 1.5 MB per 300-300 member) in cache while the other
+worker runs beside it.
 """
 
 from __future__ import annotations
@@ -39,7 +46,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from overunlearn.models.mlp import MLP
 
@@ -63,13 +69,14 @@ class MemberResult:
     steps: int
 
 
-def _silu_backward(grad: Tensor, z: Tensor) -> Tensor:
-    """``grad * d silu(z) / dz`` in one fused kernel (``sigmoid(z) (1 + z (1 - sigmoid(z)))``)."""
-    return torch.ops.aten.silu_backward(grad, z)
-
-
 class _Shard:
-    """Stacked parameters, data and one AdamW for a group of members."""
+    """A group of members trained in lockstep: stacked parameters, data, buffers and one AdamW.
+
+    All parameters live in **one** flat float32 buffer, laid out layer-major
+    (``[W_0 | b_0 | W_1 | b_1 | ...]``, each block ``(E, ...)`` contiguous), and so do their
+    gradients; ``params`` / ``grads`` are views. One fused AdamW then updates the whole group in
+    a single kernel call, and the forward and backward passes write into preallocated buffers.
+    """
 
     def __init__(self, members: Sequence[Member], lr: float, weight_decay: float, device: torch.device,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
@@ -82,70 +89,99 @@ class _Shard:
         for m in self.members:
             if m.model.widths != self.widths or m.model.activation != self.activation:
                 raise ValueError("every ensemble member must have the same architecture")
+        self.device = device
         n_max = max(int(m.x.shape[0]) for m in self.members)
         e = len(self.members)
         d_in, d_out = self.widths[0], self.widths[-1]
         self.x = torch.zeros(e, n_max, d_in, device=device)
         self.y = torch.zeros(e, n_max, d_out, device=device)
-        self.w = torch.zeros(e, n_max, 1, device=device)
+        self.w2 = torch.zeros(e, n_max, 1, device=device)
         for i, m in enumerate(self.members):
             n = int(m.x.shape[0])
             self.x[i, :n] = m.x.reshape(n, d_in).to(device, torch.float32)
             self.y[i, :n] = m.y.reshape(n, d_out).to(device, torch.float32)
-            # MSE per member: mean over its n points and d_out coordinates
-            self.w[i, :n] = 1.0 / (n * d_out)
-        self.params: list[Tensor] = []
+            # twice the MSE weight of member i's points (mean over its n points and d_out coordinates);
+            # d loss / d out = w2 * (out - y)
+            self.w2[i, :n] = 2.0 / (n * d_out)
+        self._shapes: list[tuple[int, int]] = []
+        for li in range(len(self.widths) - 1):
+            self._shapes += [(self.widths[li], self.widths[li + 1]), (1, self.widths[li + 1])]
+        blocks = []
         for li in range(len(self.widths) - 1):
             lins = [m.model.linears()[li] for m in self.members]
-            self.params.append(torch.stack([lin.weight.detach().T for lin in lins]).to(device).contiguous())
-            self.params.append(torch.stack([lin.bias.detach().reshape(1, -1) for lin in lins]).to(device).contiguous())
-        for p in self.params:
-            p.grad = torch.zeros_like(p)
+            blocks.append(torch.stack([lin.weight.detach().T.to(torch.float32) for lin in lins]).reshape(-1))
+            blocks.append(torch.stack([lin.bias.detach().to(torch.float32) for lin in lins]).reshape(-1))
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
-        self.optimizer = self._make_optimizer(self.params)
+        self._set_flat(torch.cat(blocks).to(device))
+        self.optimizer = self._make_optimizer()
         self.step_count = 0
 
-    def _make_optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
+    def _views(self, flat: Tensor) -> list[Tensor]:
+        e = len(self.members)
+        out, o = [], 0
+        for r, c in self._shapes:
+            out.append(flat[o:o + e * r * c].view(e, r, c))
+            o += e * r * c
+        return out
+
+    def _set_flat(self, flat: Tensor) -> None:
+        self.flat = flat.contiguous()
+        self.flat.grad = torch.zeros_like(self.flat)
+        self.params = self._views(self.flat)
+        self.grads = self._views(self.flat.grad)
+        e, n = self.x.shape[0], self.x.shape[1]
+        # z[l]: pre-activation of layer l; h[l]: its SiLU; dz[l]: d loss / d z[l]
+        self._z = [torch.empty(e, n, w, device=self.device) for w in self.widths[1:]]
+        self._h = [torch.empty(e, n, w, device=self.device) for w in self.widths[1:-1]]
+        self._dz = [torch.empty(e, n, w, device=self.device) for w in self.widths[1:]]
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
         kw = dict(lr=self.lr, weight_decay=self.weight_decay, betas=self.betas, eps=self.eps)
         try:
-            return torch.optim.AdamW(params, fused=True, **kw)
+            return torch.optim.AdamW([self.flat], fused=True, **kw)
         except (RuntimeError, TypeError):  # pragma: no cover - fused unsupported on this device
-            return torch.optim.AdamW(params, foreach=True, **kw)
+            return torch.optim.AdamW([self.flat], foreach=True, **kw)
 
     # ---- the step -----------------------------------------------------------------
-    def forward(self) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """Outputs ``(E, n, out)`` and, per layer, its input and pre-activation."""
-        acts: list[tuple[Tensor, Tensor]] = []
+    def forward(self) -> Tensor:
+        """Outputs ``(E, n, out)``; fills the pre-activation / activation buffers."""
         a = self.x
         n_layers = len(self.widths) - 1
         for li in range(n_layers):
-            W, b = self.params[2 * li], self.params[2 * li + 1]
+            W, b, z = self.params[2 * li], self.params[2 * li + 1], self._z[li]
             # fan_in 1: an outer product, cheaper than a K=1 bmm
-            z = torch.addcmul(b, a, W) if W.shape[1] == 1 else torch.baddbmm(b, a, W)
-            acts.append((a, z))
+            if W.shape[1] == 1:
+                torch.addcmul(b, a, W, out=z)
+            else:
+                torch.baddbmm(b, a, W, out=z)
             if li == n_layers - 1:
-                return z, acts
-            a = F.silu(z)
+                return z
+            a = torch.ops.aten.silu.out(z, out=self._h[li])
         raise AssertionError("unreachable")
 
     def loss_and_grads(self) -> None:
-        """Write the gradient of ``sum_e sum_i w_ei (f_e(x_ei) - y_ei)^2`` into every ``.grad``."""
-        out, acts = self.forward()
-        dz = (2.0 * self.w) * (out - self.y)  # d loss / d out
-        for li in range(len(acts) - 1, -1, -1):
-            a, _ = acts[li]
-            W, b = self.params[2 * li], self.params[2 * li + 1]
-            gW, gb = W.grad, b.grad
-            assert gW is not None and gb is not None
+        """Write the gradient of ``sum_e sum_i w_ei (f_e(x_ei) - y_ei)^2`` into the flat ``.grad``."""
+        out = self.forward()
+        n_layers = len(self.widths) - 1
+        dz = torch.sub(out, self.y, out=self._dz[-1]).mul_(self.w2)
+        for li in range(n_layers - 1, -1, -1):
+            a = self.x if li == 0 else self._h[li - 1]
+            W = self.params[2 * li]
+            gW, gb = self.grads[2 * li], self.grads[2 * li + 1]
             if W.shape[1] == 1:
                 torch.sum(a * dz, dim=1, keepdim=True, out=gW)
             else:
                 torch.bmm(a.transpose(1, 2), dz, out=gW)
             torch.sum(dz, dim=1, keepdim=True, out=gb)
             if li:
+                da = self._dz[li - 1]
                 # fan_out 1: a broadcast product instead of a K=1 bmm
-                da = dz * W.transpose(1, 2) if W.shape[2] == 1 else torch.bmm(dz, W.transpose(1, 2))
-                dz = _silu_backward(da, acts[li - 1][1])
+                if W.shape[2] == 1:
+                    torch.mul(dz, W.transpose(1, 2), out=da)
+                else:
+                    torch.bmm(dz, W.transpose(1, 2), out=da)
+                # d silu(z)/dz, fused and in place (elementwise)
+                dz = torch.ops.aten.silu_backward.grad_input(da, self._z[li - 1], grad_input=da)
 
     def step(self) -> None:
         self.loss_and_grads()
@@ -154,43 +190,39 @@ class _Shard:
 
     @torch.no_grad()
     def losses(self) -> Tensor:
-        out, _ = self.forward()
-        return (self.w * (out - self.y) ** 2).sum(dim=(1, 2))
+        out = self.forward()
+        return (0.5 * self.w2 * (out - self.y) ** 2).sum(dim=(1, 2))
 
     # ---- members ------------------------------------------------------------------
     def state_dict_of(self, i: int) -> dict[str, Tensor]:
         sd: dict[str, Tensor] = {}
-        for li, lin_idx in enumerate(range(0, 2 * (len(self.widths) - 1), 2)):
+        for li in range(len(self.widths) - 1):
             name = str(2 * li)  # nn.Sequential positions: Linear at 0, 2, 4, ...
-            sd[f"{name}.weight"] = self.params[lin_idx][i].T.detach().to("cpu").clone().contiguous()
-            sd[f"{name}.bias"] = self.params[lin_idx + 1][i].reshape(-1).detach().to("cpu").clone()
+            sd[f"{name}.weight"] = self.params[2 * li][i].T.detach().to("cpu").clone().contiguous()
+            sd[f"{name}.bias"] = self.params[2 * li + 1][i].reshape(-1).detach().to("cpu").clone()
         return sd
+
+    def _gather(self, flat: Tensor, idx: Tensor) -> Tensor:
+        return torch.cat([v[idx].reshape(-1) for v in self._views(flat)])
 
     def remove(self, done: list[int]) -> None:
         """Take members ``done`` out of the stacked tensors and the AdamW state."""
-        keep = [i for i in range(len(self.members)) if i not in set(done)]
+        gone = set(done)
+        keep = [i for i in range(len(self.members)) if i not in gone]
         if not keep:
             self.members = []
             return
         idx = torch.tensor(keep, device=self.x.device)
-        old_state = self.optimizer.state
-        new_params = []
-        new_state = {}
-        for p in self.params:
-            q = p.detach()[idx].clone()
-            q.grad = torch.zeros_like(q)
-            st = old_state.get(p, {})
-            new_state[q] = {k: (v[idx].clone() if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == p.shape[0]
-                                and k != "step" else (v.clone() if torch.is_tensor(v) else v))
-                            for k, v in st.items()}
-            new_params.append(q)
-        self.params = new_params
-        self.optimizer = self._make_optimizer(self.params)
-        for q, st in new_state.items():
-            if st:
-                self.optimizer.state[q] = st
-        self.x, self.y, self.w = self.x[idx].contiguous(), self.y[idx].contiguous(), self.w[idx].contiguous()
+        old_state = self.optimizer.state.get(self.flat, {})
+        state = {k: (self._gather(v, idx) if torch.is_tensor(v) and v.shape == self.flat.shape else
+                     (v.clone() if torch.is_tensor(v) else v)) for k, v in old_state.items()}
+        flat = self._gather(self.flat.detach(), idx)
         self.members = [self.members[i] for i in keep]
+        self.x, self.y, self.w2 = self.x[idx].contiguous(), self.y[idx].contiguous(), self.w2[idx].contiguous()
+        self._set_flat(flat)
+        self.optimizer = self._make_optimizer()
+        if state:
+            self.optimizer.state[self.flat] = state
 
 
 def _balanced_shards(members: Sequence[Member], n_shards: int) -> list[list[Member]]:
@@ -206,11 +238,36 @@ def _balanced_shards(members: Sequence[Member], n_shards: int) -> list[list[Memb
     return [g for g in groups if g]
 
 
+#: members stepped in lockstep by one CPU worker. On the 2-core development machine groups of
+#: 5 and 10 run at the same rate and smaller groups are slower (``benchmarks/perf_training.py``);
+#: 5 halves the working set, which leaves more cache to whatever else runs on the machine.
+DEFAULT_CPU_GROUP = 5
+
+
+def _groups(members: Sequence[Member], size: int) -> list[list[Member]]:
+    """Split one worker's members into lockstep groups of at most ``size`` members.
+
+    Members with the same number of points (and then similar step counts) are grouped together,
+    so that no group pads short datasets; a run of ``k`` such members becomes
+    ``ceil(k / size)`` groups of near-equal size.
+    """
+    by_n: dict[int, list[Member]] = {}
+    for m in sorted(members, key=lambda m: (-int(m.x.shape[0]), -m.steps)):
+        by_n.setdefault(int(m.x.shape[0]), []).append(m)
+    out: list[list[Member]] = []
+    for run in by_n.values():
+        k = len(run)
+        n_groups = -(-k // size)
+        bounds = [round(j * k / n_groups) for j in range(n_groups + 1)]
+        out += [run[bounds[j]:bounds[j + 1]] for j in range(n_groups)]
+    return out
+
+
 def train_ensemble(members: Sequence[Member], *, lr: float = 1e-3, weight_decay: float = 0.01,
                    device: str | torch.device = "cpu", workers: int = 1,
                    progress: Callable[[int], None] | None = None,
                    on_done: Callable[[MemberResult], None] | None = None,
-                   report_every: int = 200) -> list[MemberResult]:
+                   report_every: int = 200, group_size: int | None = None) -> list[MemberResult]:
     """Train ``members`` (full-batch MSE, AdamW) and return their final state dicts.
 
     Args:
@@ -222,6 +279,11 @@ def train_ensemble(members: Sequence[Member], *, lr: float = 1e-3, weight_decay:
         on_done: called (from a worker thread, under a lock) as soon as a member finishes,
             e.g. to write it to a cache.
         report_every: how often (in steps) ``progress`` is called.
+        group_size: most members stepped in lockstep. A CPU worker trains its members in
+            groups of at most this many (members with the same number of points together), one
+            group after the other: small groups keep a group's parameters, AdamW state and
+            activations in cache. ``None``: ``DEFAULT_CPU_GROUP`` on CPU, all members in one
+            group on other devices.
 
     Returns:
         One :class:`MemberResult` per member, in the order given.
@@ -233,7 +295,10 @@ def train_ensemble(members: Sequence[Member], *, lr: float = 1e-3, weight_decay:
     for m in members:
         if m.steps < 0:
             raise ValueError(f"steps must be >= 0, got {m.steps}")
+    if group_size is not None and int(group_size) < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
     n_shards = 1 if dev.type != "cpu" else max(1, int(workers))
+    gsize = int(group_size) if group_size is not None else (DEFAULT_CPU_GROUP if dev.type == "cpu" else len(members))
     shards_members = _balanced_shards(members, n_shards)
     results: dict[int, MemberResult] = {}
     lock = threading.Lock()
@@ -248,31 +313,35 @@ def train_ensemble(members: Sequence[Member], *, lr: float = 1e-3, weight_decay:
                 if on_done is not None:
                     on_done(res)
 
-    def run(group: list[Member], single_thread: bool) -> None:
+    def train_group(group: list[Member]) -> None:
+        shard = _Shard(group, lr, weight_decay, dev)
+        pending = 0
+        while shard.members:
+            done = [i for i, m in enumerate(shard.members) if m.steps <= shard.step_count]
+            if done:
+                finish(shard, done, shard.losses())
+                shard.remove(done)
+                continue
+            target = min(m.steps for m in shard.members)
+            e = len(shard.members)
+            while shard.step_count < target:
+                shard.step()
+                pending += e
+                if progress is not None and shard.step_count % report_every == 0:
+                    with lock:
+                        progress(pending)
+                    pending = 0
+        if progress is not None and pending:
+            with lock:
+                progress(pending)
+
+    def run(shard_members: list[Member], single_thread: bool) -> None:
         try:
             if single_thread:
                 torch.set_num_threads(1)
             with torch.no_grad():
-                shard = _Shard(group, lr, weight_decay, dev)
-                pending = 0
-                while shard.members:
-                    done = [i for i, m in enumerate(shard.members) if m.steps <= shard.step_count]
-                    if done:
-                        finish(shard, done, shard.losses())
-                        shard.remove(done)
-                        continue
-                    target = min(m.steps for m in shard.members)
-                    e = len(shard.members)
-                    while shard.step_count < target:
-                        shard.step()
-                        pending += e
-                        if progress is not None and shard.step_count % report_every == 0:
-                            with lock:
-                                progress(pending)
-                            pending = 0
-                if progress is not None and pending:
-                    with lock:
-                        progress(pending)
+                for group in _groups(shard_members, gsize):
+                    train_group(group)
         except BaseException as exc:  # pragma: no cover - re-raised in the caller
             errors.append(exc)
 

@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Ensemble training of the Data Poisoning models: lockstep group sizes side by side.
+
+Trains the benchmark's 20 models at a reduced step count -- 10 "original" members (55 points,
+``S`` steps) and 10 "ground-truth" members (50 points, ``S / 2`` steps), the 1-300-300-1 SiLU
+MLP, full-batch AdamW -- with :func:`overunlearn.training.train_ensemble` on ``--workers``
+threads, once per group size per round, rounds interleaved so that the machine's noise hits
+every setting alike. It prints member-steps per second (median and best over rounds), each
+setting's ratio to one lockstep group per worker (``--group`` = 10, the trainer's former
+design), the ratio to a plain per-model ``nn.Module`` + ``torch.optim.AdamW`` loop on one
+thread, and what the medians imply for the full recipe (10 x 100k + 10 x 50k = 1.5M
+member-steps).
+
+Nothing is downloaded; models are fresh initialisations. On a shared machine read the ratios.
+
+Usage::
+
+    python benchmarks/perf_training.py                      # S = 400, 3 rounds, 2 workers
+    python benchmarks/perf_training.py --steps 1000 --rounds 5 --groups 2,5,10
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+
+FULL_RECIPE_MEMBER_STEPS = 10 * 100_000 + 10 * 50_000
+
+
+def _members(steps: int):
+    from overunlearn.models.mlp import MLP
+    from overunlearn.training import Member
+
+    out = []
+    for s in range(10):
+        g = torch.Generator().manual_seed(s)
+        x = (torch.rand(55, 1, generator=g) * 2 - 1) * 5 * math.pi
+        y = torch.sin(x)
+        out.append(Member(MLP(1, (300, 300), 1, generator=torch.Generator().manual_seed(s)), x, y, steps))
+        out.append(Member(MLP(1, (300, 300), 1, generator=torch.Generator().manual_seed(100 + s)),
+                          x[:50], y[:50], steps // 2))
+    return out
+
+
+def _per_model_rate(steps: int) -> float:
+    """Member-steps/s of the obvious loop: one model, autograd, torch.optim.AdamW, one thread."""
+    from overunlearn.training.ensemble import train_single_reference
+
+    m = _members(steps)[0]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_single_reference(m.model, m.x, m.y, 20)
+        t = time.perf_counter()
+        train_single_reference(m.model, m.x, m.y, steps)
+        return steps / (time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=400, help="S: steps of the original-sized members")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every setting")
+    ap.add_argument("--workers", type=int, default=2, help="worker threads (one torch thread each)")
+    ap.add_argument("--groups", default="1,2,3,5,10", help="comma-separated group sizes to compare")
+    args = ap.parse_args()
+    if args.steps < 2 or args.rounds < 1:
+        ap.error("--steps must be >= 2 and --rounds >= 1")
+    groups = [int(g) for g in args.groups.split(",") if g.strip()]
+    if 10 not in groups:
+        groups.append(10)
+
+    from overunlearn.training import train_ensemble
+
+    total = 10 * args.steps + 10 * (args.steps // 2)
+    print(f"20 members (10 x {args.steps} + 10 x {args.steps // 2} steps = {total:,} member-steps), "
+          f"{args.workers} worker thread(s), {args.rounds} round(s), torch {torch.__version__}")
+    rates: dict[int, list[float]] = {g: [] for g in groups}
+    train_ensemble(_members(4), workers=args.workers)  # warm-up
+    for _ in range(args.rounds):
+        for g in groups:
+            t = time.perf_counter()
+            train_ensemble(_members(args.steps), workers=args.workers, group_size=g)
+            rates[g].append(total / (time.perf_counter() - t))
+    loop = _per_model_rate(min(args.steps, 300))
+    base = statistics.median(rates[10])
+    print(f"{'group':>5s} {'median/s':>9s} {'best/s':>8s} {'vs group 10':>12s} {'vs per-model loop':>18s} "
+          f"{'full recipe (median)':>21s}")
+    for g in groups:
+        med = statistics.median(rates[g])
+        print(f"{g:5d} {med:9.0f} {max(rates[g]):8.0f} {med / base:11.2f}x {med / loop:17.1f}x "
+              f"{FULL_RECIPE_MEMBER_STEPS / med / 60:17.1f} min")
+    print(f"per-model nn.Module + AdamW loop, one thread: {loop:.0f} member-steps/s")
+
+
+if __name__ == "__main__":
+    main()
