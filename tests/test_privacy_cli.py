@@ -128,7 +128,7 @@ def test_bench_images_privacy_flag(runner, tmp_path, monkeypatch, fake_report):
     monkeypatch.setattr(bench_images, "run_image_benchmark", fake_run)
     res = runner.invoke(app, ["bench", "collapse", "--dataset", "digits", "--seeds", "4-5", "--preset", "cpu",
                               "--n-train", "500", "--hp", "gd.lr=0.5", "--privacy", "-q"])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 1, res.output  # a method failed: the command says so in its exit code
     (args, kwargs), = fake_report
     assert args == ("collapse", ["gd", "scrub"], 7)  # failed methods are left out
     assert kwargs["seed"] == 4 and kwargs["n_models"] is None and kwargs["recipe"] == "cpu"

@@ -22,7 +22,11 @@ def methods_cmd(pattern: str = typer.Argument("*", help="shell-style filter, e.g
 
     from overunlearn.methods import get_method, list_methods
 
-    for name in list_methods(pattern):
+    names = list_methods(pattern)
+    if not names:
+        raise typer.BadParameter(f"no method matches {pattern!r}; known: {', '.join(list_methods())}",
+                                 param_hint="'PATTERN'")
+    for name in names:
         cls = get_method(name)
         fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Config))
         typer.echo(f"{name:12s} [{'/'.join(sorted(cls.tasks - {'custom'}))}] {fields}")

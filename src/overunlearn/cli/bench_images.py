@@ -27,11 +27,14 @@ def parse_seeds(text: str) -> list[int]:
         part = part.strip()
         if not part:
             continue
-        if "-" in part[1:]:
-            lo, hi = part.split("-", 1) if not part.startswith("-") else (part, part)
-            seeds.extend(range(int(lo), int(hi) + 1))
-        else:
-            seeds.append(int(part))
+        try:
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, part)
+                seeds.extend(range(int(lo), int(hi) + 1))
+            else:
+                seeds.append(int(part))
+        except ValueError:
+            raise typer.BadParameter(f"cannot read seeds from {text!r}; write e.g. '1', '1,2,5' or '1-5'") from None
     if not seeds:
         raise typer.BadParameter(f"no seeds in {text!r}")
     return seeds
@@ -54,6 +57,13 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
                 pass
         out.setdefault(method.strip().lower(), {})[key.strip()] = val
     return out
+
+
+def _message(exc: BaseException) -> str:
+    """The text of ``exc`` (a ``KeyError`` quotes its message; undo that)."""
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    return str(exc)
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
@@ -124,10 +134,11 @@ def run_image_benchmark(benchmark: str, *, dataset: str, seeds: list[int], prese
 
     t_start = time.perf_counter()
     points = ERASE_METHOD_POINTS if benchmark == "erase" else COLLAPSE_METHOD_POINTS
-    bench = get_benchmark(benchmark, dataset=dataset, preset=preset, data_root=data_root, cache_dir=cache,
-                          use_cache=use_cache, device=device, progress=progress, download=download,
-                          p_retain=p_retain, p_forget=p_forget, n_train=n_train, n_test=n_test)
-    T = epochs if epochs is not None else bench.preset.epochs  # type: ignore[attr-defined]
+    # every check that needs no data or training comes first, so a bad option fails in a second
+    if epochs is not None and epochs <= 0:
+        raise typer.BadParameter(f"T must be positive, got {epochs}", param_hint="'-T' / '--epochs'")
+    if not seeds:
+        raise typer.BadParameter("no seeds given", param_hint="'--seeds'")
     available = list_methods(task="classification")
     if methods:
         chosen: list[str] = []
@@ -136,11 +147,28 @@ def run_image_benchmark(benchmark: str, *, dataset: str, seeds: list[int], prese
             if not found:
                 raise typer.BadParameter(f"no method matches {pat!r}; valid: {', '.join(available)}")
             chosen += [m for m in found if m in available and m not in chosen]
+        if not chosen:
+            raise typer.BadParameter(f"no classification method matches {methods!r}; valid: {', '.join(available)}")
     else:
         chosen = available
     unknown = set(overrides) - set(available)
     if unknown:
-        raise typer.BadParameter(f"--hp names unknown method(s) {sorted(unknown)}")
+        raise typer.BadParameter(f"--hp names unknown method(s) {sorted(unknown)}; valid: {', '.join(available)}")
+    hypers: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys([*chosen, *overrides]):  # build every config now, not after training
+        hyper = {**points.get(name, {}), **overrides.get(name, {})}
+        try:
+            create(name, **hyper)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise typer.BadParameter(_message(exc), param_hint="'--hp'" if name in overrides else None) from None
+        hypers[name] = hyper
+    try:  # builds the preset and resolves dataset and device; loads no data
+        bench = get_benchmark(benchmark, dataset=dataset, preset=preset, data_root=data_root, cache_dir=cache,
+                              use_cache=use_cache, device=device, progress=progress, download=download,
+                              p_retain=p_retain, p_forget=p_forget, n_train=n_train, n_test=n_test)
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # unknown dataset, preset or device; bad option
+        raise typer.BadParameter(_message(exc)) from None
+    T = epochs if epochs is not None else bench.preset.epochs  # type: ignore[attr-defined]
     metric_names = [m.name for m in bench.metrics]
     p = bench.preset  # type: ignore[attr-defined]
     config = {"benchmark": benchmark, "dataset": bench.dataset, "preset": p.name, "recipe": p.recipe.to_dict(),  # type: ignore[attr-defined]
@@ -163,8 +191,7 @@ def run_image_benchmark(benchmark: str, *, dataset: str, seeds: list[int], prese
         echo(f"seed {seed}: |D_r'|={len(prob.retain)} |D_f|={len(prob.forget)} batch={prob.batch_size} "
              f"T={T} (models and references ready in {time.perf_counter() - t0:.1f}s)")
         for name in chosen:
-            hyper = {**points.get(name, {}), **overrides.get(name, {})}
-            method = create(name, **hyper)
+            method = create(name, **hypers[name])
             config["methods"][name] = method.config.to_dict()
             row: dict[str, Any] = {"row": name, "seed": seed}
             try:
@@ -230,22 +257,33 @@ def _command(benchmark: str):
                    f"seeds {config['seeds']}, device {config['device']})")
         typer.echo(format_table([r for r in rows if "error" not in str(r.get("status", ""))], metrics,
                                 ["unlearn_seconds"]))
-        failed = sorted({r["row"] for r in rows if "error" in str(r.get("status", ""))})
-        if failed:
-            typer.echo(f"failed: {', '.join(failed)} (see --out for messages)")
+        failures = [r for r in rows if "error" in str(r.get("status", ""))]
+        failed = sorted({r["row"] for r in failures})
         typer.echo(f"total {config['total_seconds']:.1f}s")
         if out is not None:
             write_results(out, rows, config)
             typer.echo(f"wrote {out}")
-        if privacy:
+        if failed:
+            if out is not None:
+                typer.echo(f"failed: {', '.join(failed)} (the messages are in {out})", err=True)
+            else:
+                typer.echo(f"failed: {', '.join(failed)}", err=True)
+                for r in failures:
+                    typer.echo(f"  {r['row']} seed {r['seed']}: {r['status']}", err=True)
+        succeeded = list(dict.fromkeys(r["row"] for r in rows if r.get("status") == "ok"))
+        if privacy and not succeeded:
+            typer.echo("privacy: skipped, no method ran to the end", err=True)
+        elif privacy:
             from overunlearn.cli.privacy import privacy_after_bench
 
             privacy_after_bench(
-                benchmark, list(dict.fromkeys(r["row"] for r in rows if r.get("status") == "ok")), config["epochs"],
+                benchmark, succeeded, config["epochs"],
                 seed=parse_seeds(seeds)[0], n_models=privacy_models, out=out.parent / "privacy" if out else None,
                 device=device, cache=cache, recipe=preset, dataset=dataset, data_root=data_root, download=download,
                 overrides=parse_overrides(hp), progress=not quiet,
                 image_options={"n_train": n_train, "n_test": n_test, "p_retain": p_retain, "p_forget": p_forget})
+        if failed:
+            raise typer.Exit(1)
 
     cmd.__doc__ = ("Label Erasure: erase red/green copies from a two-head model; prints retain accuracy and "
                    "forget error for every method." if benchmark == "erase" else

@@ -96,6 +96,15 @@ def poison_cmd(
     if any(t <= 0 for t in epoch_list):
         raise typer.BadParameter("every T must be positive")
     method_list = parse_methods(methods)
+    if figure_seed is not None and figure_seed not in seed_list:
+        raise typer.BadParameter(f"figure seed {figure_seed} is not among the seeds {seed_list}",
+                                 param_hint="'--figure-seed'")
+    from overunlearn.engine import resolve_device
+
+    try:
+        resolve_device(device)
+    except RuntimeError as exc:  # an unknown device name, or cuda without CUDA
+        raise typer.BadParameter(str(exc), param_hint="'--device'") from None
     n_threads = threads if threads > 0 else _cpu_count()
     torch.set_num_threads(n_threads)
     r = RECIPES[recipe]

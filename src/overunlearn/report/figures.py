@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
+from typing import Any
 
 from overunlearn.report.aggregate import MINNORM, SettingResult
 
@@ -57,7 +59,16 @@ def frontier_plot(s: SettingResult, path: str | Path, title: str | None = None) 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best", ncol=2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Render ``fig`` in memory (format from the suffix) and write it atomically with
+    :func:`overunlearn.storage.atomic_write_bytes`: an interrupted run never leaves a truncated image."""
+    from overunlearn.storage import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix[1:].lower() or None)
+    return atomic_write_bytes(path, buf.getvalue())

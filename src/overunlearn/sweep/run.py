@@ -106,6 +106,11 @@ def check_metric_specs(spec: SweepSpec, specs: list[dict[str, Any]] | None) -> s
     return None
 
 
+def _fmt_values(values: dict[str, Any]) -> str:
+    """``metric=value`` pairs of the numeric entries, for the progress log."""
+    return " ".join(f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, (int, float)))
+
+
 def _record(rec: dict[str, Any], writer: JournalWriter, spec: SweepSpec, provenance: dict[str, Any],
             result: SweepResult, counter: dict[str, int], n_total: int, log: Callable[[str], None]) -> str | None:
     """Journal one record and log it; return an abort reason, or ``None``."""
@@ -127,7 +132,11 @@ def _record(rec: dict[str, Any], writer: JournalWriter, spec: SweepSpec, provena
         hyper = " ".join(f"{k}={v}" for k, v in rec.get("hyper", {}).items())
         what = f"{rec.get('setting') or ''} {rec['method']} seed={rec['seed']} {hyper}".strip()
     if ok:
-        metr = " ".join(f"{k}={v:.4g}" for k, v in (rec.get("metrics") or {}).items() if isinstance(v, (int, float)))
+        if rec["kind"] == "reference":  # {"original": {metric: value}, "ground_truth": {...}}
+            metr = "; ".join(f"{role} {_fmt_values(vals)}" for role, vals in (rec.get("reference") or {}).items()
+                             if isinstance(vals, dict))
+        else:
+            metr = _fmt_values(rec.get("metrics") or {})
         log(f"[{i}/{n_total}] {what}: {metr}")
     else:
         msg = f"[{i}/{n_total}] {what}: FAILED {rec.get('error', '')}"
