@@ -365,8 +365,9 @@ def _projections(stack: _Stack, members: list[_Member], live: list[int], t: int,
     bad = _project(stack, idx, coefs)
     for i in idx:
         if i in bad:
-            _fail(members, i, "FloatingPointError",
-                  "FloatingPointError: the output Jacobian contains NaN or infinite values", t)
+            _fail(members, i, "NonFiniteLossError",
+                  f"NonFiniteLossError: minnorm_og: the output Jacobian contains NaN or infinite values at step "
+                  f"{t} (epoch {t}), i.e. the model's outputs diverged; lower the learning rate", t)
         else:
             members[i].projections += 1
 

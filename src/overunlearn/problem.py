@@ -17,6 +17,7 @@ them. Multi-head models are first class: a two-head classifier returns
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from overunlearn.errors import DataError
 
@@ -94,7 +95,7 @@ class ClassificationTask(Task):
     """Cross-entropy summed over heads; the score of a head is its maximum logit.
 
     ``logit_clamp`` clamps logits to ``[-c, c]`` before the loss, as the reference
-    code does with ``c = 30`` for its image tasks (paper.md section 9, item 7).
+    code does with ``c = 30`` for its image tasks (the reference code's ``MAX_LOGIT_THRESHOLD``).
     ``None`` (the default) leaves logits untouched.
     """
 
@@ -150,12 +151,26 @@ class TensorData:
     weights: Tensor | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.inputs, Tensor):
+            raise DataError(f"inputs must be a torch.Tensor, got {type(self.inputs).__name__}")
+        if self.inputs.dim() == 0:
+            raise DataError("inputs must have a leading example dimension, got a 0-d tensor")
         n = self.inputs.shape[0]
         for i, t in enumerate(as_heads(self.targets)):
+            if not isinstance(t, Tensor) or t.dim() == 0:
+                raise DataError(f"targets[{i}] must be a tensor with one row per example")
             if t.shape[0] != n:
                 raise DataError(f"targets[{i}] has {t.shape[0]} rows but inputs have {n}")
-        if self.weights is not None and self.weights.shape != (n,):
-            raise DataError(f"weights must have shape ({n},), got {tuple(self.weights.shape)}")
+        if self.weights is not None:
+            if not isinstance(self.weights, Tensor) or self.weights.shape != (n,):
+                shape = tuple(self.weights.shape) if isinstance(self.weights, Tensor) else type(self.weights).__name__
+                raise DataError(f"weights must be a tensor of shape ({n},), got {shape}")
+            if not self.weights.dtype.is_floating_point:
+                raise DataError(f"weights must be floating point, got {self.weights.dtype}")
+            if not torch.isfinite(self.weights).all():
+                raise DataError("weights contain NaN or infinite values")
+            if (self.weights < 0).any():
+                raise DataError("weights must be >= 0 (a negative weight turns descent into ascent on that example)")
         for name, t in [("inputs", self.inputs), *[(f"targets[{i}]", t) for i, t in enumerate(as_heads(self.targets))]]:
             if t.dtype.is_floating_point and not torch.isfinite(t).all():
                 raise DataError(f"{name} contains NaN or infinite values")
@@ -234,8 +249,29 @@ class UnlearningProblem:
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
+        if isinstance(self.task, type) and issubclass(self.task, Task):
+            raise TypeError(f"task must be a Task instance: write {self.task.__name__}(), not {self.task.__name__}")
+        if not isinstance(self.task, Task):
+            raise TypeError(f"task must be a Task (RegressionTask(), ClassificationTask(), ...), "
+                            f"got {type(self.task).__name__}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, numbers.Integral):
+            raise TypeError(f"batch_size must be an integer, got {self.batch_size!r}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        for name in ("retain", "forget"):
+            data = getattr(self, name)
+            if isinstance(data, TensorData):
+                continue
+            if isinstance(data, (DataLoader, IterableDataset)) or not (hasattr(data, "__len__")
+                                                                        and hasattr(data, "__getitem__")):
+                raise DataError(
+                    f"{name} must be a TensorData or a map-style torch Dataset (with __len__ and "
+                    f"__getitem__), got {type(data).__name__}; pass the DataLoader's .dataset, or "
+                    "TensorData(inputs, targets) for data in memory")
+        bad = [n for n, p in self.model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+        if bad:
+            shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+            raise DataError(f"the model's parameters contain NaN or infinite values before unlearning ({shown})")
         if len(self.forget) == 0:  # type: ignore[arg-type]
             raise DataError("the forget set is empty: there is nothing to unlearn")
         if len(self.retain) == 0:  # type: ignore[arg-type]

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
+import numbers
+import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -26,6 +29,24 @@ from overunlearn.problem import Batch, ClassificationTask, Outputs
 
 if TYPE_CHECKING:  # pragma: no cover
     from overunlearn.engine import StepInfo, UnlearningContext
+
+
+def check_type(name: str, value: Any, kind: type) -> None:
+    """Raise ``TypeError`` unless ``value`` is a ``kind`` (``float``: any finite real number;
+    ``int``: an integer; ``bool``: ``True`` / ``False``). Booleans are not numbers here."""
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}={value!r} must be True or False")
+        return
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name}={value!r} must be an integer, got {type(value).__name__}")
+        return
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name}={value!r} must be a number, got {type(value).__name__}")
+        if math.isinf(float(value)):  # NaN is left to check_range, which names the allowed range
+            raise ValueError(f"{name}={value!r} must be finite")
 
 
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None,
@@ -51,7 +72,7 @@ class MethodConfig:
         lr: optimizer learning rate (``eta`` in the paper).
         weight_decay: AdamW's decoupled weight decay. The default 0.01 is PyTorch's
             default, which the reference code uses implicitly for every method
-            (paper.md section 9, item 6); set 0 to switch it off.
+            (its reference code builds ``torch.optim.AdamW(model.parameters(), lr)``); set 0 to switch it off.
         optimizer: ``"adamw"`` (the paper's choice) or ``"sgd"`` (plain, no momentum).
     """
 
@@ -60,6 +81,12 @@ class MethodConfig:
     optimizer: Literal["adamw", "sgd"] = "adamw"
 
     def __post_init__(self) -> None:
+        # types first (from the annotations of every subclass), so that a string or a bool never
+        # reaches a range comparison; subclasses call this before their own range checks
+        for f in dataclasses.fields(self):
+            kind = _field_kinds(type(self)).get(f.name)
+            if kind is not None:
+                check_type(f.name, getattr(self, f.name), kind)
         check_range("lr", self.lr, 0.0, low_open=True)
         check_range("weight_decay", self.weight_decay, 0.0)
         if self.optimizer not in ("adamw", "sgd"):
@@ -71,6 +98,13 @@ class MethodConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@functools.cache
+def _field_kinds(cls: type) -> dict[str, type]:
+    """``{field: float | int | bool}`` for a config class's fields annotated with those types."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if hints.get(f.name) in (float, int, bool)}
 
 
 class Method:

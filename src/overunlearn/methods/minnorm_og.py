@@ -8,9 +8,11 @@ orthogonal complement of the sampled output gradients:
 the closed form of ``argmin_{Delta perp G} ||theta + Delta||^2 + lambda_k ||Delta||^2``
 (Appendix E) with ``c_k = 1 / (1 + lambda_k) = reg_coef * reg_coef_decay**k`` for the k-th
 projection (0-based). A projection happens at every step of epoch ``t`` iff
-``t < T - num_gd_epochs`` and ``t % proj_pd == 0`` (paper.md section 3.2).
+``t < T - num_gd_epochs`` and ``t % proj_pd == 0`` (the paper, Table 4 and
+Appendix F.1.10, as the authors' reference code implements them).
 
-Deliberate choices (paper.md section 9), each an option:
+Deliberate choices where the authors' reference code (``common/unlearners/unlearners.py``,
+``MinNormOGUnlearner``) differs from the paper or is quirky, each an option:
 
 * ``order="project_then_descend"`` (default, Algorithm 1): project, then compute the descent
   gradient at the projected point. ``"descend_then_project"`` is Appendix F's order. The
@@ -30,6 +32,7 @@ from typing import Literal
 
 import torch
 
+from overunlearn.errors import NonFiniteLossError
 from overunlearn.linalg.jacobian import output_jacobian_reference, sample_indices
 from overunlearn.linalg.projection import project_model_onto_span, project_onto_span_qr
 from overunlearn.methods.base import Method, MethodConfig, check_range
@@ -127,10 +130,17 @@ class MinNormOG(Method):
         if not self.should_project(info.epoch, ctx.planned_epochs):
             return
         task = ctx.problem.task
-        minnorm_projection_step(
-            ctx.model, retain, task.scores, task.strata(retain.targets), self.coefficient(self.projections),
-            self.config.grad_sample_size, ctx.generator, self.config.jacobian, self.config.implementation,
-        )
+        try:
+            minnorm_projection_step(
+                ctx.model, retain, task.scores, task.strata(retain.targets), self.coefficient(self.projections),
+                self.config.grad_sample_size, ctx.generator, self.config.jacobian, self.config.implementation,
+            )
+        except NonFiniteLossError:
+            raise
+        except FloatingPointError as exc:  # a non-finite Jacobian: the model has diverged
+            raise NonFiniteLossError(
+                f"{self.name}: {exc} at step {info.step} (epoch {info.epoch}), i.e. the model's outputs "
+                "diverged; lower the learning rate", step=info.step, method=self.name) from None
         self.projections += 1
 
     def before_step(self, ctx, info, retain):  # type: ignore[override]

@@ -27,7 +27,7 @@ _BENCH_CACHE: OrderedDict[str, Any] = OrderedDict()
 _PROBLEM_CACHE: OrderedDict[tuple[str, int], Any] = OrderedDict()
 _MAX_BENCH = 4
 _MAX_PROBLEMS = 2
-_CONFIGURED: dict[str, Any] = {"threads": None, "warm": False}
+_CONFIGURED: dict[str, Any] = {"threads": None}
 
 
 def configure_process(threads: int | None = None, cuda_device: str | None = None) -> None:
@@ -43,22 +43,11 @@ def configure_process(threads: int | None = None, cuda_device: str | None = None
 
 
 def warm_up() -> None:
-    """Pay once per process, outside any timed region, the one-off cost of the first optimizer.
+    """Pay once per process, outside any timed region, the one-off cost of the first optimizer
+    (see :func:`overunlearn.engine.warm_up`, which :func:`~overunlearn.engine.unlearn` also calls)."""
+    from overunlearn.engine import warm_up as engine_warm_up
 
-    The first ``torch.optim`` optimizer a process builds imports ``torch._dynamo`` (3-5 s on a
-    CPU); without this, the first trial of every worker is charged for it, which cuts a
-    wall-clock (``seconds``) budget short for that trial only.
-    """
-    if _CONFIGURED.get("warm"):
-        return
-    import torch
-
-    w = torch.zeros(4, requires_grad=True)
-    for opt in (torch.optim.AdamW([w], lr=1e-3, foreach=True), torch.optim.SGD([w], lr=1e-3, foreach=True)):
-        opt.zero_grad(set_to_none=True)
-        (w * w).sum().backward()
-        opt.step()
-    _CONFIGURED["warm"] = True
+    engine_warm_up()
 
 
 def clear_caches() -> None:

@@ -1,0 +1,166 @@
+"""Bad input gets a clear, early error: budgets, hyperparameters, data, models (found by a user review)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+import overunlearn.engine as engine
+from overunlearn import (
+    Budget,
+    ClassificationTask,
+    RegressionTask,
+    TensorData,
+    UnlearningProblem,
+    create,
+    unlearn,
+)
+from overunlearn.errors import DataError, NonFiniteLossError
+
+
+def _clf_problem(n=60, classes=3, batch_size=8, **kw):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 5, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, classes))
+    retain, forget = TensorData(x[10:], y[10:]), TensorData(x[:10], y[:10])
+    args = dict(model=model, retain=retain, forget=forget, task=ClassificationTask(), batch_size=batch_size) | kw
+    return UnlearningProblem(**args)
+
+
+# ---- budgets ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,exc,msg", [
+    (dict(epochs=2.5), ValueError, "whole number"),
+    (dict(steps=float("inf")), ValueError, "whole number"),
+    (dict(epochs="3"), TypeError, "whole number"),
+    (dict(steps=True), TypeError, "whole number"),
+    (dict(seconds="1"), TypeError, "number"),
+    (dict(epochs=-1), ValueError, ">= 0"),
+])
+def test_budget_rejects_non_integral_or_non_numeric_limits(kw, exc, msg):
+    with pytest.raises(exc, match=msg):
+        Budget(**kw)
+
+
+def test_budget_accepts_integral_floats_as_ints():
+    b = Budget(epochs=3.0, steps=7.0)
+    assert (b.epochs, b.steps) == (3, 7) and isinstance(b.epochs, int) and isinstance(b.steps, int)
+
+
+# ---- hyperparameters -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,kw,exc,msg", [
+    ("gd", dict(lr="0.1"), TypeError, "lr='0.1' must be a number"),
+    ("gd", dict(lr=float("inf")), ValueError, "lr=inf must be finite"),
+    ("minnorm_og", dict(grad_sample_size=2.5), TypeError, "grad_sample_size=2.5 must be an integer"),
+    ("minnorm_og", dict(proj_pd=True), TypeError, "proj_pd=True must be an integer"),
+    ("ridge", dict(reg_coef=None), TypeError, "reg_coef=None must be a number"),
+])
+def test_configs_check_types_and_finiteness(method, kw, exc, msg):
+    with pytest.raises(exc, match=msg):
+        create(method, **kw)
+
+
+def test_configs_accept_ints_for_floats_and_numpy_scalars():
+    np = pytest.importorskip("numpy")
+    assert create("gd", lr=1).config.lr == 1
+    assert create("minnorm_og", proj_pd=np.int64(3), reg_coef=np.float32(0.5)).config.proj_pd == 3
+
+
+# ---- data and models -------------------------------------------------------------------------
+
+def test_weights_must_be_finite_and_non_negative():
+    x, y = torch.randn(4, 2), torch.randn(4, 1)
+    with pytest.raises(DataError, match="NaN or infinite"):
+        TensorData(x, y, torch.tensor([1.0, float("nan"), 1.0, 1.0]))
+    with pytest.raises(DataError, match=">= 0"):
+        TensorData(x, y, torch.tensor([1.0, -1.0, 1.0, 1.0]))
+    with pytest.raises(DataError, match="floating point"):
+        TensorData(x, y, torch.tensor([1, 1, 1, 1]))
+
+
+def test_task_class_instead_of_instance_is_named():
+    with pytest.raises(TypeError, match=r"ClassificationTask\(\)"):
+        _clf_problem(task=ClassificationTask)
+
+
+@pytest.mark.parametrize("wrap", ["dataloader", "iterable"])
+def test_dataloader_or_iterable_dataset_is_refused_with_advice(wrap):
+    ds = TensorDataset(torch.randn(8, 5), torch.randint(0, 3, (8,)))
+
+    class It(IterableDataset):
+        def __iter__(self):
+            return iter(ds)
+
+    data = DataLoader(ds, batch_size=4) if wrap == "dataloader" else It()
+    with pytest.raises(DataError, match="map-style torch Dataset"):
+        _clf_problem(retain=data)
+
+
+def test_non_finite_model_parameters_are_refused_before_unlearning():
+    p = _clf_problem()
+    with torch.no_grad():
+        p.model[2].bias[1] = float("inf")
+    with pytest.raises(DataError, match=r"parameters contain NaN or infinite values.*2\.bias"):
+        UnlearningProblem(p.model, p.retain, p.forget, p.task, batch_size=8)
+
+
+def test_model_failing_on_the_inputs_names_the_set_shape_and_dtype():
+    p = _clf_problem()
+    bad = UnlearningProblem(p.model, TensorData(torch.randn(50, 7), p.retain.targets[:50]), p.forget, p.task,
+                            batch_size=8)
+    with pytest.raises(DataError, match=r"retain set: the model failed on the first batch \(inputs of shape \(8, 7\)"):
+        unlearn(bad, create("gd"), Budget(epochs=1))
+
+
+def test_class_index_out_of_range_beyond_the_first_batch_is_found_before_the_run():
+    p = _clf_problem(n=200)
+    targets = p.retain.targets.clone()
+    targets[150] = 9  # far beyond the first batch of 8
+    bad = UnlearningProblem(p.model, TensorData(p.retain.inputs, targets), p.forget, p.task, batch_size=8)
+    with pytest.raises(DataError, match="retain set: head 0: class index 9 of example 150 is out of range"):
+        unlearn(bad, create("gd"), Budget(epochs=1))
+
+
+class _ExpHead(nn.Module):
+    """exp of a linear map: finite parameters whose outputs (and output gradients) overflow."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+        with torch.no_grad():
+            self.lin.weight.fill_(100.0)
+
+    def forward(self, x):
+        return torch.exp(self.lin(x))
+
+
+def test_minnorm_og_non_finite_jacobian_is_a_non_finite_loss_error_with_its_step():
+    x = torch.full((12, 3), 5.0)
+    p = UnlearningProblem(_ExpHead(), TensorData(x[4:], torch.zeros(8, 1)), TensorData(x[:4], torch.zeros(4, 1)),
+                          RegressionTask(), batch_size=4)
+    with pytest.raises(NonFiniteLossError) as exc:
+        unlearn(p, create("minnorm_og", reg_coef=0.5), Budget(epochs=2))
+    assert exc.value.step == 0 and exc.value.method == "minnorm_og"
+    assert "Jacobian" in str(exc.value)
+
+
+# ---- wall-clock budgets ------------------------------------------------------------------------
+
+def test_one_off_process_warm_up_is_not_charged_to_the_run(monkeypatch):
+    # the first optimizer of a process imports torch._dynamo (seconds); unlearn pays that before
+    # its clock starts, so a seconds budget is not cut short for the first run of a process
+    calls = []
+
+    def slow_warm_up():
+        calls.append(1)
+        time.sleep(0.6)
+
+    monkeypatch.setattr(engine, "warm_up", slow_warm_up)
+    rec = unlearn(_clf_problem(), create("gd"), Budget(seconds=0.5), seed=0).record
+    assert calls and rec.steps > 0 and rec.setup_seconds < 0.3 and rec.stopped_by == "seconds"
