@@ -18,7 +18,7 @@ memory of each projection:
   one-sample call, and then runs one call (the whole process's peak, so it includes the
   allocator's and autograd's temporaries; read it as an upper bound, not an exact figure).
 
-Cases (paper.md section 5):
+Cases ((a) and (c) are models of the paper's experiments, Appendices F.2 and F.3; (b) is our CPU stand-in):
 
 * (a) Data Poisoning MLP 1-300-300-1 (SiLU), 50 points, k = 50 (regression, one score each);
 * (b) two-head ``SmallCNN`` on 3x28x28 inputs, batch 128, k = 50 samples -> 100 scores;

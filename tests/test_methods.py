@@ -1,4 +1,4 @@
-"""Each registered method's loss / update against the formulas of paper.md section 4, and config validation.
+"""Each registered method's loss / update against the formulas of the paper's Appendix F.1 (as in the authors' reference code), and config validation.
 
 Most checks use plain SGD without weight decay and full batches, so one step is
 ``theta - lr * grad(loss)`` and the expected loss can be written down directly; a learning rate
@@ -551,7 +551,7 @@ def linear_interpolation_problem(seed=0, n_r=4, n_f=2, m=10):
 
 @pytest.mark.parametrize("implementation", ["fast", "reference"])
 def test_minnorm_one_full_projection_recovers_min_norm_retain_interpolator(implementation):
-    """paper.md 2.5 item 2: reg_coef = 1 with all retain gradients gives X_r^+ y_r in one step."""
+    """Theorem 2 / Lemma 5: reg_coef = 1 with all retain gradients gives X_r^+ y_r in one step."""
     problem, theta_star, theta_r, _ = linear_interpolation_problem()
     res = run(problem, sgd("minnorm_og", lr=TINY_LR, reg_coef=1.0, implementation=implementation))
     got = res.model.weight.detach().double().reshape(-1)

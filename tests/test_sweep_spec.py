@@ -157,7 +157,7 @@ reg_coef = [0.5, 2.0]
 
 
 PAPER_COUNTS = {
-    # paper.md section 6, "Grid sizes per algorithm"
+    # grid sizes of the authors' reference grid configs
     ("table1_poison", "T=10"): {"minnorm_og": 162, "ridge": 27, "ngp": 12},
     ("table1_poison", "T=100"): {"minnorm_og": 72, "ridge": 27, "ngp": 12},
     ("table1_poison", "T=1000"): {"minnorm_og": 162, "ridge": 27, "ngp": 12},

@@ -1,4 +1,4 @@
-"""The mathematics of the paper, checked numerically (paper.md section 2.5, items 1-10).
+"""The mathematics of the paper, checked numerically (Theorems 1-5, Lemmas 1, 5, 6, Propositions 1-2; Appendices D.4.1, E, F.1.10).
 
 Every test compares the library (MinNorm-OG's projection step, the engine, the
 baselines) or an oracle in :mod:`overunlearn.theory` against an independent
@@ -279,7 +279,7 @@ def test_projection_only_iterates_follow_the_product_formula(epochs, proj_pd, nu
     Every partial projection keeps ``theta`` interpolating ``D_r`` (the removed part is orthogonal
     to the retain inputs), so the descent steps are exactly zero and only the projections act.
     Two steps per epoch (forget set = 2 batches); projections in epochs ``t < T - T_GD``,
-    ``t % T_Proj == 0`` (paper.md section 3.2), one per step.
+    ``t % T_Proj == 0`` (the paper, Table 4 and Appendix F.1.10), one per step.
     """
     s = LinearSetup(seed=9, m=40, n_r=6, n_f=10)
     reg, decay = 0.6, 0.7

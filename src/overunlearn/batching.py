@@ -1,4 +1,4 @@
-"""Batch streams following the paper's protocol (paper.md section 6).
+"""Batch streams following the protocol of the authors' reference code (`base_unlearner.Unlearner.unlearn`).
 
 * Forget batches: one epoch is one shuffled pass over the forget set (last batch kept).
 * Retain batches: a persistent, cycling iterator over the accessible retain set,

@@ -1,4 +1,4 @@
-"""Representation Collapse (paper.md section 5.3), registered as ``"collapse"``.
+"""Representation Collapse (the paper, Section 5.1 and Appendix F.4), registered as ``"collapse"``.
 
 Data, for each seed (10-class datasets only; the palette has 10 colours):
 

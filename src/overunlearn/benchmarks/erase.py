@@ -1,4 +1,4 @@
-"""Multi-Class Label Erasure (paper.md section 5.2), registered as ``"erase"``.
+"""Multi-Class Label Erasure (the paper, Section 5.1 and Appendix F.3), registered as ``"erase"``.
 
 Data, for each seed:
 
@@ -13,11 +13,11 @@ Data, for each seed:
 
 Models have two heads, ``(class_logits, color_logits)``; the task is
 ``ClassificationTask(logit_clamp=30.0)``: cross-entropy of both heads summed, logits clamped to
-``[-30, 30]`` as in the reference code (paper.md section 9, item 7); MinNorm-OG constrains the
+``[-30, 30]`` as in the authors' reference code (``MAX_LOGIT_THRESHOLD``); MinNorm-OG constrains the
 max logit of each head.
 
-Metrics (section 5.2.4), on the gray, red and green copies of the test set (or its
-class-balanced ``n_test`` subset):
+Metrics (the paper, Appendix F.3; the authors' reference code, ``erase/data_module.evaluate``),
+on the gray, red and green copies of the test set (or its class-balanced ``n_test`` subset):
 
 * ``retain_acc`` (max): fraction of **gray** test images with both heads correct;
 * ``forget_error`` (min): mean of ``(p(gray | x) - 1)^2`` over the gray, red and green copies --

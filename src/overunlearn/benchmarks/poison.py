@@ -1,4 +1,4 @@
-"""Data Poisoning benchmark (paper Section 5.1, paper.md section 5.1).
+"""Data Poisoning benchmark (the paper, Section 5.1 and Appendix F.2).
 
 Per seed:
 
@@ -55,7 +55,7 @@ DATA_SCHEME = "v1: cpu torch.Generator(seed): rand(50) retain x, then rand(5) fo
 class PoisonRecipe:
     """Everything that determines the data, original and ground-truth models of a seed.
 
-    The defaults are the paper's (paper.md section 5.1). ``key()`` hashes all fields; it names
+    The defaults are the paper's (Appendix F.2). ``key()`` hashes all fields; it names
     the cache directory, so changing any field retrains.
     """
 
@@ -135,10 +135,10 @@ def _p(method: str, epochs: int, note: str = "", **hyper: Any) -> Preset:
     return Preset(method, epochs, tuple(sorted(hyper.items())), note)
 
 
-_GARBLED = "Table 6 is garbled in our copy of the paper; best-effort column alignment (paper.md section 7.1)"
+_GARBLED = "Table 6 is garbled in our copy of the paper; best-effort column alignment"
 
 #: The paper's best hyperparameters for Data Poisoning, **from the paper's Table 6**
-#: (paper.md section 7.1). Our copy of Table 6 was garbled; the alignment is best effort and
+#: Our copy of Table 6 was garbled; the alignment is best effort and
 #: doubtful entries say so in ``note``. Every method uses AdamW with PyTorch's default weight
 #: decay 0.01 (as the reference code does), n_pert = 50 (all retain points) for MinNorm-OG.
 PAPER_PRESETS: Mapping[tuple[str, int], Preset] = MappingProxyType({
@@ -199,7 +199,7 @@ def preset(method: str, epochs: int) -> Preset:
 
 
 #: The paper's Table 1 (median) and Table 5 (central range: 3rd lowest to 3rd highest of 10 trials)
-#: sup-norm errors, **reference values copied from the paper** (paper.md section 7.1) -- not ours.
+#: sup-norm errors, **reference values copied from the paper** (the paper's Tables 1 and 5) -- not ours.
 PAPER_TABLE5: Mapping[tuple[str, int], tuple[float, float, float]] = MappingProxyType({
     ("retrain", 10): (1.50, 1.34, 1.85), ("minnorm_og", 10): (1.50, 1.45, 2.96),
     ("gd", 10): (3.23, 2.52, 6.65), ("ga", 10): (2.56, 2.19, 3.45), ("ngp", 10): (2.50, 2.20, 3.94),
@@ -797,15 +797,19 @@ def format_table(run: PoisonRun) -> str:
         "ours: median (central range = 3rd lowest .. 3rd highest of 10; min .. max for < 5 seeds); "
         "paper: Table 1 / Table 5 reference values",
         "",
-        f"{'method':<13}{'T':>6}  {'median':>7}  {'central range':<17}{'paper':>7}  {'paper range':<17}{'diverged':>9}",
     ]
-    for row in run.summary():
+    summary = run.summary()
+    labels = {"original": "(original)", "ground_truth": "(ground truth)"}
+    names = [labels.get(row["method"], row["method"]) for row in summary]
+    w = max([13, *(len(n) + 1 for n in names)])  # every name keeps at least one space before the T column
+    lines.append(f"{'method':<{w}}{'T':>6}  {'median':>7}  {'central range':<17}{'paper':>7}  {'paper range':<17}"
+                 f"{'diverged':>9}")
+    for name, row in zip(names, summary, strict=True):
         T = "" if row["T"] is None else str(row["T"])
         rng = f"({_fmt(row['range_lo'], 0)}, {_fmt(row['range_hi'], 0)})"
         prng = "" if row["paper_lo"] is None else f"({_fmt(row['paper_lo'], 0)}, {_fmt(row['paper_hi'], 0)})"
         div = f"{row['diverged']}/{row['n']}" if row["T"] is not None else ""
-        name = {"original": "(original)", "ground_truth": "(ground truth)"}.get(row["method"], row["method"])
-        lines.append(f"{name:<13}{T:>6}  {_fmt(row['median'], 7)}  {rng:<17}{_fmt(row['paper_median'], 7)}  "
+        lines.append(f"{name:<{w}}{T:>6}  {_fmt(row['median'], 7)}  {rng:<17}{_fmt(row['paper_median'], 7)}  "
                      f"{prng:<17}{div:>9}")
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@ epochs, Representation Collapse's gray warm start, Label Erasure's colour-loss s
 and augmentation. Its :meth:`TrainRecipe.key` (a hash of every field) enters the cache key
 of the trained models, so changing any training setting retrains.
 
-Recipes from the paper (paper.md sections 5.2.1, 5.2.2, 5.3):
+Recipes from the paper (Appendices F.3 and F.4):
 
 * :data:`ERASE_CIFAR10` -- two-head ResNet-18 (CIFAR stem), 100 epochs, SGD(0.03, momentum 0.9,
   wd 5e-4), StepLR(50, 0.1), batch 256, colour loss from epoch 0, no augmentation.

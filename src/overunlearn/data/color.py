@@ -5,12 +5,12 @@ rounded), as the reference code converts images to ``L`` before colouring. A col
 RGB weights ``(r, g, b)`` in ``[0, 1]`` gives the image ``(L * r, L * g, L * b) / 255``,
 which is then normalised with mean 0.5 and std 0.5 to ``[-1, 1]``.
 
-* Label Erasure (paper.md section 5.2): gray = (L, L, L), red = (L, 0, 0), green = (0, L, 0);
-  colour labels 0, 1, 2 (:data:`ERASE_PALETTE`).
-* Representation Collapse (section 5.3): the 10-colour palette :data:`COLLAPSE_PALETTE`,
+* Label Erasure (the paper, Section 5.1 and Appendix F.3): gray = (L, L, L), red = (L, 0, 0),
+  green = (0, L, 0); colour labels 0, 1, 2 (:data:`ERASE_PALETTE`).
+* Representation Collapse (Appendix F.4): the 10-colour palette :data:`COLLAPSE_PALETTE`,
   each channel ``L * rgb / 255``. The warm start uses full-intensity gray (L, L, L)
   (:data:`FULL_GRAY`), which differs from palette index 8 (half-intensity gray), as in the
-  reference code (paper.md section 9, item 10).
+  authors' reference code (``experiments/collapse``).
 
 :class:`ColoredImages` keeps intensities as ``uint8`` and a palette index per image and
 builds normalised float batches on demand, so a 50,000-image training set costs 50 MB, not

@@ -173,7 +173,7 @@ def sample_indices(n: int, k: int, generator: torch.Generator, strata: Tensor | 
     and take the first ``k`` picks. Every stratum gets ``k // C`` or ``k // C + 1`` picks
     (fewer only if it is smaller), and exactly ``min(k, n)`` indices are returned even when
     there are more strata than ``k`` -- the reference code draws ``k // C`` per class and so
-    draws nothing when ``C > k`` (paper.md section 3.3).
+    draws nothing when ``C > k`` (the authors' reference code, `get_output_grads` in `common/unlearners/unlearners.py`).
     """
     k = min(k, n)
     if strata is None:

@@ -1,4 +1,4 @@
-"""Methods that ascend the forget loss: GA, NGP (NegGrad+), NPO (paper.md section 4)."""
+"""Methods that ascend the forget loss: GA, NGP (NegGrad+), NPO (the paper, Appendix F.1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Descent on the retain set: Retrain, GD, NGD, Ridge, L1-Sparse (paper.md section 4)."""
+"""Descent on the retain set: Retrain, GD, NGD, Ridge, L1-Sparse (the paper, Appendix F.1)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """A small convolutional network for 28x28 / 32x32 images, with an optional colour head.
 
-``SmallCNN`` is the CPU-sized stand-in for the paper's ResNets (paper.md section 5.2, 5.3):
+``SmallCNN`` is the CPU-sized stand-in for the paper's ResNets (the paper, Appendices F.3 and F.4):
 two 3x3 conv blocks (conv, ReLU, 2x2 max-pool), an adaptive average pool to ``pool x pool``
 (7x7 by default: the identity for 28x28 inputs, so the same network also takes 32x32 or
 64x64 inputs), a hidden fully connected layer and one or two linear heads. With the

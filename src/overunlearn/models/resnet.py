@@ -1,10 +1,10 @@
 """Two-head and single-head ResNets built on torchvision backbones.
 
-* :func:`two_head_resnet18` -- ResNet-18 with the CIFAR stem (paper.md section 5.2.1): the 7x7
+* :func:`two_head_resnet18` -- ResNet-18 with the CIFAR stem (the paper, Appendix F.3): the 7x7
   stride-2 ``conv1`` becomes a 3x3 stride-1 convolution, the stem max-pool is removed, the
   final ``fc`` becomes the identity and linear heads ``Linear(512, .)`` read the pooled
   features.
-* :func:`two_head_resnet50` -- ResNet-50 for Tiny ImageNet (section 5.2.2), standard ImageNet
+* :func:`two_head_resnet50` -- ResNet-50 for Tiny ImageNet (Appendix F.3), standard ImageNet
   stem, heads ``Linear(2048, .)``. Pretrained weights are optional and are **never
   downloaded implicitly**: pass ``weights`` as a path to a saved state dict (of a torchvision
   ``resnet50``), or the name of a torchvision weights enum (``"IMAGENET1K_V1"``) together with

@@ -1,7 +1,7 @@
 """Selecting hyperparameters from seed results: best mean (one metric) and Pareto fronts.
 
 Both rules act on **means over seeds** of each hyperparameter setting, as in the paper
-(paper.md section 6):
+as in the authors' reference code (`grid_utils.pareto`):
 
 * **Best mean** (one metric): the setting with the best mean; ties (equal means) are broken
   by the smallest *central range* -- the spread between the sorted per-seed values at index
