@@ -164,3 +164,19 @@ def test_one_off_process_warm_up_is_not_charged_to_the_run(monkeypatch):
     monkeypatch.setattr(engine, "warm_up", slow_warm_up)
     rec = unlearn(_clf_problem(), create("gd"), Budget(seconds=0.5), seed=0).record
     assert calls and rec.steps > 0 and rec.setup_seconds < 0.3 and rec.stopped_by == "seconds"
+
+
+def test_user_config_with_unresolvable_annotation_still_validates_its_numbers():
+    # a method config written elsewhere, with an annotation only a type checker can resolve
+    import dataclasses
+
+    from overunlearn.methods.base import MethodConfig
+
+    @dataclasses.dataclass(frozen=True)
+    class MyConfig(MethodConfig):
+        strength: float = 1.0
+        helper: NotImportableAnywhere | None = None  # noqa: F821
+
+    assert MyConfig(strength=2).strength == 2
+    with pytest.raises(TypeError, match="strength='x' must be a number"):
+        MyConfig(strength="x")

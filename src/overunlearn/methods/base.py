@@ -103,8 +103,17 @@ class MethodConfig:
 @functools.cache
 def _field_kinds(cls: type) -> dict[str, type]:
     """``{field: float | int | bool}`` for a config class's fields annotated with those types."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if hints.get(f.name) in (float, int, bool)}
+    try:
+        hints: dict[str, Any] = typing.get_type_hints(cls)
+    except Exception:  # an annotation that cannot be resolved (e.g. a TYPE_CHECKING-only name)
+        hints = {}
+    plain = {"float": float, "int": int, "bool": bool}
+    kinds = {}
+    for f in dataclasses.fields(cls):
+        kind = hints.get(f.name, plain.get(f.type) if isinstance(f.type, str) else f.type)
+        if kind in (float, int, bool):
+            kinds[f.name] = kind
+    return kinds
 
 
 class Method:
