@@ -46,17 +46,21 @@ def test_recolouring_covers_every_other_colour(bench):
     assert shifts.min() >= 1 and set(shifts.tolist()) == set(range(1, 10))
 
 
-def test_problem_carries_weights_unless_disabled(bench):
+def test_problem_is_unweighted_by_default_like_the_reference_code(bench):
+    """The sample weights are training weights; unlearning uses plain CE unless asked to keep them."""
     prob = bench.problem(1)
-    assert prob.retain.weights is not None and prob.forget.weights is not None
+    assert prob.retain.weights is None and prob.forget.weights is None
     x = prob.retain.inputs
     y = prob.retain.targets
     # an image of class 2 is blue: red and green channels at -1
     blue = x[y == 2]
     assert torch.all(blue[:, :2] == -1.0)
-    unweighted = CollapseBenchmark("digits", preset="test", cache_dir=bench.cache.root, device="cpu",
-                                   progress=False, unlearn_weights=False).problem(1)
-    assert unweighted.retain.weights is None and unweighted.forget.weights is None
+    weighted = CollapseBenchmark("digits", preset="test", cache_dir=bench.cache.root, device="cpu",
+                                 progress=False, unlearn_weights=True).problem(1)
+    split = bench.split(1)
+    p = bench.preset.p_forget
+    assert torch.allclose(weighted.forget.weights, torch.full((len(split["forget"]),), 1 / (1 + p)))
+    assert torch.allclose(weighted.retain.weights, torch.full_like(weighted.retain.weights, p / (1 + p)))
     assert not isinstance(prob.model(x[:2]), tuple)  # single head
 
 
@@ -123,7 +127,8 @@ def test_unlearning_step_with_weights(bench):
     from overunlearn.engine import Budget, unlearn
     from overunlearn.methods import create
 
-    prob = bench.problem(1)
+    prob = CollapseBenchmark("digits", preset="test", cache_dir=bench.cache.root, device="cpu",
+                             progress=False, unlearn_weights=True).problem(1)
     for name in ("minnorm_og", "ngp"):
         hyper = dict(COLLAPSE_METHOD_POINTS[name])
         hyper.pop("num_gd_epochs", None)

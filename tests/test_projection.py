@@ -337,3 +337,26 @@ def test_projection_leaves_batchnorm_running_stats_and_modes_unchanged(mode, imp
     for k, b in model.named_buffers():
         assert torch.equal(b, buffers[k]), k
     assert {name: m.training for name, m in model.named_modules()} == flags
+
+
+# ---------------------------------------------------------------- logit clamp
+
+def test_saturated_logits_keep_their_constraint_under_a_loss_clamp():
+    """The task's logit clamp guards the loss only: a point whose max logit is far beyond the clamp
+    must still contribute its (nonzero) output-gradient row, the same as without a clamp."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    with torch.no_grad():
+        model[2].weight.mul_(10.0)
+        model[2].bias[0] = 100.0  # max logit ~100, far beyond a clamp of 30
+    x = torch.randn(6, 3, dtype=torch.float64)
+    assert model(x).max(dim=1).values.min() > 30
+    clamped, raw = ClassificationTask(logit_clamp=30.0), ClassificationTask()
+    for jac_fn in (output_jacobian, output_jacobian_reference):
+        j_clamped = jac_fn(model, x, clamped.scores, mode="per_sample")
+        j_raw = jac_fn(model, x, raw.scores, mode="per_sample")
+        assert torch.allclose(j_clamped, j_raw)
+        assert j_clamped.norm(dim=1).min() > 0
+    # the loss itself is clamped
+    y = torch.zeros(6, dtype=torch.long)
+    assert clamped.per_sample_loss(model(x), y).max() <= 60 + 2 * np.log(4)

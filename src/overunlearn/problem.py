@@ -96,7 +96,8 @@ class ClassificationTask(Task):
 
     ``logit_clamp`` clamps logits to ``[-c, c]`` before the loss, as the reference
     code does with ``c = 30`` for its image tasks (the reference code's ``MAX_LOGIT_THRESHOLD``).
-    ``None`` (the default) leaves logits untouched.
+    ``None`` (the default) leaves logits untouched. :meth:`scores` (the outputs whose gradients
+    MinNorm-OG keeps its update orthogonal to) always use the raw logits.
     """
 
     logit_clamp: float | None = None
@@ -132,7 +133,10 @@ class ClassificationTask(Task):
         return total  # type: ignore[return-value]
 
     def scores(self, outputs: Outputs) -> Tensor:
-        return torch.stack([h.max(dim=1).values for h in self.logits(outputs)], dim=1)
+        # Raw logits, never clamped: the clamp only guards the loss. A clamped score has a zero
+        # gradient once the logit saturates, which would silently drop that point's constraint from
+        # MinNorm-OG's projection.
+        return torch.stack([h.max(dim=1).values for h in as_heads(outputs)], dim=1)
 
     def strata(self, targets: Targets) -> Tensor | None:
         return as_heads(targets)[0]

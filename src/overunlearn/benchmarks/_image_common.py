@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from overunlearn.benchmarks.base import MetricSpec
+from overunlearn.benchmarks.base import MetricSpec, retrain_seed
 from overunlearn.benchmarks.training import ModelCache, Phase, TrainRecipe, accuracy, build_model, train
 from overunlearn.data.color import ColoredImages
 from overunlearn.data.sources import ImageSet, canonical_name, load_images
@@ -223,8 +223,15 @@ class ImageBenchmark:
             forget=split["forget"].materialize(),
             task=self.task,
             batch_size=self.preset.unlearn_batch_size,
-            make_model=lambda: self.make_model(pretrained=False),
+            make_model=lambda: self._fresh_model(retrain_seed(seed)),
         )
+
+    def _fresh_model(self, init_seed: int) -> nn.Module:
+        """Retrain's starting point: an untrained network drawn under its own seed (not the ground-truth
+        model's initialisation, which the engine's ``manual_seed(seed)`` would otherwise reproduce)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            return self.make_model(pretrained=False)
 
     def evaluate(self, model: nn.Module, seed: int) -> dict[str, float]:  # pragma: no cover
         raise NotImplementedError

@@ -47,6 +47,16 @@ class Benchmark(Protocol):
 _BENCHMARKS: dict[str, Callable[..., Benchmark]] = {}
 
 
+def retrain_seed(seed: int) -> int:
+    """The seed of Retrain's fresh initialisation for benchmark seed ``seed``.
+
+    Benchmarks build their original and ground-truth models under ``seed``; Retrain must start
+    from an independent initialisation (as the authors' reference code does, which re-draws it from
+    the running generator), not from the ground-truth model's own starting point.
+    """
+    return 1_000_003 + int(seed)
+
+
 def register_benchmark(name: str) -> Callable[[Callable[..., Benchmark]], Callable[..., Benchmark]]:
     def deco(factory: Callable[..., Benchmark]) -> Callable[..., Benchmark]:
         _BENCHMARKS[name] = factory

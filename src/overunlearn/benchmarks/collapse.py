@@ -15,10 +15,12 @@ Data, for each seed (10-class datasets only; the palette has 10 colours):
   must use content.
 
 The retain set holds every training image (the forget images are extra recoloured copies),
-following the paper's "retain set: every training image". The unlearning problem's data keep
-their weights by default (``unlearn_weights=True``: the engine's loss is ``mean(w_i * CE_i)``,
-the same objective the original model minimised); pass ``unlearn_weights=False`` for unweighted
-unlearning losses.
+following the paper's "retain set: every training image". The sample weights are training
+weights only: the unlearning problem's data carry none by default (``unlearn_weights=False``, plain
+``mean(CE_i)``, as the authors' reference code unlearns), so the paper's hyperparameter grids keep
+their meaning. ``unlearn_weights=True`` keeps them (the engine's loss is then ``mean(w_i * CE_i)``,
+the objective the original model minimised), which scales forget terms about ``1/p`` times
+against retain terms and penalties.
 
 Metrics, on 10 copies of the test set (or its class-balanced ``n_test`` subset), copy ``j``
 coloured with palette colour ``j``:
@@ -97,14 +99,15 @@ class CollapseBenchmark(ImageBenchmark):
     """Representation Collapse on a 10-class image dataset (see the module docstring).
 
     Args: as :class:`~overunlearn.benchmarks.erase.EraseBenchmark`; ``p_forget`` is the per-class
-    forget fraction ``p``; ``unlearn_weights`` keeps the sample weights in the unlearning problem.
+    forget fraction ``p``; ``unlearn_weights`` keeps the sample weights in the unlearning problem
+    (default ``False``, the reference code's unweighted unlearning loss).
     """
 
     name = "collapse"
     metrics = COLLAPSE_METRICS
     color_classes = None
 
-    def __init__(self, dataset: str = "fashion-mnist", *, unlearn_weights: bool = True, **kwargs: Any) -> None:
+    def __init__(self, dataset: str = "fashion-mnist", *, unlearn_weights: bool = False, **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
         self.unlearn_weights = unlearn_weights
 

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from overunlearn.benchmarks.base import MetricSpec, register_benchmark
+from overunlearn.benchmarks.base import MetricSpec, register_benchmark, retrain_seed
 from overunlearn.models.mlp import MLP
 from overunlearn.problem import RegressionTask, TensorData, UnlearningProblem
 from overunlearn.storage import atomic_torch_save, atomic_write_json, default_cache_dir, safe_torch_load, stable_hash
@@ -387,7 +387,7 @@ class PoisonBenchmark:
         model = self.load_model(seed, "original")
         batch = len(retain) + len(forget)  # >= both sets: each epoch is one full-batch step
         return UnlearningProblem(model=model, retain=retain, forget=forget, task=RegressionTask(), batch_size=batch,
-                                 make_model=partial(self.make_model, _retrain_seed(seed)))
+                                 make_model=partial(self.make_model, retrain_seed(seed)))
 
     def evaluate(self, model: nn.Module, seed: int) -> dict[str, float]:
         r = self.recipe
@@ -399,11 +399,6 @@ class PoisonBenchmark:
     def grid(self) -> torch.Tensor:
         r = self.recipe
         return torch.linspace(r.x_low, r.x_high, r.grid_points)
-
-
-def _retrain_seed(seed: int) -> int:
-    """Retrain's fresh initialisation: a seed different from the original model's."""
-    return 1_000_003 + int(seed)
 
 
 def central_range(values: Sequence[float], drop: int = 2) -> tuple[float, float]:

@@ -381,9 +381,17 @@ class PrivacyRunner:
         from overunlearn.methods import create
 
         s = self.setup
+        # Retrain starts from an initialisation of its own, never original i's (whatever data_seed is)
+        init_seed = 1_000_003 + model_seeds("original", i + 1, self.data_seed)[i]
+
+        def fresh_model() -> nn.Module:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed)
+                return s.make_model()
+
         problem = UnlearningProblem(model=original, retain=s.accessible_retain if s.accessible_retain is not None
                                     else s.retain, forget=s.forget, task=s.task, batch_size=s.batch_size,
-                                    make_model=s.make_model)
+                                    make_model=fresh_model)
         res = unlearn(problem, create(spec.method, **dict(spec.hyper)), spec.make_budget(), seed=i,
                       device=self.device, forget_bn_stats=s.forget_bn_stats)
         self.timings.setdefault(f"unlearn_{spec.name}", []).append(res.record.seconds)

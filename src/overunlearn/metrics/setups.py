@@ -183,7 +183,7 @@ def image_benchmark_setup(bench: Any, seed: int, *, head: int | None = None, max
         shift = torch.randint(1, k, (len(test_set),), generator=gen)
         test_ci = ColoredImages(lum, (test_set.labels + shift) % k, test_set.labels, split["forget"].palette)
         default_head = 0
-    keep_w = getattr(bench, "unlearn_weights", True)
+    keep_w = getattr(bench, "unlearn_weights", False)
     forget = split["forget"].materialize(with_weights=keep_w)
     accessible = split["accessible"].materialize(with_weights=keep_w)
     task = bench.task
