@@ -407,6 +407,28 @@ def test_salun_mask_is_the_median_of_forget_gradient_magnitudes():
     assert 0.45 <= float(mask.mean()) <= 0.55
 
 
+@pytest.mark.parametrize("sparsity", [0.1, 0.3, 0.8])
+def test_salun_freezes_exactly_the_smallest_sparsity_fraction(sparsity):
+    p = classification_problem(n_forget=6, batch_size=4)
+    method = sgd("salun", sparsity=sparsity)
+    make_ctx(p, method)
+    gen = torch.Generator().manual_seed(0)
+    from overunlearn.batching import forget_epoch
+
+    grads = [torch.zeros_like(q) for q in p.model.parameters()]
+    for b in forget_epoch(p.forget, p.batch_size, gen):
+        for acc, g in zip(grads, torch.autograd.grad(J(p, p.model, b), list(p.model.parameters())), strict=False):
+            acc += g
+    mags = torch.cat([g.abs().reshape(-1) for g in grads])
+    assume_distinct = mags.unique().numel() == mags.numel()
+    assert assume_distinct
+    k = round(sparsity * mags.numel())
+    frozen = 1 - torch.cat([m.reshape(-1) for m in method.masks])
+    assert int(frozen.sum()) == k
+    # the frozen entries are the k smallest magnitudes
+    assert torch.equal(frozen.bool(), mags <= mags.sort().values[k - 1])
+
+
 @pytest.mark.parametrize("sparsity", [0.5, 0.8])
 def test_salun_freezes_about_sparsity_fraction_and_leaves_no_hooks(sparsity):
     p = classification_problem(n_retain=12, n_forget=6)
@@ -599,6 +621,27 @@ def test_retrain_reset_parameters_is_seeded_and_ignores_global_rng(reg_problem):
     assert torch.equal(va, vb)
     assert not torch.allclose(va, vc)
     assert not torch.allclose(va, params_vector(reg_problem.model))
+
+
+def test_retrain_warns_about_parameters_it_cannot_reset(reg_problem):
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(3, 1)
+            self.scale = nn.Parameter(torch.tensor(2.0))  # no module resets this one
+
+        def forward(self, x):
+            return self.scale * self.body(x)
+
+    model = Scaled()
+    p = UnlearningProblem(model, reg_problem.retain, reg_problem.forget, reg_problem.task)
+    with pytest.warns(UserWarning, match=r"1 trainable parameter.*scale.*make_model"):
+        run(p, sgd("retrain", lr=TINY_LR), Budget(steps=1))
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("error")  # a model every module of which can reset: no warning
+        run(reg_problem, sgd("retrain", lr=TINY_LR), Budget(steps=1))
 
 
 def test_retrain_then_trains_on_retain(reg_problem):

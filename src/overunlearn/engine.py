@@ -26,6 +26,7 @@ import copy
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -193,10 +194,19 @@ def _reinitialise(problem: UnlearningProblem, model: nn.Module, seed: int) -> nn
             fresh = problem.make_model()
             model.load_state_dict(fresh.state_dict())
         else:
+            covered: set[int] = set()
             for m in model.modules():
                 reset = getattr(m, "reset_parameters", None)
                 if callable(reset):
                     reset()
+                    covered.update(id(p) for p in m.parameters(recurse=False))
+            missed = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+            if missed:
+                shown = ", ".join(missed[:5]) + (f" and {len(missed) - 5} more" if len(missed) > 5 else "")
+                warnings.warn(
+                    f"Retrain: {len(missed)} trainable parameter(s) belong to no module with reset_parameters() "
+                    f"and keep their trained values ({shown}); pass UnlearningProblem(make_model=...) for a "
+                    "complete re-initialisation", stacklevel=3)
     return model
 
 
@@ -325,7 +335,11 @@ def unlearn(problem: UnlearningProblem, method: Method, budget: Budget, *, seed:
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
         progress: show a progress bar.
         forget_bn_stats: also forward forget batches (without gradient) for methods that do
-            not use them, so BatchNorm running statistics see them as in the reference code.
+            not use them, so BatchNorm running statistics absorb forget-set statistics. This
+            approximates the reference code, which forwards *both* batches in train mode at every
+            step for every method; a method that does not use its retain batch (GA, NPO, SCRUB's
+            max epochs) or forget batch (SCRUB's min epochs) skips that forward here. With the
+            default ``False``, methods that never look at the forget set never forward it.
         on_step: called after every step with the step info and the loss value.
 
     Raises:

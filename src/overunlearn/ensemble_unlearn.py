@@ -17,8 +17,9 @@ method                  per-member step
 ``retrain``, ``gd``     ``a = 1, b = 0`` (Retrain starts from the problem's fresh model)
 ``ga``                  ``a = 0, b = -1``
 ``ngp``                 ``a = 1, b = -ga_coef``
-``ngd``                 GD plus ``noise_sig * N(0, I)`` on the gradient, drawn from the same
-                        generator stream as the engine (seed + 1, parameters in module order)
+``ngd``                 GD plus ``noise_sig * N(0, I)`` on the gradient; on CPU drawn from the
+                        same generator stream as the engine (seed + 1, parameters in module
+                        order); on CUDA the engine draws on the device, so the streams differ
 ``ridge``               gradient ``+ 2 c_t theta``, ``c_t = reg_coef * reg_coef_decay^t``
 ``l1_sparse``           gradient ``+ c_t sign(theta)`` with the engine's L1 schedule
 ``minnorm_og``          the orthogonal-gradient min-norm projection (factored Gram of the

@@ -51,8 +51,14 @@ class SalUn(Method):
                 if g is not None:
                     acc.add_(g)
         mags = torch.cat([g.abs().reshape(-1) for g in grads])
-        k = max(1, int(round(self.config.sparsity * mags.numel())))
-        threshold = mags.kthvalue(k).values if self.config.sparsity > 0 else mags.new_tensor(-1.0)
+        # freeze the k smallest |g| entries: keep those >= the (k+1)-th smallest value
+        k = int(round(self.config.sparsity * mags.numel()))
+        if k <= 0:
+            threshold = mags.new_tensor(-1.0)
+        elif k >= mags.numel():
+            threshold = mags.new_tensor(float("inf"))
+        else:
+            threshold = mags.kthvalue(k + 1).values
         if self.config.sparsity == 0.5:  # exactly the median rule of the reference
             threshold = mags.median()
         self.masks = [(g.abs() >= threshold).to(g.dtype) for g in grads]
