@@ -142,3 +142,36 @@ def test_dominance_table_counts_weakly_dominated_front_points():
     assert "| SalUn |" in md or "salun" in md.lower()
     best_mean = SettingResult("sw", "", "", [1], {}, [("acc", "max")], "best_mean", "mean_se", [], {})
     assert dominance_table(best_mean) is None
+
+
+def _front_setting(with_outlier: bool):
+    from overunlearn.report.aggregate import ConfigGroup, MethodResult, SettingResult
+
+    def groups(method, pts):
+        return [ConfigGroup(method, f"{method}{i}", {}, {}, metrics={1: {"acc": a, "err": e}})
+                for i, (a, e) in enumerate(pts)]
+
+    mn = groups("minnorm_og", [(0.86, 0.6), (0.85, 0.2), (0.84, 0.0)])
+    gd = groups("gd", [(0.86, 0.65)])
+    methods = [MethodResult("minnorm_og", mn, mn), MethodResult("gd", gd, gd)]
+    if with_outlier:
+        ga = groups("ga", [(0.1, 0.0)])  # a diverged baseline far to the left
+        methods.append(MethodResult("ga", ga, ga))
+    return SettingResult("sw", "s", "", [1], {"epochs": 1}, [("acc", "max"), ("err", "min")], "pareto",
+                         "mean_se", methods, {})
+
+
+def test_frontier_figure_adds_a_close_up_only_when_a_front_is_far_away(tmp_path):
+    import struct
+
+    from overunlearn.report.figures import frontier_plot, zoom_limits
+
+    assert zoom_limits(_front_setting(False)) is None
+    (x0, x1), (y0, y1) = zoom_limits(_front_setting(True))
+    assert 0.8 < x0 < 0.84 and 0.86 < x1 < 0.9  # the outlier at 0.1 is outside the close-up
+    assert y0 < 0.0 and y1 > 0.6
+    widths = []
+    for flag in (False, True):
+        path = frontier_plot(_front_setting(flag), tmp_path / f"f{flag}.png")
+        widths.append(struct.unpack(">I", path.read_bytes()[16:20])[0])  # PNG IHDR width
+    assert widths[1] == 2 * widths[0]
