@@ -357,3 +357,22 @@ def test_vmapped_ensemble_equals_independent_training():
                 opt.step()
             for (k, a), b in zip(ens[i].state_dict().items(), ref.state_dict().values(), strict=True):
                 assert torch.allclose(a, b, atol=1e-5), k
+
+
+def test_privacy_retrain_never_starts_from_an_originals_initialisation(tmp_path):
+    """With data seed 0 the originals are trained from seeds 0, 1, ...: Retrain of original i, unlearned
+    with seed i, must still start from an initialisation of its own."""
+    from torch import nn as _nn
+
+    from overunlearn.metrics.privacy import PrivacyRunner, model_seeds, parse_methods
+    from overunlearn.metrics.setups import digits_setup, seeded_model
+
+    setup = digits_setup(seed=0, n_retain=60, n_forget=10, n_test=20, hidden=16, steps=5, lr=1e-2,
+                         train_batch_size=None, forget="mislabeled")
+    runner = PrivacyRunner(setup, data_seed=0, cache_dir=False, device="cpu")
+    spec = parse_methods([("retrain", {"lr": 1e-12}, 1)])[0]  # lr ~ 0: the result is the initialisation
+    vec = lambda m: _nn.utils.parameters_to_vector(m.parameters()).detach()  # noqa: E731
+    inits = [vec(seeded_model(setup.make_model, sd)) for sd in model_seeds("original", 2, 0)]
+    for i in range(2):
+        fresh = vec(runner.unlearn_one(spec, i, seeded_model(setup.make_model, 99)))
+        assert all(not torch.allclose(fresh, w, atol=1e-4) for w in inits)

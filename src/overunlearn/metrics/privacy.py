@@ -382,7 +382,9 @@ class PrivacyRunner:
 
         s = self.setup
         # Retrain starts from an initialisation of its own, never original i's (whatever data_seed is)
-        init_seed = 1_000_003 + model_seeds("original", i + 1, self.data_seed)[i]
+        from overunlearn.benchmarks.base import retrain_seed
+
+        init_seed = retrain_seed(model_seeds("original", i + 1, self.data_seed)[i])
 
         def fresh_model() -> nn.Module:
             with torch.random.fork_rng(devices=[]):
