@@ -390,40 +390,34 @@ def no_hooks(model: nn.Module) -> bool:
     return True
 
 
-def test_salun_mask_is_the_median_of_forget_gradient_magnitudes():
-    p = classification_problem(n_forget=6, batch_size=4)  # two forget batches: the gradient is their sum
-    method = sgd("salun")
-    make_ctx(p, method)
-    gen = torch.Generator().manual_seed(0)
+def _salun_setup(**hyper):
+    """A SalUn method after setup, and the |gradient| entries its mask was built from (summed over
+    the forget batches in the engine's order)."""
     from overunlearn.batching import forget_epoch
 
+    p = classification_problem(n_forget=6, batch_size=4)  # two forget batches: the gradient is their sum
+    method = sgd("salun", **hyper)
+    make_ctx(p, method)
     grads = [torch.zeros_like(q) for q in p.model.parameters()]
-    for b in forget_epoch(p.forget, p.batch_size, gen):
+    for b in forget_epoch(p.forget, p.batch_size, torch.Generator().manual_seed(0)):
         for acc, g in zip(grads, torch.autograd.grad(J(p, p.model, b), list(p.model.parameters())), strict=False):
             acc += g
-    mags = torch.cat([g.abs().reshape(-1) for g in grads])
     mask = torch.cat([m.reshape(-1) for m in method.masks])
+    return mask, torch.cat([g.abs().reshape(-1) for g in grads])
+
+
+def test_salun_mask_is_the_median_of_forget_gradient_magnitudes():
+    mask, mags = _salun_setup()
     torch.testing.assert_close(mask, (mags >= mags.median()).float())
     assert 0.45 <= float(mask.mean()) <= 0.55
 
 
 @pytest.mark.parametrize("sparsity", [0.1, 0.3, 0.8])
 def test_salun_freezes_exactly_the_smallest_sparsity_fraction(sparsity):
-    p = classification_problem(n_forget=6, batch_size=4)
-    method = sgd("salun", sparsity=sparsity)
-    make_ctx(p, method)
-    gen = torch.Generator().manual_seed(0)
-    from overunlearn.batching import forget_epoch
-
-    grads = [torch.zeros_like(q) for q in p.model.parameters()]
-    for b in forget_epoch(p.forget, p.batch_size, gen):
-        for acc, g in zip(grads, torch.autograd.grad(J(p, p.model, b), list(p.model.parameters())), strict=False):
-            acc += g
-    mags = torch.cat([g.abs().reshape(-1) for g in grads])
-    assume_distinct = mags.unique().numel() == mags.numel()
-    assert assume_distinct
+    mask, mags = _salun_setup(sparsity=sparsity)
+    assert mags.unique().numel() == mags.numel()  # distinct magnitudes: "the k smallest" is well defined
     k = round(sparsity * mags.numel())
-    frozen = 1 - torch.cat([m.reshape(-1) for m in method.masks])
+    frozen = 1 - mask
     assert int(frozen.sum()) == k
     # the frozen entries are the k smallest magnitudes
     assert torch.equal(frozen.bool(), mags <= mags.sort().values[k - 1])
