@@ -80,6 +80,92 @@ def test_ensemble_state_dicts_load_into_plain_mlp():
     assert set(res[0].state_dict) == set(model.state_dict())
 
 
+def test_flat_adamw_is_torch_adamw():
+    from overunlearn.training.ensemble import FlatAdamW
+
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(500, generator=g) * 10.0 ** k for k in range(-3, 3)] * 2  # 12 steps, many scales
+    start = torch.randn(500, generator=g)
+    for fused in (True, False):
+        ref = start.clone().requires_grad_(True)
+        opt = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1, fused=fused or None)
+        p, grad = start.clone(), torch.zeros(500)
+        ours = FlatAdamW(p, grad, lr=1e-2, weight_decay=0.1, fused=fused)
+        for gr in grads:
+            ref.grad = gr.clone()
+            opt.step()
+            grad.copy_(gr)
+            ours.step()
+        if fused:  # the same kernel with the same arguments: bit for bit
+            assert torch.equal(p, ref.detach())
+        else:  # torch.optim.AdamW's formula in plain tensor operations
+            torch.testing.assert_close(p, ref.detach(), rtol=1e-6, atol=1e-7)
+        assert float(ours.step_t) == len(grads)
+
+
+def test_ensemble_processes_equal_threads_bitwise():
+    members = _members(widths=(40, 40), steps=(30, 12, 25, 30, 12))
+    kw = dict(lr=1e-2, weight_decay=0.01, workers=2, group_size=2)
+    done_keys: list = []
+    steps_seen: list[int] = []
+    by_process = train_ensemble(members, processes=True, on_done=lambda r: done_keys.append(r.key),
+                                progress=steps_seen.append, report_every=5, **kw)
+    by_thread = train_ensemble(members, processes=False, **kw)
+    assert sorted(done_keys) == [m.key for m in members]  # on_done ran in this process, once each
+    assert sum(steps_seen) == sum(m.steps for m in members)
+    for a, b, m in zip(by_process, by_thread, members, strict=True):
+        assert a.key == b.key == m.key and a.steps == b.steps == m.steps
+        assert a.final_loss == b.final_loss
+        for k in a.state_dict:
+            assert torch.equal(a.state_dict[k], b.state_dict[k]), k
+
+
+def test_ensemble_rejects_what_it_cannot_train_before_starting_workers():
+    members = _members(widths=(8, 8), steps=(3, 3))
+    relu = Member(MLP(1, (8, 8), 1, "relu"), members[1].x, members[1].y, 3, key="relu")
+    with pytest.raises(ValueError, match="SiLU"):
+        train_ensemble([members[0], relu], workers=2)
+    short_y = Member(members[1].model, members[1].x, members[1].y[:-1], 3, key="short")
+    with pytest.raises(ValueError, match="short"):
+        train_ensemble([members[0], short_y], workers=2)
+
+
+def test_ensemble_worker_process_reports_its_error():
+    from overunlearn.training.ensemble import _process_worker
+
+    m = _members(widths=(8, 8), steps=(3,))[0]
+    m.y = m.y[:-1]  # past the caller's checks: fails inside the worker
+
+    class _Q(list):
+        put = list.append
+
+    q = _Q()
+    prev = torch.get_num_threads()
+    try:
+        _process_worker(7, [m], 1e-3, 0.01, 5, 1, q)
+    finally:
+        torch.set_num_threads(prev)
+    assert len(q) == 1 and q[0][:2] == (7, "error") and "Traceback" in q[0][2]
+
+
+def test_ensemble_dead_worker_process_is_an_error_not_a_hang():
+    import multiprocessing as mp
+    import os
+    import signal
+
+    members = _members(widths=(8, 8), steps=(10**7, 10**7))
+
+    def kill_a_worker(_n):
+        for p in mp.active_children():
+            if p.name.startswith("overunlearn-train-"):
+                os.kill(p.pid, signal.SIGKILL)
+                return
+
+    with pytest.raises(RuntimeError, match="died"):
+        train_ensemble(members, workers=2, processes=True, progress=kill_a_worker, report_every=50)
+    assert not [p for p in mp.active_children() if p.name.startswith("overunlearn-train-")]
+
+
 def test_poison_mlp_is_the_papers_shallownet():
     m = poison_mlp(seed=0)
     assert sum(p.numel() for p in m.parameters()) == 91_201

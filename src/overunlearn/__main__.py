@@ -1,3 +1,4 @@
 from overunlearn.cli import main
 
-main()
+if __name__ == "__main__":  # guarded: worker processes started with "spawn" re-import this module
+    main()

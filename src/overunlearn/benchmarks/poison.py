@@ -255,7 +255,9 @@ class PoisonBenchmark:
         recipe: ``"full"`` (the paper's, default), ``"quick"``, ``"smoke"`` or a :class:`PoisonRecipe`.
         cache_dir: root of the model cache (default: :func:`overunlearn.storage.default_cache_dir`).
         device: where models are trained and evaluated (``"auto"``, ``"cpu"``, ``"cuda"``).
-        workers: CPU threads used to train ensembles (default: ``torch.get_num_threads()``).
+        workers: CPU cores used to train ensembles: one shard per core, each in a worker process
+            with one thread (threads of this process off Linux; see
+            :func:`overunlearn.training.ensemble.train_ensemble`). Default ``torch.get_num_threads()``.
         progress: show progress bars while training.
     """
 
@@ -628,7 +630,7 @@ def run_poison(seeds: Sequence[int] = tuple(range(1, 11)), epochs: Sequence[int]
     """Train (or load) the original / ground-truth models of ``seeds``, run every method at every ``T``
     with the paper's presets, and collect sup-norm errors.
 
-    ``threads`` CPU threads are used for the ensemble training (one shard per thread) and as the
+    ``threads`` CPU cores are used for the ensemble training (one single-threaded shard per core) and as the
     number of worker processes that run unlearning trials concurrently (one intra-op thread each);
     default ``torch.get_num_threads()``. With ``threads=1`` everything runs in this process.
     A trial whose loss becomes non-finite is recorded as diverged (``sup_error = inf``).

@@ -119,8 +119,8 @@ def poison_cmd(
     paths = write_outputs(run, out)
     t = run.timings
     typer.echo("")
-    typer.echo(f"time: {t['total_s']:.1f} s (training {t['train_s']:.1f} s for {run.trained_models} models "
-               f"{'(all cached)' if run.trained_models == 0 else ''}, unlearning {t['unlearn_s']:.1f} s; "
+    trained = "all cached" if run.trained_models == 0 else f"{t['train_s']:.1f} s for {run.trained_models} models"
+    typer.echo(f"time: {t['total_s']:.1f} s (training: {trained}, unlearning {t['unlearn_s']:.1f} s; "
                f"{run.reused_trials} of {len(run.trials)} trials reused from the cache)")
     typer.echo("written:")
     for key, path in paths.items():

@@ -26,15 +26,16 @@ Members may train for different numbers of steps (the Data Poisoning benchmark t
 100k-step original models and the 50k-step ground-truth models together); a member that is
 done is taken out of the stacked tensors, together with its AdamW state.
 
-On CPU the ensemble is split into ``workers`` shards that run in Python threads with one
-intra-op thread each. PyTorch releases the GIL inside its kernels, so this uses several
-cores without OpenMP barriers -- which matters on a shared machine, where a busy core makes
-every OpenMP parallel region wait (we measured 4-10x slowdowns of 2-thread OpenMP under load).
-Each worker steps its members in lockstep groups of at most ``group_size`` (default
-:data:`DEFAULT_CPU_GROUP`), one group after the other; members with the same number of points
-share a group, so short datasets are not padded. Small groups keep a group's working set
-(parameters, gradients, AdamW moments: 1.5 MB per 300-300 member) in cache while the other
-worker runs beside it.
+On CPU the ensemble is split into ``workers`` shards with one intra-op thread each, run in
+worker processes (default) or in threads of the calling process. Either way there are no OpenMP
+barriers between cores -- which matters on a shared machine, where a busy core makes every OpenMP
+parallel region wait (we measured 4-10x slowdowns of 2-thread OpenMP under load) -- and
+processes also keep the shards' Python dispatch from contending for one GIL (13% faster than
+threads on the 2-core development machine). Each worker steps its members in lockstep groups of
+at most ``group_size`` (default :data:`DEFAULT_CPU_GROUP`), one group after the other; members
+with the same number of points share a group, so short datasets are not padded. Small groups
+keep a group's working set (parameters, gradients, AdamW moments: 1.5 MB per 300-300 member) in
+cache while the other worker runs beside it.
 """
 
 from __future__ import annotations
@@ -69,6 +70,55 @@ class MemberResult:
     steps: int
 
 
+class FlatAdamW:
+    """AdamW (decoupled weight decay) on one flat parameter tensor, without ``torch.optim``'s overhead.
+
+    Numerically the same update as ``torch.optim.AdamW(..., fused=True)`` (it calls the same
+    fused kernel, ``torch._fused_adamw_``, with the same arguments and a float32 step counter),
+    but one step is a single kernel call: the ``Optimizer.step`` machinery (hooks, grouping by
+    device and dtype, state lookup) costs about 0.3 ms per call, which is 6% of a training step of
+    a group of five 300-300 MLPs. Where the fused kernel is unavailable the same update runs as
+    plain tensor operations (``torch.optim.AdamW``'s single-tensor formula). Both paths are held to
+    ``torch.optim.AdamW`` by ``tests/test_poison.py``.
+    """
+
+    def __init__(self, param: Tensor, grad: Tensor, lr: float, weight_decay: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 fused: bool | None = None) -> None:
+        self.param, self.grad = param, grad
+        self.lr, self.weight_decay, self.betas, self.eps = float(lr), float(weight_decay), betas, float(eps)
+        self.exp_avg = torch.zeros_like(param)
+        self.exp_avg_sq = torch.zeros_like(param)
+        self.step_t = torch.zeros((), dtype=torch.float32, device=param.device)
+        self.fused = hasattr(torch, "_fused_adamw_") if fused is None else bool(fused)
+
+    def load(self, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor) -> None:
+        """Continue from moments ``exp_avg`` / ``exp_avg_sq`` after ``step`` steps."""
+        self.exp_avg, self.exp_avg_sq = exp_avg.contiguous(), exp_avg_sq.contiguous()
+        self.step_t = step.clone()
+
+    def step(self) -> None:
+        self.step_t.add_(1)
+        b1, b2 = self.betas
+        if self.fused:
+            try:
+                torch._fused_adamw_([self.param], [self.grad], [self.exp_avg], [self.exp_avg_sq], [],
+                                    [self.step_t], lr=self.lr, beta1=b1, beta2=b2,
+                                    weight_decay=self.weight_decay, eps=self.eps, amsgrad=False,
+                                    maximize=False, grad_scale=None, found_inf=None)
+                return
+            except (RuntimeError, NotImplementedError):  # pragma: no cover - device without the kernel
+                self.fused = False
+        step = float(self.step_t)
+        p, g = self.param, self.grad
+        p.mul_(1.0 - self.lr * self.weight_decay)
+        self.exp_avg.lerp_(g, 1.0 - b1)
+        self.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+        bc1, bc2 = 1.0 - b1 ** step, 1.0 - b2 ** step
+        denom = (self.exp_avg_sq.sqrt() / (bc2 ** 0.5)).add_(self.eps)
+        p.addcdiv_(self.exp_avg, denom, value=-self.lr / bc1)
+
+
 class _Shard:
     """A group of members trained in lockstep: stacked parameters, data, buffers and one AdamW.
 
@@ -76,6 +126,12 @@ class _Shard:
     (``[W_0 | b_0 | W_1 | b_1 | ...]``, each block ``(E, ...)`` contiguous), and so do their
     gradients; ``params`` / ``grads`` are views. One fused AdamW then updates the whole group in
     a single kernel call, and the forward and backward passes write into preallocated buffers.
+
+    Two details of the step matter for speed on CPU (``benchmarks/perf_training.py``): products
+    with a width-1 side (the output layer, the scalar input) are written as row-vector (``M = 1``)
+    products, which MKL runs 5-8x faster than its ``N = 1`` batched path; and SiLU keeps its
+    sigmoid ``s`` from the forward pass, so the backward is ``s + h (1 - s)`` with ``h = z s``
+    (two cheap elementwise passes: a ``lerp`` and a product) instead of a second pass of exponentials.
     """
 
     def __init__(self, members: Sequence[Member], lr: float, weight_decay: float, device: torch.device,
@@ -113,7 +169,6 @@ class _Shard:
             blocks.append(torch.stack([lin.bias.detach().to(torch.float32) for lin in lins]).reshape(-1))
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
         self._set_flat(torch.cat(blocks).to(device))
-        self.optimizer = self._make_optimizer()
         self.step_count = 0
 
     def _views(self, flat: Tensor) -> list[Tensor]:
@@ -129,34 +184,36 @@ class _Shard:
         self.flat.grad = torch.zeros_like(self.flat)
         self.params = self._views(self.flat)
         self.grads = self._views(self.flat.grad)
+        self.optimizer = FlatAdamW(self.flat, self.flat.grad, self.lr, self.weight_decay, self.betas, self.eps)
         e, n = self.x.shape[0], self.x.shape[1]
-        # z[l]: pre-activation of layer l; h[l]: its SiLU; dz[l]: d loss / d z[l]
+        # z[l]: pre-activation of layer l; s[l]: sigmoid(z[l]); h[l] = z[l] s[l] (its SiLU);
+        # dz[l]: d loss / d z[l]
         self._z = [torch.empty(e, n, w, device=self.device) for w in self.widths[1:]]
+        self._s = [torch.empty(e, n, w, device=self.device) for w in self.widths[1:-1]]
         self._h = [torch.empty(e, n, w, device=self.device) for w in self.widths[1:-1]]
         self._dz = [torch.empty(e, n, w, device=self.device) for w in self.widths[1:]]
-
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        kw = dict(lr=self.lr, weight_decay=self.weight_decay, betas=self.betas, eps=self.eps)
-        try:
-            return torch.optim.AdamW([self.flat], fused=True, **kw)
-        except (RuntimeError, TypeError):  # pragma: no cover - fused unsupported on this device
-            return torch.optim.AdamW([self.flat], foreach=True, **kw)
+        self._one = torch.ones(1, 1, 1, device=self.device)
 
     # ---- the step -----------------------------------------------------------------
     def forward(self) -> Tensor:
         """Outputs ``(E, n, out)``; fills the pre-activation / activation buffers."""
         a = self.x
         n_layers = len(self.widths) - 1
+        e, n = self.x.shape[0], self.x.shape[1]
         for li in range(n_layers):
             W, b, z = self.params[2 * li], self.params[2 * li + 1], self._z[li]
             # fan_in 1: an outer product, cheaper than a K=1 bmm
             if W.shape[1] == 1:
                 torch.addcmul(b, a, W, out=z)
+            elif W.shape[2] == 1:
+                # fan_out 1: z^T = W^T a^T as a row-vector product ((E, n, 1) and (E, 1, n) share memory)
+                torch.baddbmm(b, W.view(e, 1, -1), a.transpose(1, 2), out=z.view(e, 1, n))
             else:
                 torch.baddbmm(b, a, W, out=z)
             if li == n_layers - 1:
                 return z
-            a = torch.ops.aten.silu.out(z, out=self._h[li])
+            torch.sigmoid(z, out=self._s[li])
+            a = torch.mul(z, self._s[li], out=self._h[li])
         raise AssertionError("unreachable")
 
     def loss_and_grads(self) -> None:
@@ -168,8 +225,9 @@ class _Shard:
             a = self.x if li == 0 else self._h[li - 1]
             W = self.params[2 * li]
             gW, gb = self.grads[2 * li], self.grads[2 * li + 1]
-            if W.shape[1] == 1:
-                torch.sum(a * dz, dim=1, keepdim=True, out=gW)
+            if W.shape[2] == 1:
+                # fan_out 1: gW^T = dz^T a, a row-vector product ((E, in, 1) and (E, 1, in) share memory)
+                torch.bmm(dz.transpose(1, 2), a, out=gW.view(gW.shape[0], 1, -1))
             else:
                 torch.bmm(a.transpose(1, 2), dz, out=gW)
             torch.sum(dz, dim=1, keepdim=True, out=gb)
@@ -180,8 +238,11 @@ class _Shard:
                     torch.mul(dz, W.transpose(1, 2), out=da)
                 else:
                     torch.bmm(dz, W.transpose(1, 2), out=da)
-                # d silu(z)/dz, fused and in place (elementwise)
-                dz = torch.ops.aten.silu_backward.grad_input(da, self._z[li - 1], grad_input=da)
+                # silu'(z) = s + h (1 - s) = lerp(h, 1, s), computed in h's buffer (h is no longer
+                # needed: the weight gradient above was its last use), then applied to da in place
+                h_ = self._h[li - 1]
+                h_.lerp_(self._one.expand_as(h_), self._s[li - 1])
+                dz = da.mul_(h_)
 
     def step(self) -> None:
         self.loss_and_grads()
@@ -213,29 +274,27 @@ class _Shard:
             self.members = []
             return
         idx = torch.tensor(keep, device=self.x.device)
-        old_state = self.optimizer.state.get(self.flat, {})
-        state = {k: (self._gather(v, idx) if torch.is_tensor(v) and v.shape == self.flat.shape else
-                     (v.clone() if torch.is_tensor(v) else v)) for k, v in old_state.items()}
+        old = self.optimizer
+        moments = (self._gather(old.exp_avg, idx), self._gather(old.exp_avg_sq, idx), old.step_t)
         flat = self._gather(self.flat.detach(), idx)
         self.members = [self.members[i] for i in keep]
         self.x, self.y, self.w2 = self.x[idx].contiguous(), self.y[idx].contiguous(), self.w2[idx].contiguous()
         self._set_flat(flat)
-        self.optimizer = self._make_optimizer()
-        if state:
-            self.optimizer.state[self.flat] = state
+        self.optimizer.load(*moments)
 
 
-def _balanced_shards(members: Sequence[Member], n_shards: int) -> list[list[Member]]:
-    """Split members into ``n_shards`` groups of near-equal total work (sum of steps)."""
-    n_shards = max(1, min(n_shards, len(members)))
-    order = sorted(members, key=lambda m: -m.steps)
-    groups: list[list[Member]] = [[] for _ in range(n_shards)]
+def _balanced_shards(items: list[int], work: list[int], n_shards: int) -> list[list[int]]:
+    """Split ``items`` (member indices, ``work[i]`` steps each) into ``n_shards`` lists of near-equal
+    total work."""
+    n_shards = max(1, min(n_shards, len(items)))
+    order = sorted(items, key=lambda i: -work[i])
+    groups: list[list[int]] = [[] for _ in range(n_shards)]
     load = [0] * n_shards
-    for m in order:
+    for i in order:
         j = min(range(n_shards), key=lambda k: (load[k], len(groups[k])))
-        groups[j].append(m)
-        load[j] += m.steps
-    return [g for g in groups if g]
+        groups[j].append(i)
+        load[j] += work[i]
+    return [sorted(g) for g in groups if g]
 
 
 #: members stepped in lockstep by one CPU worker. On the 2-core development machine groups of
@@ -263,27 +322,118 @@ def _groups(members: Sequence[Member], size: int) -> list[list[Member]]:
     return out
 
 
+def _train_groups(members: Sequence[Member], lr: float, weight_decay: float, device: torch.device,
+                  group_size: int, report_every: int, progress: Callable[[int], None] | None,
+                  finish: Callable[[int, MemberResult], None]) -> None:
+    """Train ``members`` group after group; ``finish(i, result)`` gets member ``members[i]``'s result."""
+    position = {id(m): i for i, m in enumerate(members)}
+    with torch.no_grad():
+        for group in _groups(members, group_size):
+            shard = _Shard(group, lr, weight_decay, device)
+            pending = 0
+            while shard.members:
+                done = [i for i, m in enumerate(shard.members) if m.steps <= shard.step_count]
+                if done:
+                    losses = shard.losses()
+                    for i in done:
+                        mem = shard.members[i]
+                        finish(position[id(mem)],
+                               MemberResult(mem.key, shard.state_dict_of(i), float(losses[i]), mem.steps))
+                    shard.remove(done)
+                    continue
+                target = min(m.steps for m in shard.members)
+                e = len(shard.members)
+                while shard.step_count < target:
+                    shard.step()
+                    pending += e
+                    if progress is not None and shard.step_count % report_every == 0:
+                        progress(pending)
+                        pending = 0
+            if progress is not None and pending:
+                progress(pending)
+
+
+def _plain(res: MemberResult) -> MemberResult:
+    """``res`` with numpy arrays for tensors: they pickle by value. (Tensors put on a
+    multiprocessing queue travel as shared-memory handles, which die with the sending process.)"""
+    return MemberResult(res.key, {k: v.numpy() for k, v in res.state_dict.items()}, res.final_loss, res.steps)
+
+
+def _process_worker(wid: int, members: list[Member], lr: float, weight_decay: float, group_size: int,
+                    report_every: int, queue) -> None:  # pragma: no cover - runs in a child process
+    """Body of one training process: messages ``(wid, kind, payload)`` go back through ``queue``."""
+    import traceback
+
+    torch.set_num_threads(1)
+    try:
+        _train_groups(members, lr, weight_decay, torch.device("cpu"), group_size, report_every,
+                      lambda n: queue.put((wid, "progress", n)),
+                      lambda i, res: queue.put((wid, "done", (i, _plain(res)))))
+        queue.put((wid, "end", None))
+    except BaseException:
+        queue.put((wid, "error", traceback.format_exc()))
+
+
+def _check_members(members: Sequence[Member]) -> None:
+    """Clear errors for what the trainer cannot do, before any worker starts."""
+    for m in members:
+        if m.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {m.steps} (member {m.key!r})")
+        if m.model.activation != "silu":
+            raise ValueError(f"the ensemble trainer implements SiLU MLPs only; member {m.key!r} uses "
+                             f"{m.model.activation!r}")
+        d_in, d_out = m.model.widths[0], m.model.widths[-1]
+        n = int(m.x.shape[0]) if m.x.dim() else -1
+        if m.x.dim() == 0 or m.x.numel() != n * d_in or m.y.numel() != n * d_out:
+            raise ValueError(f"member {m.key!r}: x {tuple(m.x.shape)} and y {tuple(m.y.shape)} do not fit "
+                             f"a model with {d_in} input(s) and {d_out} output(s) on the same points")
+
+
+def _start_method() -> str:
+    """``fork`` on Linux (no re-import of ``__main__``, starts in milliseconds; the children only
+    use the CPU and one thread, as PyTorch's ``DataLoader`` workers do), ``spawn`` elsewhere."""
+    import sys
+
+    return "fork" if sys.platform.startswith("linux") else "spawn"
+
+
+def _can_start_processes() -> bool:
+    """Whether the default is processes: Linux (``fork``), and this process may have children."""
+    import multiprocessing as mp
+
+    return _start_method() == "fork" and not mp.current_process().daemon
+
+
 def train_ensemble(members: Sequence[Member], *, lr: float = 1e-3, weight_decay: float = 0.01,
                    device: str | torch.device = "cpu", workers: int = 1,
                    progress: Callable[[int], None] | None = None,
                    on_done: Callable[[MemberResult], None] | None = None,
-                   report_every: int = 200, group_size: int | None = None) -> list[MemberResult]:
+                   report_every: int = 200, group_size: int | None = None,
+                   processes: bool | None = None) -> list[MemberResult]:
     """Train ``members`` (full-batch MSE, AdamW) and return their final state dicts.
 
     Args:
         members: models with their data and step counts (the models are not modified).
         lr, weight_decay: AdamW settings (betas and eps are PyTorch's defaults).
         device: where to train; on CUDA one shard is used whatever ``workers`` says.
-        workers: number of CPU shards trained concurrently in threads (one intra-op thread each).
+        workers: number of CPU shards trained concurrently, one intra-op thread each.
         progress: called with the number of member-steps done since the last call.
-        on_done: called (from a worker thread, under a lock) as soon as a member finishes,
-            e.g. to write it to a cache.
+        on_done: called (in the calling process, one call at a time) as soon as a member
+            finishes, e.g. to write it to a cache.
         report_every: how often (in steps) ``progress`` is called.
         group_size: most members stepped in lockstep. A CPU worker trains its members in
             groups of at most this many (members with the same number of points together), one
             group after the other: small groups keep a group's parameters, AdamW state and
             activations in cache. ``None``: ``DEFAULT_CPU_GROUP`` on CPU, all members in one
             group on other devices.
+        processes: run the CPU shards in worker processes rather than in threads of this
+            process. ``None`` (default): processes on Linux (started with ``fork``) whenever
+            there is more than one shard and this process may start children (it is not itself
+            a daemonic worker); threads elsewhere (``True`` there uses ``spawn``, which needs
+            the usual ``if __name__ == "__main__":`` guard in the calling script). Both give
+            identical results (every shard runs on one thread either way); processes are
+            faster because the shards' Python dispatch does not contend for one GIL
+            (``benchmarks/perf_training.py``).
 
     Returns:
         One :class:`MemberResult` per member, in the order given.
@@ -292,75 +442,114 @@ def train_ensemble(members: Sequence[Member], *, lr: float = 1e-3, weight_decay:
     members = list(members)
     if not members:
         return []
-    for m in members:
-        if m.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {m.steps}")
+    _check_members(members)
     if group_size is not None and int(group_size) < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     n_shards = 1 if dev.type != "cpu" else max(1, int(workers))
     gsize = int(group_size) if group_size is not None else (DEFAULT_CPU_GROUP if dev.type == "cpu" else len(members))
-    shards_members = _balanced_shards(members, n_shards)
+    shards = _balanced_shards(list(range(len(members))), [m.steps for m in members], n_shards)
     results: dict[int, MemberResult] = {}
     lock = threading.Lock()
+
+    def finish(i: int, res: MemberResult) -> None:
+        with lock:
+            results[i] = res
+            if on_done is not None:
+                on_done(res)
+
+    def report(n: int) -> None:
+        if progress is not None:
+            with lock:
+                progress(n)
+
+    def run_shard(idx: list[int]) -> None:
+        sub = [members[i] for i in idx]
+        _train_groups(sub, lr, weight_decay, dev, gsize, report_every, report if progress else None,
+                      lambda j, res: finish(idx[j], res))
+
+    if len(shards) == 1:
+        run_shard(shards[0])
+    elif processes if processes is not None else _can_start_processes():
+        _run_in_processes(members, shards, lr, weight_decay, gsize, report_every, report, finish)
+    else:
+        _run_in_threads(shards, run_shard)
+    return [results[i] for i in range(len(members))]
+
+
+def _run_in_threads(shards: list[list[int]], run_shard: Callable[[list[int]], None]) -> None:
     errors: list[BaseException] = []
 
-    def finish(shard: _Shard, positions: list[int], losses: Tensor) -> None:
-        for i in positions:
-            mem = shard.members[i]
-            res = MemberResult(mem.key, shard.state_dict_of(i), float(losses[i]), mem.steps)
-            with lock:
-                results[id(mem)] = res
-                if on_done is not None:
-                    on_done(res)
-
-    def train_group(group: list[Member]) -> None:
-        shard = _Shard(group, lr, weight_decay, dev)
-        pending = 0
-        while shard.members:
-            done = [i for i, m in enumerate(shard.members) if m.steps <= shard.step_count]
-            if done:
-                finish(shard, done, shard.losses())
-                shard.remove(done)
-                continue
-            target = min(m.steps for m in shard.members)
-            e = len(shard.members)
-            while shard.step_count < target:
-                shard.step()
-                pending += e
-                if progress is not None and shard.step_count % report_every == 0:
-                    with lock:
-                        progress(pending)
-                    pending = 0
-        if progress is not None and pending:
-            with lock:
-                progress(pending)
-
-    def run(shard_members: list[Member], single_thread: bool) -> None:
+    def body(idx: list[int]) -> None:
         try:
-            if single_thread:
-                torch.set_num_threads(1)
-            with torch.no_grad():
-                for group in _groups(shard_members, gsize):
-                    train_group(group)
+            torch.set_num_threads(1)
+            run_shard(idx)
         except BaseException as exc:  # pragma: no cover - re-raised in the caller
             errors.append(exc)
 
-    if len(shards_members) == 1:
-        run(shards_members[0], single_thread=False)
-    else:
-        prev = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            threads = [threading.Thread(target=run, args=(g, True), daemon=True) for g in shards_members]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        finally:
-            torch.set_num_threads(prev)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        threads = [threading.Thread(target=body, args=(idx,), daemon=True) for idx in shards]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        torch.set_num_threads(prev)
     if errors:
         raise errors[0]
-    return [results[id(m)] for m in members]
+
+
+def _run_in_processes(members: list[Member], shards: list[list[int]], lr: float, weight_decay: float,
+                      group_size: int, report_every: int, report: Callable[[int], None],
+                      finish: Callable[[int, MemberResult], None]) -> None:
+    """One process per shard; results, progress and errors come back through a queue.
+
+    The processes are terminated if anything goes wrong here (including Ctrl-C), so no orphan
+    keeps training; members already finished have been handed to ``finish`` by then.
+    """
+    import multiprocessing as mp
+    import queue as queue_mod
+
+    ctx = mp.get_context(_start_method())
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_process_worker, daemon=True, name=f"overunlearn-train-{w}",
+                         args=(w, [members[i] for i in idx], lr, weight_decay, group_size, report_every, q))
+             for w, idx in enumerate(shards)]
+    open_workers = set(range(len(procs)))
+    try:
+        for p in procs:
+            p.start()
+        while open_workers:
+            try:
+                wid, kind, payload = q.get(timeout=1.0)
+            except queue_mod.Empty:
+                dead = [w for w in open_workers if procs[w].exitcode is not None]
+                if dead:
+                    try:  # a message sent just before exiting may still be in flight
+                        wid, kind, payload = q.get(timeout=2.0)
+                    except queue_mod.Empty:
+                        raise RuntimeError(f"training worker process {dead[0]} died (exit code "
+                                           f"{procs[dead[0]].exitcode}) without reporting an error") from None
+                else:
+                    continue
+            if kind == "progress":
+                report(int(payload))
+            elif kind == "done":
+                j, res = payload
+                res.state_dict = {k: torch.from_numpy(v) for k, v in res.state_dict.items()}
+                finish(shards[wid][j], res)
+            elif kind == "end":
+                open_workers.discard(wid)
+            else:  # "error"
+                raise RuntimeError(f"training worker process {wid} failed:\n{payload}")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=10)
+        q.close()
 
 
 def train_single_reference(model: MLP, x: Tensor, y: Tensor, steps: int, lr: float = 1e-3,
@@ -395,4 +584,4 @@ def measure_throughput(n_models: int = 20, n_points: int = 55, steps: int = 50, 
             "wall_s": wall, "cpu_s": cpu}
 
 
-__all__ = ["Member", "MemberResult", "train_ensemble", "train_single_reference", "measure_throughput"]
+__all__ = ["FlatAdamW", "Member", "MemberResult", "train_ensemble", "train_single_reference", "measure_throughput"]
