@@ -1,22 +1,23 @@
 #!/usr/bin/env python
-"""Ensemble training of the Data Poisoning models: lockstep group sizes side by side.
+"""Ensemble training of the Data Poisoning models: worker backends and lockstep group sizes side by side.
 
 Trains the benchmark's 20 models at a reduced step count -- 10 "original" members (55 points,
 ``S`` steps) and 10 "ground-truth" members (50 points, ``S / 2`` steps), the 1-300-300-1 SiLU
 MLP, full-batch AdamW -- with :func:`overunlearn.training.train_ensemble` on ``--workers``
-threads, once per group size per round, rounds interleaved so that the machine's noise hits
-every setting alike. It prints member-steps per second (median and best over rounds), each
-setting's ratio to one lockstep group per worker (``--group`` = 10, the trainer's former
-design), the ratio to a plain per-model ``nn.Module`` + ``torch.optim.AdamW`` loop on one
-thread, and what the medians imply for the full recipe (10 x 100k + 10 x 50k = 1.5M
-member-steps).
+workers, once per setting per round, rounds interleaved so that the machine's noise hits every
+setting alike. A setting is a worker backend (``processes``, the default, or ``threads`` of
+this process) and a group size. It prints member-steps per second (median and best over
+rounds, wall clock including the start of worker processes), each setting's ratio to threads
+with groups of 5 (the trainer's previous default), the ratio to a plain per-model
+``nn.Module`` + ``torch.optim.AdamW`` loop on one thread, and what the medians imply for the
+full recipe (10 x 100k + 10 x 50k = 1.5M member-steps).
 
 Nothing is downloaded; models are fresh initialisations. On a shared machine read the ratios.
 
 Usage::
 
-    python benchmarks/perf_training.py                      # S = 400, 3 rounds, 2 workers
-    python benchmarks/perf_training.py --steps 1000 --rounds 5 --groups 2,5,10
+    python benchmarks/perf_training.py                      # S = 2000, 3 rounds, 2 workers
+    python benchmarks/perf_training.py --steps 4000 --rounds 5 --groups 2,5,10 --backends processes
 """
 
 from __future__ import annotations
@@ -64,36 +65,42 @@ def _per_model_rate(steps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=400, help="S: steps of the original-sized members")
+    ap.add_argument("--steps", type=int, default=2000, help="S: steps of the original-sized members")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every setting")
-    ap.add_argument("--workers", type=int, default=2, help="worker threads (one torch thread each)")
-    ap.add_argument("--groups", default="1,2,3,5,10", help="comma-separated group sizes to compare")
+    ap.add_argument("--workers", type=int, default=2, help="workers (one torch thread each)")
+    ap.add_argument("--groups", default="2,5,10", help="comma-separated group sizes to compare")
+    ap.add_argument("--backends", default="processes,threads", help="comma-separated: processes, threads")
     args = ap.parse_args()
     if args.steps < 2 or args.rounds < 1:
         ap.error("--steps must be >= 2 and --rounds >= 1")
     groups = [int(g) for g in args.groups.split(",") if g.strip()]
-    if 10 not in groups:
-        groups.append(10)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if any(b not in ("processes", "threads") for b in backends) or not groups or not backends:
+        ap.error("--backends takes processes and/or threads; --groups at least one size")
+    settings = [(b, g) for b in backends for g in groups]
+    if ("threads", 5) not in settings:
+        settings.append(("threads", 5))
 
     from overunlearn.training import train_ensemble
 
     total = 10 * args.steps + 10 * (args.steps // 2)
     print(f"20 members (10 x {args.steps} + 10 x {args.steps // 2} steps = {total:,} member-steps), "
-          f"{args.workers} worker thread(s), {args.rounds} round(s), torch {torch.__version__}")
-    rates: dict[int, list[float]] = {g: [] for g in groups}
-    train_ensemble(_members(4), workers=args.workers)  # warm-up
+          f"{args.workers} worker(s), {args.rounds} round(s), torch {torch.__version__}")
+    rates: dict[tuple[str, int], list[float]] = {s: [] for s in settings}
+    for b in backends:  # warm-up
+        train_ensemble(_members(4), workers=args.workers, processes=b == "processes")
     for _ in range(args.rounds):
-        for g in groups:
+        for b, g in settings:
             t = time.perf_counter()
-            train_ensemble(_members(args.steps), workers=args.workers, group_size=g)
-            rates[g].append(total / (time.perf_counter() - t))
+            train_ensemble(_members(args.steps), workers=args.workers, group_size=g, processes=b == "processes")
+            rates[(b, g)].append(total / (time.perf_counter() - t))
     loop = _per_model_rate(min(args.steps, 300))
-    base = statistics.median(rates[10])
-    print(f"{'group':>5s} {'median/s':>9s} {'best/s':>8s} {'vs group 10':>12s} {'vs per-model loop':>18s} "
-          f"{'full recipe (median)':>21s}")
-    for g in groups:
-        med = statistics.median(rates[g])
-        print(f"{g:5d} {med:9.0f} {max(rates[g]):8.0f} {med / base:11.2f}x {med / loop:17.1f}x "
+    base = statistics.median(rates[("threads", 5)])
+    print(f"{'backend':>9s} {'group':>5s} {'median/s':>9s} {'best/s':>8s} {'vs threads,5':>13s} "
+          f"{'vs per-model loop':>18s} {'full recipe (median)':>21s}")
+    for b, g in settings:
+        med = statistics.median(rates[(b, g)])
+        print(f"{b:>9s} {g:5d} {med:9.0f} {max(rates[(b, g)]):8.0f} {med / base:12.2f}x {med / loop:17.1f}x "
               f"{FULL_RECIPE_MEMBER_STEPS / med / 60:17.1f} min")
     print(f"per-model nn.Module + AdamW loop, one thread: {loop:.0f} member-steps/s")
 
