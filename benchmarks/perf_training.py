@@ -4,8 +4,8 @@
 Trains the benchmark's 20 models at a reduced step count -- 10 "original" members (55 points,
 ``S`` steps) and 10 "ground-truth" members (50 points, ``S / 2`` steps), the 1-300-300-1 SiLU
 MLP, full-batch AdamW -- with :func:`overunlearn.training.train_ensemble` on ``--workers``
-workers, once per setting per round, rounds interleaved so that the machine's noise hits every
-setting alike. A setting is a worker backend (``processes``, the default, or ``threads`` of
+workers, once per setting per round, rounds interleaved (in alternating order) so that the
+machine's noise hits every setting alike. A setting is a worker backend (``processes``, the default, or ``threads`` of
 this process) and a group size. It prints member-steps per second (median and best over
 rounds, wall clock including the start of worker processes), each setting's ratio to threads
 with groups of 5 (the trainer's previous default), the ratio to a plain per-model
@@ -18,6 +18,7 @@ Usage::
 
     python benchmarks/perf_training.py                      # S = 2000, 3 rounds, 2 workers
     python benchmarks/perf_training.py --steps 4000 --rounds 5 --groups 2,5,10 --backends processes
+    python benchmarks/perf_training.py --breakdown          # where one group-step's time goes
 """
 
 from __future__ import annotations
@@ -63,6 +64,52 @@ def _per_model_rate(steps: int) -> float:
         torch.set_num_threads(prev)
 
 
+def _breakdown(reps: int = 300) -> None:
+    """Time one lockstep group-step of five 300-300 members and its parts, on one thread."""
+    from overunlearn.models.mlp import MLP
+    from overunlearn.training import Member
+    from overunlearn.training.ensemble import _Shard
+
+    def timed(fn) -> float:
+        for _ in range(20):
+            fn()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t) / reps * 1e3
+
+    def shard(width: int) -> _Shard:
+        g = torch.Generator().manual_seed(0)
+        members = [Member(MLP(1, (width, width), 1, generator=g), torch.rand(55, 1, generator=g),
+                          torch.rand(55, 1, generator=g), 10**9) for _ in range(5)]
+        return _Shard(members, 1e-3, 0.01, torch.device("cpu"))
+
+    big, small = shard(300), shard(4)
+    a, W, z, b = big._h[0], big.params[2], big._z[1], big.params[3]
+    dz, gW, da = big._dz[1], big.grads[2], big._dz[0]
+
+    def products() -> None:
+        torch.baddbmm(b, a, W, out=z)
+        torch.bmm(a.transpose(1, 2), dz, out=gW)
+        torch.bmm(dz, W.transpose(1, 2), out=da)
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            out = {300: timed(big.step), 4: timed(small.step)}
+            prod = timed(products)
+            adamw = timed(big.optimizer.step)
+            sig = timed(lambda: torch.sigmoid(z, out=big._s[1]))
+    finally:
+        torch.set_num_threads(prev)
+    gflops = 3 * 2 * 55 * 300 * 300 * 5 / prod / 1e6
+    print("one group-step of 5 members (1-300-300-1, 55 points), one thread, ms:")
+    print(f"  whole step {out[300]:.2f} | three 55x300x300 products per member {prod:.2f} ({gflops:.0f} GFLOP/s) | "
+          f"AdamW {adamw:.2f} | one sigmoid {sig:.2f} | a 1-4-4-1 step (dispatch) {out[4]:.2f} | "
+          f"rest {out[300] - prod - adamw - 2 * sig - out[4]:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=2000, help="S: steps of the original-sized members")
@@ -70,13 +117,17 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="workers (one torch thread each)")
     ap.add_argument("--groups", default="2,5,10", help="comma-separated group sizes to compare")
     ap.add_argument("--backends", default="processes,threads", help="comma-separated: processes, threads")
+    ap.add_argument("--breakdown", action="store_true", help="only time one group-step and its parts")
     args = ap.parse_args()
+    if args.breakdown:
+        _breakdown()
+        return
     if args.steps < 2 or args.rounds < 1:
         ap.error("--steps must be >= 2 and --rounds >= 1")
     groups = [int(g) for g in args.groups.split(",") if g.strip()]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if any(b not in ("processes", "threads") for b in backends) or not groups or not backends:
-        ap.error("--backends takes processes and/or threads; --groups at least one size")
+    if any(b not in ("processes", "threads") for b in backends) or not groups or not backends or min(groups) < 1:
+        ap.error("--backends takes processes and/or threads; --groups one or more sizes >= 1")
     settings = [(b, g) for b in backends for g in groups]
     if ("threads", 5) not in settings:
         settings.append(("threads", 5))
@@ -89,8 +140,8 @@ def main() -> None:
     rates: dict[tuple[str, int], list[float]] = {s: [] for s in settings}
     for b in backends:  # warm-up
         train_ensemble(_members(4), workers=args.workers, processes=b == "processes")
-    for _ in range(args.rounds):
-        for b, g in settings:
+    for r in range(args.rounds):
+        for b, g in (settings if r % 2 == 0 else settings[::-1]):  # alternate the order: drift hits all alike
             t = time.perf_counter()
             train_ensemble(_members(args.steps), workers=args.workers, group_size=g, processes=b == "processes")
             rates[(b, g)].append(total / (time.perf_counter() - t))

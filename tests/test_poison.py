@@ -59,17 +59,24 @@ def test_ensemble_groups_and_early_finishers_equal_per_model_adamw(group_size, w
             torch.testing.assert_close(r.state_dict[k], v, rtol=1e-4, atol=2e-5)
 
 
-def test_ensemble_groups_split_by_dataset_size():
+def test_ensemble_groups_split_by_dataset_size_and_architecture():
     from overunlearn.training.ensemble import _groups
 
     members = _members(widths=(4, 4), steps=(5,) * 7)  # n alternates 55, 50: four 55s, three 50s
     groups = _groups(members, 3)
     assert sorted(len(g) for g in groups) == [2, 2, 3]  # 4 -> 2 + 2 (not 3 + 1), 3 -> 3
     for g in groups:
-        assert len({int(m.x.shape[0]) for m in g}) == 1 and len(g) <= 3
-    assert sorted(id(m) for g in groups for m in g) == sorted(id(m) for m in members)
+        assert len({int(members[i].x.shape[0]) for i in g}) == 1 and len(g) <= 3
+    assert sorted(i for g in groups for i in g) == list(range(len(members)))
     with pytest.raises(ValueError, match="group_size"):
         train_ensemble(members, group_size=0)
+    # different architectures on the same points never share a lockstep group, and train fine
+    mixed = _members(widths=(4, 4), steps=(5, 5)) + _members(widths=(6,), steps=(5, 5))
+    assert all(len({mixed[i].model.widths for i in g}) == 1 for g in _groups(mixed, 5))
+    for m, r in zip(mixed, train_ensemble(mixed, lr=1e-2), strict=True):
+        ref = train_single_reference(m.model, m.x, m.y, m.steps, lr=1e-2, weight_decay=0.01)
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(r.state_dict[k], v, rtol=1e-4, atol=2e-5)
 
 
 def test_ensemble_state_dicts_load_into_plain_mlp():
@@ -80,27 +87,32 @@ def test_ensemble_state_dicts_load_into_plain_mlp():
     assert set(res[0].state_dict) == set(model.state_dict())
 
 
-def test_flat_adamw_is_torch_adamw():
-    from overunlearn.training.ensemble import FlatAdamW
+def test_fused_adamw_is_torch_adamw():
+    from overunlearn.training.adamw import FusedAdamW
 
     g = torch.Generator().manual_seed(3)
-    grads = [torch.randn(500, generator=g) * 10.0 ** k for k in range(-3, 3)] * 2  # 12 steps, many scales
-    start = torch.randn(500, generator=g)
+    shapes = [(500,), (7, 3), (1, 4)]
+    grads = [[torch.randn(*sh, generator=g) * 10.0 ** k for sh in shapes] for k in range(-3, 3)] * 2  # 12 steps
+    start = [torch.randn(*sh, generator=g) for sh in shapes]
     for fused in (True, False):
-        ref = start.clone().requires_grad_(True)
-        opt = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1, fused=fused or None)
-        p, grad = start.clone(), torch.zeros(500)
-        ours = FlatAdamW(p, grad, lr=1e-2, weight_decay=0.1, fused=fused)
-        for gr in grads:
-            ref.grad = gr.clone()
+        ref = [t.clone().requires_grad_(True) for t in start]
+        opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, fused=fused or None)
+        ps, gs = [t.clone() for t in start], [torch.zeros(sh) for sh in shapes]
+        ours = FusedAdamW(ps, gs, lr=1e-2, weight_decay=0.1, fused=fused)
+        for step in grads:
+            for r, gr, buf in zip(ref, step, gs, strict=True):
+                r.grad = gr.clone()
+                buf.copy_(gr)
             opt.step()
-            grad.copy_(gr)
             ours.step()
-        if fused:  # the same kernel with the same arguments: bit for bit
-            assert torch.equal(p, ref.detach())
-        else:  # torch.optim.AdamW's formula in plain tensor operations
-            torch.testing.assert_close(p, ref.detach(), rtol=1e-6, atol=1e-7)
+        for p_, r in zip(ps, ref, strict=True):
+            if fused:  # the same kernel with the same arguments: bit for bit
+                assert torch.equal(p_, r.detach())
+            else:  # torch.optim.AdamW's formula in plain tensor operations
+                torch.testing.assert_close(p_, r.detach(), rtol=1e-6, atol=1e-7)
         assert float(ours.step_t) == len(grads)
+    with pytest.raises(ValueError, match="same shape"):
+        FusedAdamW([torch.zeros(3)], [torch.zeros(4)], lr=1e-3, weight_decay=0.0)
 
 
 def test_ensemble_processes_equal_threads_bitwise():
@@ -130,40 +142,77 @@ def test_ensemble_rejects_what_it_cannot_train_before_starting_workers():
         train_ensemble([members[0], short_y], workers=2)
 
 
-def test_ensemble_worker_process_reports_its_error():
-    from overunlearn.training.ensemble import _process_worker
-
-    m = _members(widths=(8, 8), steps=(3,))[0]
-    m.y = m.y[:-1]  # past the caller's checks: fails inside the worker
-
-    class _Q(list):
-        put = list.append
-
-    q = _Q()
-    prev = torch.get_num_threads()
-    try:
-        _process_worker(7, [m], 1e-3, 0.01, 5, 1, q)
-    finally:
-        torch.set_num_threads(prev)
-    assert len(q) == 1 and q[0][:2] == (7, "error") and "Traceback" in q[0][2]
+linux_only = pytest.mark.skipif(not __import__("sys").platform.startswith("linux"),
+                                reason="the test patches the trainer in this process; fork carries it to the workers")
 
 
-def test_ensemble_dead_worker_process_is_an_error_not_a_hang():
+@linux_only
+def test_ensemble_worker_error_is_raised_here_after_the_other_workers_finish(monkeypatch):
+    from overunlearn.training import ensemble as E
+
+    real_init = E._Shard.__init__
+
+    def failing_init(self, members, *args, **kwargs):
+        if any(m.key == "bad" for m in members):
+            raise ValueError("boom in the worker")
+        real_init(self, members, *args, **kwargs)
+
+    monkeypatch.setattr(E._Shard, "__init__", failing_init)
+    members = _members(widths=(8, 8), steps=(40, 3))
+    members[1].key = "bad"
+    handed = []
+    with pytest.raises(ValueError, match="boom in the worker") as info:
+        train_ensemble(members, workers=2, processes=True, on_done=lambda r: handed.append(r.key))
+    assert any("training worker process" in n for n in getattr(info.value, "__notes__", []))
+    assert handed == [members[0].key]  # the healthy worker's model was not lost
+
+
+@linux_only
+def test_ensemble_dead_worker_is_an_error_not_a_hang():
     import multiprocessing as mp
     import os
     import signal
 
-    members = _members(widths=(8, 8), steps=(10**7, 10**7))
+    # worker 0 gets the long member (shards are balanced longest first) and is killed once; worker 1
+    # finishes its member, which is handed over before the error is raised
+    members = _members(widths=(8, 8), steps=(10**7, 300))
+    handed = []
+    killed = []
 
-    def kill_a_worker(_n):
-        for p in mp.active_children():
-            if p.name.startswith("overunlearn-train-"):
-                os.kill(p.pid, signal.SIGKILL)
-                return
+    def kill_worker_0(_n):
+        if not killed:
+            for p in mp.active_children():
+                if p.name == "overunlearn-train-0":
+                    os.kill(p.pid, signal.SIGKILL)
+                    killed.append(p.pid)
 
     with pytest.raises(RuntimeError, match="died"):
-        train_ensemble(members, workers=2, processes=True, progress=kill_a_worker, report_every=50)
+        train_ensemble(members, workers=2, processes=True, progress=kill_worker_0, report_every=50,
+                       on_done=lambda r: handed.append(r.key))
+    assert killed and handed == [members[1].key]
     assert not [p for p in mp.active_children() if p.name.startswith("overunlearn-train-")]
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_ensemble_accepts_the_same_member_twice(processes):
+    m = _members(widths=(8, 8), steps=(4,))[0]
+    res = train_ensemble([m, m, m], workers=2, processes=processes)
+    assert len(res) == 3 and all(r.key == m.key for r in res)
+    for r in res[1:]:
+        for k in r.state_dict:
+            assert torch.equal(r.state_dict[k], res[0].state_dict[k])
+
+
+@pytest.mark.parametrize("d_in,hidden,d_out", [(3, (5, 1, 4), 2), (1, (1,), 1), (2, (6, 6), 1), (1, (7,), 3)])
+def test_ensemble_equals_per_model_adamw_on_other_architectures(d_in, hidden, d_out):
+    g = torch.Generator().manual_seed(5)
+    members = [Member(MLP(d_in, hidden, d_out, generator=g), torch.randn(n, d_in, generator=g),
+                      torch.randn(n, d_out, generator=g), st, key=i)
+               for i, (n, st) in enumerate([(9, 6), (9, 3), (7, 5)])]
+    for m, r in zip(members, train_ensemble(members, lr=1e-2, group_size=3), strict=True):
+        ref = train_single_reference(m.model, m.x, m.y, m.steps, lr=1e-2, weight_decay=0.01)
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(r.state_dict[k], v, rtol=1e-4, atol=2e-5)
 
 
 def test_poison_mlp_is_the_papers_shallownet():

@@ -58,6 +58,7 @@ from overunlearn.linalg.jacobian import sample_indices
 from overunlearn.methods.base import Method
 from overunlearn.models.mlp import MLP
 from overunlearn.problem import RegressionTask, TensorData, UnlearningProblem
+from overunlearn.training.adamw import FusedAdamW
 
 #: methods with a vectorised step
 BATCHED_METHODS = frozenset({"retrain", "gd", "ga", "ngd", "ngp", "ridge", "l1_sparse", "minnorm_og"})
@@ -373,12 +374,15 @@ def _projections(stack: _Stack, members: list[_Member], live: list[int], t: int,
             members[i].projections += 1
 
 
-def _adamw(params: list[Tensor], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """The engine's AdamW (same defaults); the fused kernel where the device has one (same update)."""
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, TypeError):  # pragma: no cover - no fused kernel on this device
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+def _row_slice(rows: list[int]) -> slice | None:
+    """``rows`` as a slice when they are consecutive (members of one method usually are), so that
+    their parameters and gradients are views rather than copies; ``None`` otherwise."""
+    return slice(rows[0], rows[0] + len(rows)) if rows == list(range(rows[0], rows[0] + len(rows))) else None
+
+
+def _adamw(params: list[Tensor], lr: float, weight_decay: float) -> FusedAdamW:
+    """The engine's AdamW (same defaults and update; PyTorch's fused kernel, called directly)."""
+    return FusedAdamW(params, [p.grad for p in params], lr, weight_decay)  # type: ignore[misc]
 
 
 def _run_group(members: list[_Member], device: torch.device, lr: float, weight_decay: float,
@@ -419,21 +423,20 @@ def _run_group(members: list[_Member], device: torch.device, lr: float, weight_d
         wr = stack.w * resid
         data_loss = torch.where(stack.w != 0, wr * resid, torch.zeros_like(wr)).sum(dim=(1, 2))  # (E,)
         reg = torch.zeros_like(data_loss)
-        penalties = []  # (rows, per-row coefficients, gradient of the penalty given the rows' parameters)
-        if stack.ridge_rows:
-            rows = stack.ridge_rows
-            coef = stack.col([members[i].ridge_coef(t) for i in rows])
-            penalties.append((rows, coef, lambda q: 2.0 * q))
+        penalties = []  # (rows, per-row coefficients, "ridge" | "l1")
+        for kind, rows in (("ridge", stack.ridge_rows), ("l1", stack.l1_rows)):
+            if not rows:
+                continue
+            coef = stack.col([members[i].ridge_coef(t) if kind == "ridge" else members[i].l1_coef(t) for i in rows])
+            penalties.append((rows, coef, kind))
             idx = torch.tensor(rows, device=stack.device)
-            sq = sum((q * q).sum(dim=(1, 2)) for q in (p.index_select(0, idx) for p in stack.params))
-            reg.index_add_(0, idx, coef.reshape(-1) * sq)
-        if stack.l1_rows:
-            rows = stack.l1_rows
-            coef = stack.col([members[i].l1_coef(t) for i in rows])
-            penalties.append((rows, coef, torch.sign))
-            idx = torch.tensor(rows, device=stack.device)
-            ab = sum(q.abs().sum(dim=(1, 2)) for q in (p.index_select(0, idx) for p in stack.params))
-            reg.index_add_(0, idx, coef.reshape(-1) * ab)
+            sl = _row_slice(rows)
+            qs = [p[sl] if sl is not None else p.index_select(0, idx) for p in stack.params]
+            if kind == "ridge":  # sum of squares, without a squared copy of the parameters
+                total = sum(torch.linalg.vector_norm(q, dim=(1, 2)).square() for q in qs)
+            else:
+                total = sum(q.abs().sum(dim=(1, 2)) for q in qs)
+            reg.index_add_(0, idx, coef.reshape(-1) * total)
         values = (data_loss + reg).tolist()
         for i in live:
             m = members[i]
@@ -447,10 +450,21 @@ def _run_group(members: list[_Member], device: torch.device, lr: float, weight_d
             else:
                 m.losses.append(v)
         stack.backward(2.0 * wr, acts, stack.params, [p.grad for p in stack.params])  # type: ignore[misc]
-        for rows, coef, grad_of in penalties:
+        for rows, coef, kind in penalties:
+            # d/dq of coef |q|^2 is 2 coef q; of coef |q|_1, coef sign(q)
+            sl = _row_slice(rows)
             idx = torch.tensor(rows, device=stack.device)
             for p in stack.params:
-                p.grad.index_add_(0, idx, coef * grad_of(p.index_select(0, idx)))  # type: ignore[union-attr]
+                g = p.grad
+                assert g is not None
+                if sl is not None:  # consecutive rows: update the gradient's rows in place
+                    if kind == "ridge":
+                        g[sl].addcmul_(coef, p[sl], value=2.0)
+                    else:
+                        g[sl].addcmul_(coef, torch.sign(p[sl]))
+                else:
+                    q = p.index_select(0, idx)
+                    g.index_add_(0, idx, coef * (2.0 * q if kind == "ridge" else torch.sign(q)))
         if stack.has_noise:
             for i in live:
                 m = members[i]

@@ -1,13 +1,14 @@
 """Train many small MLPs at once as one vectorised ensemble.
 
-Every member is an :class:`~overunlearn.models.mlp.MLP` of the same architecture, trained
+Every member is a SiLU :class:`~overunlearn.models.mlp.MLP` (members of one lockstep group share an
+architecture), trained
 full-batch on its own data with the mean-squared error and AdamW. Instead of looping over
 ``E`` models, the parameters of all members are stacked into tensors with a leading
 ensemble dimension (``W_l: (E, fan_in, fan_out)``, ``b_l: (E, 1, fan_out)``), the forward and
 backward passes are batched matrix products (``torch.baddbmm`` / ``torch.bmm``) with a
-hand-written backward pass, and **one** fused ``torch.optim.AdamW`` steps all of them: the
-stacked tensors are views into a single flat buffer (and so are their gradients), so the
-optimizer is one kernel call per step.
+hand-written backward pass, and **one** AdamW steps all of them: the stacked tensors are views
+into a single flat buffer (and so are their gradients), so the optimizer is one call of PyTorch's
+fused AdamW kernel per step (:class:`overunlearn.training.adamw.FusedAdamW`).
 
 Why this equals independent training (checked in ``tests/test_poison.py``):
 
@@ -30,10 +31,11 @@ On CPU the ensemble is split into ``workers`` shards with one intra-op thread ea
 worker processes (default) or in threads of the calling process. Either way there are no OpenMP
 barriers between cores -- which matters on a shared machine, where a busy core makes every OpenMP
 parallel region wait (we measured 4-10x slowdowns of 2-thread OpenMP under load) -- and
-processes also keep the shards' Python dispatch from contending for one GIL (13% faster than
-threads on the 2-core development machine). Each worker steps its members in lockstep groups of
-at most ``group_size`` (default :data:`DEFAULT_CPU_GROUP`), one group after the other; members
-with the same number of points share a group, so short datasets are not padded. Small groups
+processes also keep the shards' Python dispatch from contending for one GIL (3-9% faster than
+threads on the 2-core development machine, ``benchmarks/perf_training.py``). Each worker steps its
+members in lockstep groups of at most ``group_size`` (default :data:`DEFAULT_CPU_GROUP`), one group
+after the other; members with the same architecture and number of points share a group, so short
+datasets are not padded. Small groups
 keep a group's working set (parameters, gradients, AdamW moments: 1.5 MB per 300-300 member) in
 cache while the other worker runs beside it.
 """
@@ -44,11 +46,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from overunlearn.models.mlp import MLP
+from overunlearn.training.adamw import FusedAdamW
 
 
 @dataclass
@@ -70,55 +74,6 @@ class MemberResult:
     steps: int
 
 
-class FlatAdamW:
-    """AdamW (decoupled weight decay) on one flat parameter tensor, without ``torch.optim``'s overhead.
-
-    Numerically the same update as ``torch.optim.AdamW(..., fused=True)`` (it calls the same
-    fused kernel, ``torch._fused_adamw_``, with the same arguments and a float32 step counter),
-    but one step is a single kernel call: the ``Optimizer.step`` machinery (hooks, grouping by
-    device and dtype, state lookup) costs about 0.3 ms per call, which is 6% of a training step of
-    a group of five 300-300 MLPs. Where the fused kernel is unavailable the same update runs as
-    plain tensor operations (``torch.optim.AdamW``'s single-tensor formula). Both paths are held to
-    ``torch.optim.AdamW`` by ``tests/test_poison.py``.
-    """
-
-    def __init__(self, param: Tensor, grad: Tensor, lr: float, weight_decay: float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 fused: bool | None = None) -> None:
-        self.param, self.grad = param, grad
-        self.lr, self.weight_decay, self.betas, self.eps = float(lr), float(weight_decay), betas, float(eps)
-        self.exp_avg = torch.zeros_like(param)
-        self.exp_avg_sq = torch.zeros_like(param)
-        self.step_t = torch.zeros((), dtype=torch.float32, device=param.device)
-        self.fused = hasattr(torch, "_fused_adamw_") if fused is None else bool(fused)
-
-    def load(self, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor) -> None:
-        """Continue from moments ``exp_avg`` / ``exp_avg_sq`` after ``step`` steps."""
-        self.exp_avg, self.exp_avg_sq = exp_avg.contiguous(), exp_avg_sq.contiguous()
-        self.step_t = step.clone()
-
-    def step(self) -> None:
-        self.step_t.add_(1)
-        b1, b2 = self.betas
-        if self.fused:
-            try:
-                torch._fused_adamw_([self.param], [self.grad], [self.exp_avg], [self.exp_avg_sq], [],
-                                    [self.step_t], lr=self.lr, beta1=b1, beta2=b2,
-                                    weight_decay=self.weight_decay, eps=self.eps, amsgrad=False,
-                                    maximize=False, grad_scale=None, found_inf=None)
-                return
-            except (RuntimeError, NotImplementedError):  # pragma: no cover - device without the kernel
-                self.fused = False
-        step = float(self.step_t)
-        p, g = self.param, self.grad
-        p.mul_(1.0 - self.lr * self.weight_decay)
-        self.exp_avg.lerp_(g, 1.0 - b1)
-        self.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-        bc1, bc2 = 1.0 - b1 ** step, 1.0 - b2 ** step
-        denom = (self.exp_avg_sq.sqrt() / (bc2 ** 0.5)).add_(self.eps)
-        p.addcdiv_(self.exp_avg, denom, value=-self.lr / bc1)
-
-
 class _Shard:
     """A group of members trained in lockstep: stacked parameters, data, buffers and one AdamW.
 
@@ -129,7 +84,7 @@ class _Shard:
 
     Two details of the step matter for speed on CPU (``benchmarks/perf_training.py``): products
     with a width-1 side (the output layer, the scalar input) are written as row-vector (``M = 1``)
-    products, which MKL runs 5-8x faster than its ``N = 1`` batched path; and SiLU keeps its
+    products, which MKL runs 7-11x faster than its ``N = 1`` batched path; and SiLU keeps its
     sigmoid ``s`` from the forward pass, so the backward is ``s + h (1 - s)`` with ``h = z s``
     (two cheap elementwise passes: a ``lerp`` and a product) instead of a second pass of exponentials.
     """
@@ -184,7 +139,7 @@ class _Shard:
         self.flat.grad = torch.zeros_like(self.flat)
         self.params = self._views(self.flat)
         self.grads = self._views(self.flat.grad)
-        self.optimizer = FlatAdamW(self.flat, self.flat.grad, self.lr, self.weight_decay, self.betas, self.eps)
+        self.optimizer = FusedAdamW([self.flat], [self.flat.grad], self.lr, self.weight_decay, self.betas, self.eps)
         e, n = self.x.shape[0], self.x.shape[1]
         # z[l]: pre-activation of layer l; s[l]: sigmoid(z[l]); h[l] = z[l] s[l] (its SiLU);
         # dz[l]: d loss / d z[l]
@@ -275,7 +230,7 @@ class _Shard:
             return
         idx = torch.tensor(keep, device=self.x.device)
         old = self.optimizer
-        moments = (self._gather(old.exp_avg, idx), self._gather(old.exp_avg_sq, idx), old.step_t)
+        moments = ([self._gather(old.exp_avg[0], idx)], [self._gather(old.exp_avg_sq[0], idx)], old.step_t)
         flat = self._gather(self.flat.detach(), idx)
         self.members = [self.members[i] for i in keep]
         self.x, self.y, self.w2 = self.x[idx].contiguous(), self.y[idx].contiguous(), self.w2[idx].contiguous()
@@ -303,18 +258,20 @@ def _balanced_shards(items: list[int], work: list[int], n_shards: int) -> list[l
 DEFAULT_CPU_GROUP = 5
 
 
-def _groups(members: Sequence[Member], size: int) -> list[list[Member]]:
-    """Split one worker's members into lockstep groups of at most ``size`` members.
+def _groups(members: Sequence[Member], size: int) -> list[list[int]]:
+    """Split one worker's members into lockstep groups of at most ``size`` members (as indices).
 
-    Members with the same number of points (and then similar step counts) are grouped together,
-    so that no group pads short datasets; a run of ``k`` such members becomes
+    Members with the same architecture and number of points (and then similar step counts) are
+    grouped together, so that no group pads short datasets; a run of ``k`` such members becomes
     ``ceil(k / size)`` groups of near-equal size.
     """
-    by_n: dict[int, list[Member]] = {}
-    for m in sorted(members, key=lambda m: (-int(m.x.shape[0]), -m.steps)):
-        by_n.setdefault(int(m.x.shape[0]), []).append(m)
-    out: list[list[Member]] = []
-    for run in by_n.values():
+    runs: dict[tuple[tuple[int, ...], int], list[int]] = {}
+    order = sorted(range(len(members)), key=lambda i: (-int(members[i].x.shape[0]), -members[i].steps))
+    for i in order:
+        m = members[i]
+        runs.setdefault((tuple(m.model.widths), int(m.x.shape[0])), []).append(i)
+    out: list[list[int]] = []
+    for run in runs.values():
         k = len(run)
         n_groups = -(-k // size)
         bounds = [round(j * k / n_groups) for j in range(n_groups + 1)]
@@ -324,22 +281,21 @@ def _groups(members: Sequence[Member], size: int) -> list[list[Member]]:
 
 def _train_groups(members: Sequence[Member], lr: float, weight_decay: float, device: torch.device,
                   group_size: int, report_every: int, progress: Callable[[int], None] | None,
-                  finish: Callable[[int, MemberResult], None]) -> None:
-    """Train ``members`` group after group; ``finish(i, result)`` gets member ``members[i]``'s result."""
-    position = {id(m): i for i, m in enumerate(members)}
+                  finish: Callable[[int, Tensor | float, dict[str, Tensor]], None]) -> None:
+    """Train ``members`` group after group; ``finish(i, final_loss, state_dict)`` for ``members[i]``."""
     with torch.no_grad():
         for group in _groups(members, group_size):
-            shard = _Shard(group, lr, weight_decay, device)
+            shard = _Shard([members[i] for i in group], lr, weight_decay, device)
+            positions = list(group)  # kept in step with shard.members
             pending = 0
             while shard.members:
-                done = [i for i, m in enumerate(shard.members) if m.steps <= shard.step_count]
+                done = [j for j, m in enumerate(shard.members) if m.steps <= shard.step_count]
                 if done:
                     losses = shard.losses()
-                    for i in done:
-                        mem = shard.members[i]
-                        finish(position[id(mem)],
-                               MemberResult(mem.key, shard.state_dict_of(i), float(losses[i]), mem.steps))
+                    for j in done:
+                        finish(positions[j], float(losses[j]), shard.state_dict_of(j))
                     shard.remove(done)
+                    positions = [q for j, q in enumerate(positions) if j not in set(done)]
                     continue
                 target = min(m.steps for m in shard.members)
                 e = len(shard.members)
@@ -353,40 +309,40 @@ def _train_groups(members: Sequence[Member], lr: float, weight_decay: float, dev
                 progress(pending)
 
 
-def _plain(res: MemberResult) -> MemberResult:
-    """``res`` with numpy arrays for tensors: they pickle by value. (Tensors put on a
-    multiprocessing queue travel as shared-memory handles, which die with the sending process.)"""
-    return MemberResult(res.key, {k: v.numpy() for k, v in res.state_dict.items()}, res.final_loss, res.steps)
+def _process_worker(members: list[Member], lr: float, weight_decay: float, group_size: int,
+                    report_every: int, with_progress: bool, conn: Any) -> None:  # pragma: no cover - child
+    """Body of one training process; messages ``(kind, payload)`` go back through the pipe ``conn``.
 
-
-def _process_worker(wid: int, members: list[Member], lr: float, weight_decay: float, group_size: int,
-                    report_every: int, queue) -> None:  # pragma: no cover - runs in a child process
-    """Body of one training process: messages ``(wid, kind, payload)`` go back through ``queue``."""
+    Kinds: ``"started"``; ``"progress"`` (member-steps); ``"done"`` (position in ``members``,
+    final loss, state dict as numpy arrays: they pickle by value); ``"error"`` (the exception, or
+    its text where it does not pickle, and the traceback); ``"end"``. A worker whose parent has
+    gone away (killed without clean-up) stops instead of training on for nobody.
+    """
+    import os
     import traceback
 
+    parent = os.getppid()
     torch.set_num_threads(1)
+    conn.send(("started", None))
+
+    def progress(n: int) -> None:
+        if os.getppid() != parent:
+            os._exit(1)
+        if with_progress:
+            conn.send(("progress", n))
+
     try:
-        _train_groups(members, lr, weight_decay, torch.device("cpu"), group_size, report_every,
-                      lambda n: queue.put((wid, "progress", n)),
-                      lambda i, res: queue.put((wid, "done", (i, _plain(res)))))
-        queue.put((wid, "end", None))
-    except BaseException:
-        queue.put((wid, "error", traceback.format_exc()))
-
-
-def _check_members(members: Sequence[Member]) -> None:
-    """Clear errors for what the trainer cannot do, before any worker starts."""
-    for m in members:
-        if m.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {m.steps} (member {m.key!r})")
-        if m.model.activation != "silu":
-            raise ValueError(f"the ensemble trainer implements SiLU MLPs only; member {m.key!r} uses "
-                             f"{m.model.activation!r}")
-        d_in, d_out = m.model.widths[0], m.model.widths[-1]
-        n = int(m.x.shape[0]) if m.x.dim() else -1
-        if m.x.dim() == 0 or m.x.numel() != n * d_in or m.y.numel() != n * d_out:
-            raise ValueError(f"member {m.key!r}: x {tuple(m.x.shape)} and y {tuple(m.y.shape)} do not fit "
-                             f"a model with {d_in} input(s) and {d_out} output(s) on the same points")
+        _train_groups(members, lr, weight_decay, torch.device("cpu"), group_size, report_every, progress,
+                      lambda i, loss, sd: conn.send(("done", (i, loss, {k: v.numpy() for k, v in sd.items()}))))
+        conn.send(("end", None))
+    except BaseException as exc:
+        tb = traceback.format_exc()
+        try:
+            conn.send(("error", (exc, tb)))
+        except Exception:  # the exception does not pickle: send its text
+            conn.send(("error", (None, tb)))
+    finally:
+        conn.close()
 
 
 def _start_method() -> str:
@@ -402,6 +358,21 @@ def _can_start_processes() -> bool:
     import multiprocessing as mp
 
     return _start_method() == "fork" and not mp.current_process().daemon
+
+
+def _check_members(members: Sequence[Member]) -> None:
+    """Clear errors for what the trainer cannot do, before any worker starts."""
+    for m in members:
+        if m.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {m.steps} (member {m.key!r})")
+        if m.model.activation != "silu":
+            raise ValueError(f"the ensemble trainer implements SiLU MLPs only; member {m.key!r} uses "
+                             f"{m.model.activation!r}")
+        d_in, d_out = m.model.widths[0], m.model.widths[-1]
+        n = int(m.x.shape[0]) if m.x.dim() else -1
+        if m.x.dim() == 0 or m.x.numel() != n * d_in or m.y.numel() != n * d_out:
+            raise ValueError(f"member {m.key!r}: x {tuple(m.x.shape)} and y {tuple(m.y.shape)} do not fit "
+                             f"a model with {d_in} input(s) and {d_out} output(s) on the same points")
 
 
 def train_ensemble(members: Sequence[Member], *, lr: float = 1e-3, weight_decay: float = 0.01,
@@ -422,10 +393,10 @@ def train_ensemble(members: Sequence[Member], *, lr: float = 1e-3, weight_decay:
             finishes, e.g. to write it to a cache.
         report_every: how often (in steps) ``progress`` is called.
         group_size: most members stepped in lockstep. A CPU worker trains its members in
-            groups of at most this many (members with the same number of points together), one
-            group after the other: small groups keep a group's parameters, AdamW state and
-            activations in cache. ``None``: ``DEFAULT_CPU_GROUP`` on CPU, all members in one
-            group on other devices.
+            groups of at most this many (members with the same architecture and number of
+            points together), one group after the other: small groups keep a group's
+            parameters, AdamW state and activations in cache. ``None``: ``DEFAULT_CPU_GROUP``
+            on CPU, all members in one group on other devices.
         processes: run the CPU shards in worker processes rather than in threads of this
             process. ``None`` (default): processes on Linux (started with ``fork``) whenever
             there is more than one shard and this process may start children (it is not itself
@@ -434,6 +405,12 @@ def train_ensemble(members: Sequence[Member], *, lr: float = 1e-3, weight_decay:
             identical results (every shard runs on one thread either way); processes are
             faster because the shards' Python dispatch does not contend for one GIL
             (``benchmarks/perf_training.py``).
+
+    Raises:
+        ValueError: a member the trainer cannot train (checked before anything starts).
+        Exception: the first error of a shard, once the other shards have finished (their
+            members are handed to ``on_done`` first, so nothing finished is lost). With
+            processes, a worker that dies without an error report raises ``RuntimeError``.
 
     Returns:
         One :class:`MemberResult` per member, in the order given.
@@ -445,13 +422,17 @@ def train_ensemble(members: Sequence[Member], *, lr: float = 1e-3, weight_decay:
     _check_members(members)
     if group_size is not None and int(group_size) < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if int(report_every) < 1:
+        raise ValueError(f"report_every must be >= 1, got {report_every}")
     n_shards = 1 if dev.type != "cpu" else max(1, int(workers))
     gsize = int(group_size) if group_size is not None else (DEFAULT_CPU_GROUP if dev.type == "cpu" else len(members))
     shards = _balanced_shards(list(range(len(members))), [m.steps for m in members], n_shards)
     results: dict[int, MemberResult] = {}
     lock = threading.Lock()
 
-    def finish(i: int, res: MemberResult) -> None:
+    def finish(i: int, loss: Tensor | float, state_dict: dict[str, Tensor]) -> None:
+        m = members[i]
+        res = MemberResult(m.key, state_dict, float(loss), m.steps)
         with lock:
             results[i] = res
             if on_done is not None:
@@ -463,16 +444,20 @@ def train_ensemble(members: Sequence[Member], *, lr: float = 1e-3, weight_decay:
                 progress(n)
 
     def run_shard(idx: list[int]) -> None:
-        sub = [members[i] for i in idx]
-        _train_groups(sub, lr, weight_decay, dev, gsize, report_every, report if progress else None,
-                      lambda j, res: finish(idx[j], res))
+        _train_groups([members[i] for i in idx], lr, weight_decay, dev, gsize, report_every,
+                      report if progress is not None else None,
+                      lambda j, loss, sd: finish(idx[j], loss, sd))
 
     if len(shards) == 1:
         run_shard(shards[0])
     elif processes if processes is not None else _can_start_processes():
-        _run_in_processes(members, shards, lr, weight_decay, gsize, report_every, report, finish)
+        _run_in_processes(members, shards, lr, weight_decay, gsize, report_every,
+                          report if progress is not None else None, finish)
     else:
         _run_in_threads(shards, run_shard)
+    missing = [i for i in range(len(members)) if i not in results]
+    if missing:  # pragma: no cover - every path above raises first
+        raise RuntimeError(f"training returned no result for members {missing}")
     return [results[i] for i in range(len(members))]
 
 
@@ -500,56 +485,91 @@ def _run_in_threads(shards: list[list[int]], run_shard: Callable[[list[int]], No
         raise errors[0]
 
 
-def _run_in_processes(members: list[Member], shards: list[list[int]], lr: float, weight_decay: float,
-                      group_size: int, report_every: int, report: Callable[[int], None],
-                      finish: Callable[[int, MemberResult], None]) -> None:
-    """One process per shard; results, progress and errors come back through a queue.
+#: seconds a worker process may take to report that it started; a fork that deadlocked on a lock
+#: another thread of this process held would otherwise wait for ever
+WORKER_START_TIMEOUT_S = 120.0
 
-    The processes are terminated if anything goes wrong here (including Ctrl-C), so no orphan
-    keeps training; members already finished have been handed to ``finish`` by then.
+
+def _run_in_processes(members: list[Member], shards: list[list[int]], lr: float, weight_decay: float,
+                      group_size: int, report_every: int, report: Callable[[int], None] | None,
+                      finish: Callable[[int, Tensor | float, dict[str, Tensor]], None]) -> None:
+    """One process per shard, each with its own pipe back to this process.
+
+    This process waits on every pipe and every process's exit sentinel at once, so a worker that
+    dies (killed, out of memory) is noticed at once, whatever the others are doing, and no lock is
+    shared between workers. After a worker fails the others run to the end (their members are
+    finished and handed over), then the first failure is raised. The workers are terminated if
+    anything goes wrong here (including Ctrl-C).
     """
     import multiprocessing as mp
-    import queue as queue_mod
+    import time as time_mod
+    from multiprocessing.connection import wait
 
     ctx = mp.get_context(_start_method())
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_process_worker, daemon=True, name=f"overunlearn-train-{w}",
-                         args=(w, [members[i] for i in idx], lr, weight_decay, group_size, report_every, q))
-             for w, idx in enumerate(shards)]
-    open_workers = set(range(len(procs)))
+    procs: list[Any] = []
+    readers: dict[Any, int] = {}
+    started: set[int] = set()
+    failure: BaseException | None = None
     try:
-        for p in procs:
+        for w, idx in enumerate(shards):
+            r, wconn = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_process_worker, daemon=True, name=f"overunlearn-train-{w}",
+                            args=([members[i] for i in idx], lr, weight_decay, group_size, report_every,
+                                  report is not None, wconn))
             p.start()
-        while open_workers:
-            try:
-                wid, kind, payload = q.get(timeout=1.0)
-            except queue_mod.Empty:
-                dead = [w for w in open_workers if procs[w].exitcode is not None]
-                if dead:
-                    try:  # a message sent just before exiting may still be in flight
-                        wid, kind, payload = q.get(timeout=2.0)
-                    except queue_mod.Empty:
-                        raise RuntimeError(f"training worker process {dead[0]} died (exit code "
-                                           f"{procs[dead[0]].exitcode}) without reporting an error") from None
-                else:
+            wconn.close()  # the child holds the write end; a dead child then reads as EOF here
+            procs.append(p)
+            readers[r] = w
+        t_start = time_mod.monotonic()
+        live = dict(readers)
+        while live:
+            ready = wait(list(live), timeout=5.0)
+            if len(started) < len(procs) and time_mod.monotonic() - t_start > WORKER_START_TIMEOUT_S:
+                raise RuntimeError(f"training worker processes did not start within {WORKER_START_TIMEOUT_S:.0f} s; "
+                                   "train_ensemble(..., processes=False) trains in threads instead")
+            for conn in ready:
+                w = live[conn]
+                try:
+                    kind, payload = conn.recv()
+                except (EOFError, OSError):  # the worker is gone without a word
+                    del live[conn]
+                    procs[w].join(timeout=5)
+                    failure = failure or RuntimeError(
+                        f"training worker process {w} died (exit code {procs[w].exitcode}) without reporting an error")
                     continue
-            if kind == "progress":
-                report(int(payload))
-            elif kind == "done":
-                j, res = payload
-                res.state_dict = {k: torch.from_numpy(v) for k, v in res.state_dict.items()}
-                finish(shards[wid][j], res)
-            elif kind == "end":
-                open_workers.discard(wid)
-            else:  # "error"
-                raise RuntimeError(f"training worker process {wid} failed:\n{payload}")
+                started.add(w)  # any message means the worker is running
+                if kind == "started":
+                    pass
+                elif kind == "progress":
+                    if report is not None:
+                        report(int(payload))
+                elif kind == "done":
+                    j, loss, arrays = payload
+                    finish(shards[w][j], loss, {k: torch.from_numpy(v) for k, v in arrays.items()})
+                elif kind == "end":
+                    del live[conn]
+                else:  # "error"
+                    del live[conn]
+                    exc, tb = payload
+                    if failure is None:
+                        if not isinstance(exc, BaseException):
+                            exc = RuntimeError(f"training worker process {w} failed")
+                        note = f"in training worker process {w}:\n{tb}"
+                        if hasattr(exc, "add_note"):  # Python >= 3.11
+                            exc.add_note(note)
+                        else:  # pragma: no cover
+                            exc = RuntimeError(f"{exc!r} {note}")
+                        failure = exc
     finally:
         for p in procs:
             if p.is_alive():
                 p.terminate()
         for p in procs:
             p.join(timeout=10)
-        q.close()
+        for r in readers:
+            r.close()
+    if failure is not None:
+        raise failure
 
 
 def train_single_reference(model: MLP, x: Tensor, y: Tensor, steps: int, lr: float = 1e-3,
@@ -584,4 +604,4 @@ def measure_throughput(n_models: int = 20, n_points: int = 55, steps: int = 50, 
             "wall_s": wall, "cpu_s": cpu}
 
 
-__all__ = ["FlatAdamW", "Member", "MemberResult", "train_ensemble", "train_single_reference", "measure_throughput"]
+__all__ = ["Member", "MemberResult", "train_ensemble", "train_single_reference", "measure_throughput"]
