@@ -55,7 +55,7 @@ class FusedAdamW:
                                     weight_decay=self.weight_decay, eps=self.eps, amsgrad=False,
                                     maximize=False, grad_scale=None, found_inf=None)
                 return
-            except (RuntimeError, NotImplementedError):  # pragma: no cover - device without the kernel
+            except (RuntimeError, NotImplementedError, TypeError):  # pragma: no cover - no such kernel here
                 self.fused = False
         step = float(self.step_t)
         bc1, bc2 = 1.0 - b1 ** step, 1.0 - b2 ** step
