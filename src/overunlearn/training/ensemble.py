@@ -336,10 +336,13 @@ def _process_worker(members: list[Member], lr: float, weight_decay: float, group
                       lambda i, loss, sd: conn.send(("done", (i, loss, {k: v.numpy() for k, v in sd.items()}))))
         conn.send(("end", None))
     except BaseException as exc:
+        import pickle
+
         tb = traceback.format_exc()
-        try:
+        try:  # the exception itself where it survives a round trip, else only its traceback text
+            pickle.loads(pickle.dumps(exc))
             conn.send(("error", (exc, tb)))
-        except Exception:  # the exception does not pickle: send its text
+        except Exception:
             conn.send(("error", (None, tb)))
     finally:
         conn.close()
