@@ -25,13 +25,17 @@ forget = TensorData(x[:30], y[:30])
 retain = TensorData(x[30:], y[30:])
 problem = UnlearningProblem(model, retain, forget, ClassificationTask(), batch_size=64)
 
-# 3. Pick a method and a budget; the original model is left untouched.
-result = unlearn(problem, create("minnorm_og", lr=1e-3, reg_coef=0.1, reg_coef_decay=0.9), Budget(epochs=5), seed=0)
+# 3. Pick a method and a budget; the original model is left untouched. The unlearned copy comes
+#    back on `device` ("auto": the GPU if there is one) and in train mode.
+result = unlearn(problem, create("minnorm_og", lr=1e-3, reg_coef=0.1, reg_coef_decay=0.9), Budget(epochs=5),
+                 seed=0, device="auto")
 
 
 def accuracy(m: nn.Module, data: TensorData) -> float:
+    m.eval()
+    dev = next(m.parameters()).device
     with torch.no_grad():
-        return (m(data.inputs).argmax(1) == data.targets).float().mean().item()
+        return (m(data.inputs.to(dev)).argmax(1).cpu() == data.targets).float().mean().item()
 
 
 print(f"steps {result.record.steps}, {result.record.seconds:.2f} s")

@@ -50,7 +50,7 @@ COLLAPSE_METRICS = (
 #: unlearning hyperparameters used by ``overunlearn bench collapse`` (one point per method): each
 #: method's best-mean setting of the paper's full T = 10 Collapse grid (Tables 19-22) in the
 #: equal-epoch sweep ``configs/fmnist_collapse_T10_paper_grid_unweighted_epochs.toml`` (CPU preset,
-#: seeds 1-3; docs/sweeps.md 8.10). KL-to-uniform is not in that sweep: lr 1e-3, weight 0.1.
+#: seeds 1-4; docs/sweeps.md 8.10). KL-to-uniform is not in that sweep: lr 1e-3, weight 0.1.
 COLLAPSE_METHOD_POINTS: dict[str, dict[str, Any]] = {
     "retrain": {"lr": 5e-3},
     "gd": {"lr": 5e-3},
@@ -60,7 +60,7 @@ COLLAPSE_METHOD_POINTS: dict[str, dict[str, Any]] = {
     "ridge": {"lr": 5e-3, "reg_coef": 0.5, "reg_coef_decay": 0.8},
     "l1_sparse": {"lr": 5e-3, "reg_coef": 0.01},
     "scrub": {"lr": 5e-3, "reg_coef": 0.01, "ga_coef": 1e-3, "num_gd_epochs": 7},
-    "npo": {"lr": 1e-4, "reg_coef": 0.1},
+    "npo": {"lr": 1e-4, "reg_coef": 0.9},
     "salun": {"lr": 5e-3, "ga_coef": 0.1},
     "kl_unif": {"lr": 1e-3, "kl_coef": 0.1},
     "minnorm_og": {"lr": 5e-3, "reg_coef": 0.5, "reg_coef_decay": 0.2, "num_gd_epochs": 7, "proj_pd": 1,

@@ -630,9 +630,10 @@ def run_poison(seeds: Sequence[int] = tuple(range(1, 11)), epochs: Sequence[int]
     """Train (or load) the original / ground-truth models of ``seeds``, run every method at every ``T``
     with the paper's presets, and collect sup-norm errors.
 
-    ``threads`` CPU cores are used for the ensemble training (one single-threaded shard per core) and as the
-    number of worker processes that run unlearning trials concurrently (one intra-op thread each);
-    default ``torch.get_num_threads()``. With ``threads=1`` everything runs in this process.
+    ``threads`` CPU cores are used for the ensemble training (one single-threaded shard per core, in
+    worker processes on Linux) and for running unlearning trials concurrently (threads of this process
+    when ``batched``, spawned worker processes otherwise; one intra-op thread each); default
+    ``torch.get_num_threads()``. With ``threads=1`` everything runs in this process.
     A trial whose loss becomes non-finite is recorded as diverged (``sup_error = inf``).
 
     With ``reuse_trials`` (default) finished trials are stored in the cache, keyed by the recipe, the

@@ -68,7 +68,8 @@ def poison_cmd(
     out: Path = typer.Option(Path("results/poison"), help="directory for the table, CSV, JSON and figures"),
     cache: Path | None = typer.Option(None, help="model cache directory (default $OVERUNLEARN_CACHE or "
                                       "~/.cache/overunlearn)"),
-    threads: int = typer.Option(0, help="CPU threads (0 = all available cores)"),
+    threads: int = typer.Option(0, help="CPU cores: training worker processes (one thread each) and parallel "
+                                                 "unlearning shards (0 = all available cores)"),
     figure_seed: int | None = typer.Option(None, help="seed whose fits are plotted (default: the first seed)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show progress bars"),
     reuse: bool = typer.Option(True, "--reuse/--recompute", help="reuse unlearning trials cached by an earlier run "

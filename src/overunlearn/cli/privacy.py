@@ -251,8 +251,8 @@ def privacy_cmd(
     cache: Path | None = typer.Option(None, "--cache", help="cache root (default $OVERUNLEARN_CACHE or "
                                       "~/.cache/overunlearn); models and signals go to <cache>/privacy/"),
     seed: int = typer.Option(1, "--seed", help="data seed (which split; model seeds derive from it)"),
-    threads: int = typer.Option(0, "--threads", help="CPU threads (0 = all available cores); poison: training "
-                                "shards (unlearning runs on one thread)"),
+    threads: int = typer.Option(0, "--threads", help="CPU cores (0 = all available); poison: training "
+                                "worker processes, one thread each (unlearning runs on one thread)"),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="draw loss_hist.png and klom_cdf.png"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="one line per trained model"),
 ) -> None:

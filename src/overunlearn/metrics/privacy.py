@@ -542,7 +542,7 @@ def privacy_report(benchmark: Any, methods: Any = (), n_models: int = 8, *, seed
                    ulira_folds: int | None = None, ulira_global_variance: bool = False,
                    klom_kwargs: Mapping[str, Any] | None = None, max_eval: int | None = 2000,
                    progress: bool = False, plots: bool = False, ground_truth: Literal["extra", "split"] = "extra",
-                   klom_bins: int | Literal["auto"] = 20) -> list[dict[str, Any]]:
+                   klom_bins: int | Literal["auto"] = "auto") -> list[dict[str, Any]]:
     """Privacy metrics of unlearning methods against ``n_models`` oracles; one row per model set.
 
     Args:
@@ -558,8 +558,9 @@ def privacy_report(benchmark: Any, methods: Any = (), n_models: int = 8, *, seed
         features: MIA-efficacy features (default: SalUn's four for classifiers, ``loss`` for regression).
         ulira_folds, ulira_global_variance: U-LiRA options (default leave-one-out, per-example variance).
         klom_kwargs: KLoM options (``bins``, ``clip``, ``eps``, ``edges``).
-        klom_bins: KLoM's bin count: 20 (the published setting, meant for ~100 models or more) or
-            ``"auto"`` (:func:`klom_auto_bins`: fewer bins for small ``N``); ``klom_kwargs["bins"]`` wins.
+        klom_bins: KLoM's bin count: ``"auto"`` (default, as in the CLI and reports:
+            :func:`klom_auto_bins`, fewer bins for small ``N``) or a number, e.g. 20 (the published
+            setting, meant for ~100 models or more); ``klom_kwargs["bins"]`` wins.
         ground_truth: ``"extra"`` (default) trains ``N`` further oracles and evaluates them like a
             method (same sample sizes as every other row); ``"split"`` trains only ``N`` oracles and
             compares one half with the other (cheaper, but its U-LiRA / KLoM use ``N/2`` models).
