@@ -187,26 +187,35 @@ class UnlearningContext:
 
 
 def _reinitialise(problem: UnlearningProblem, model: nn.Module, seed: int) -> nn.Module:
-    """Fresh parameters for Retrain: ``problem.make_model()`` or every module's ``reset_parameters``."""
+    """Fresh parameters for Retrain: ``problem.make_model()`` or every module's ``reset_parameters``.
+
+    The new values are always drawn from the CPU generator (a model on another device is reset
+    through a CPU copy), so one seed gives the same initial model on every device, and the
+    device's own generator is left alone.
+    """
+    on_cpu = all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if problem.make_model is not None:
             fresh = problem.make_model()
             model.load_state_dict(fresh.state_dict())
         else:
+            work = model if on_cpu else copy.deepcopy(model).cpu()
             covered: set[int] = set()
-            for m in model.modules():
+            for m in work.modules():
                 reset = getattr(m, "reset_parameters", None)
                 if callable(reset):
                     reset()
                     covered.update(id(p) for p in m.parameters(recurse=False))
-            missed = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+            missed = [name for name, p in work.named_parameters() if p.requires_grad and id(p) not in covered]
             if missed:
                 shown = ", ".join(missed[:5]) + (f" and {len(missed) - 5} more" if len(missed) > 5 else "")
                 warnings.warn(
                     f"Retrain: {len(missed)} trainable parameter(s) belong to no module with reset_parameters() "
                     f"and keep their trained values ({shown}); pass UnlearningProblem(make_model=...) for a "
                     "complete re-initialisation", stacklevel=3)
+            if work is not model:
+                model.load_state_dict(work.state_dict())
     return model
 
 

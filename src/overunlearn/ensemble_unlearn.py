@@ -216,8 +216,9 @@ class _Stack:
         self.params: list[Tensor] = []
         for li in range(len(widths) - 1):
             lins = [s.linears()[li] for s in start]
-            self.params.append(torch.stack([lin.weight.detach().T for lin in lins]).to(device).contiguous())
-            self.params.append(torch.stack([lin.bias.detach().reshape(1, -1) for lin in lins]).to(device).contiguous())
+            # the start models may sit on different devices (a Retrain member is re-initialised on the CPU)
+            self.params.append(torch.stack([lin.weight.detach().T.to(device) for lin in lins]).contiguous())
+            self.params.append(torch.stack([lin.bias.detach().reshape(1, -1).to(device) for lin in lins]).contiguous())
         for p in self.params:
             p.grad = torch.zeros_like(p)
         # members with a penalty term: the terms are computed on these rows only

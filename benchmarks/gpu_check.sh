@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One-call GPU check, for a machine with CUDA and PyTorch but without this package installed:
+# the CUDA tests, MinNorm-OG's projection cost (performance target (c)) in total and part by part,
+# and the full poisoning
+# recipe with --device auto. Logs go to $OUT (default /tmp/gpu_check).
+#     bash benchmarks/gpu_check.sh
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src:$PWD/tests" PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name(0))"
+echo "== CUDA tests"
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.txt" | tail -40
+echo "== projection target (c)"
+timeout 110 python3 benchmarks/perf_projection.py --device cuda --cases c --repeats 10 2>&1 | tee "$OUT/perf_projection_cuda.txt"
+echo "== projection, part by part (case c)"
+timeout 100 python3 benchmarks/perf_projection_parts.py --device cuda --case c --repeats 5 2>&1 | tee "$OUT/perf_projection_parts_cuda.txt"
+echo "== full poisoning recipe, --device auto"
+start=$(date +%s)
+timeout 240 python3 -m overunlearn bench poison --recipe full --device auto --out "$OUT/poison" --cache /tmp/ou_cache \
+    > "$OUT/poison_full_cuda.txt" 2>&1
+echo "exit $? after $(( $(date +%s) - start )) s"
+tr '\r' '\n' < "$OUT/poison_full_cuda.txt" | grep -v '^\s*$' | tail -45

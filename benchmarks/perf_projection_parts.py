@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Where one fast MinNorm-OG projection step spends its time, part by part, on one case of
+``perf_projection.py`` (default (c), the two-head ResNet-18), next to a GD step.
+
+Parts: the ``torch.func`` per-sample Jacobian (``output_jacobian``), the float64 Gram and
+right-hand side (``gram_and_rhs``), the eigen-solve (``solve_gram``) and the back-projection
+``J^T alpha``; the Jacobian also with ``torch.backends.cudnn.benchmark`` on, and the GD step
+both ways. Medians of ``--repeats`` synchronised calls after two warm-ups.
+
+    python benchmarks/perf_projection_parts.py --device cuda --case c --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import perf_projection as pp  # noqa: E402
+
+from overunlearn.linalg.jacobian import output_jacobian, sample_indices  # noqa: E402
+from overunlearn.linalg.projection import _chunk, gram_and_rhs, solve_gram  # noqa: E402
+
+
+def median_time(fn, device: torch.device, repeats: int) -> float:
+    return statistics.median(pp.timed(fn, device, repeats, 2))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--case", default="c", choices=["a", "b", "c"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--cpu-resnet-batch", type=int, default=32)
+    ap.add_argument("--cpu-resnet-k", type=int, default=10)
+    args = ap.parse_args()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    case = pp.build_case(args.case, device, args)
+    model, batch, task = case.model, case.batch, case.task
+    gen = torch.Generator().manual_seed(0)
+    idx = sample_indices(len(batch), case.n_pert, gen, task.strata(batch.targets))
+    x = batch.inputs[idx.to(batch.inputs.device)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    rows: list[tuple[str, float]] = []
+
+    def add(label: str, fn) -> None:
+        rows.append((label, median_time(fn, device, args.repeats)))
+        print(f"{label:48s} {rows[-1][1] * 1e3:9.2f} ms", flush=True)
+
+    print(f"# case ({args.case}) {case.label}, d={case.d:,}, k={case.n_pert} samples, device {device}")
+    add("GD step (fwd+bwd+AdamW)", pp.gd_step(case))
+    add("projection, fast (whole step)", pp.projection(case, "fast"))
+    add("  per-sample Jacobian (torch.func)", lambda: output_jacobian(model, x, task.scores))
+    jac = output_jacobian(model, x, task.scores)
+    add("  Gram + rhs, float64 blocks", lambda: gram_and_rhs(jac, theta))
+    gram, rhs = gram_and_rhs(jac, theta)
+    add("  eigen-solve", lambda: solve_gram(gram, rhs))
+    alpha = solve_gram(gram, rhs)
+
+    def back() -> None:
+        chunk = _chunk(jac.shape[0], None, jac.device)
+        out = torch.empty_like(theta)
+        for s in range(0, theta.shape[0], chunk):
+            out[s : s + chunk] = (jac[:, s : s + chunk].double().T @ alpha).to(theta.dtype)
+
+    add("  back-projection J^T alpha, float64 blocks", back)
+    add("  Gram, one float32 product (for scale)", lambda: jac @ jac.T)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        add("GD step, cudnn.benchmark", pp.gd_step(case))
+        add("per-sample Jacobian, cudnn.benchmark", lambda: output_jacobian(model, x, task.scores))
+        add("projection, fast, cudnn.benchmark", pp.projection(case, "fast"))
+        torch.backends.cudnn.benchmark = False
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
