@@ -314,6 +314,37 @@ def test_diverging_trial_is_recorded_not_raised(tmp_path, monkeypatch):
     assert [t for t in run.trials if t.method == "gd"][0].status == "ok"
 
 
+@linux_only
+def test_batched_unlearning_in_processes_equals_threads(tmp_path, monkeypatch):
+    kw = dict(seeds=[1, 2, 3], epochs=[3, 5], methods=["gd", "minnorm_og", "ridge", "retrain"], recipe=TINY,
+              cache_dir=tmp_path, threads=2, progress=False, reuse_trials=False)
+    by_process = P.run_poison(**kw)
+    monkeypatch.setattr(P, "can_start_processes", lambda: False)
+    by_thread = P.run_poison(**kw)
+    key = lambda t: (t.method, t.epochs, t.seed)  # noqa: E731
+    a, b = sorted(by_process.trials, key=key), sorted(by_thread.trials, key=key)
+    assert len(a) == 4 * 2 * 3 and [key(t) for t in a] == [key(t) for t in b]
+    assert [t.sup_error for t in a] == [t.sup_error for t in b]  # the same stacks, so the same bits
+    assert by_process.curves == by_thread.curves
+
+
+@linux_only
+def test_unlearning_worker_error_is_raised_here(tmp_path, monkeypatch):
+    import overunlearn.ensemble_unlearn as EU
+
+    P.run_poison(seeds=[1, 2], epochs=[2], methods=["gd"], recipe=TINY, cache_dir=tmp_path, threads=1,
+                 progress=False)  # train the models here first
+
+    def broken(runs, *a, **k):
+        raise ValueError("boom in the unlearning worker")
+
+    monkeypatch.setattr(EU, "unlearn_batched", broken)
+    with pytest.raises(ValueError, match="boom in the unlearning worker") as info:
+        P.run_poison(seeds=[1, 2], epochs=[2, 3], methods=["gd", "ridge"], recipe=TINY, cache_dir=tmp_path,
+                     threads=2, progress=False, reuse_trials=False)
+    assert any("unlearning worker process" in n for n in getattr(info.value, "__notes__", []))
+
+
 # ---- the CLI end to end ----------------------------------------------------------------------------
 
 def test_cli_end_to_end_reuses_cache(tmp_path):

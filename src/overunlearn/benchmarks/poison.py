@@ -42,6 +42,7 @@ from overunlearn.benchmarks.base import MetricSpec, register_benchmark, retrain_
 from overunlearn.models.mlp import MLP
 from overunlearn.problem import RegressionTask, TensorData, UnlearningProblem
 from overunlearn.storage import atomic_torch_save, atomic_write_json, default_cache_dir, safe_torch_load, stable_hash
+from overunlearn.workers import Channel, can_start_processes, run_in_processes
 
 # --------------------------------------------------------------------------------------
 # Recipe
@@ -562,7 +563,8 @@ def _worker_trial(method: str, epochs: int, seed: int, keep_curve: bool) -> tupl
 def _run_batched(bench: PoisonBenchmark, jobs: list[tuple[str, int, int]], fig_seed: int, n_workers: int,
                  dev: torch.device, trials: list[Trial], curves: dict[str, list[float]], stored: dict[str, Any],
                  lock: threading.Lock, bar: Any) -> None:
-    """Run ``jobs`` as vectorised ensembles, one per thread, balanced by their total steps."""
+    """Run ``jobs`` as vectorised ensembles, one per worker (a process on Linux CPU, else a thread),
+    balanced by their total steps."""
     from overunlearn.engine import Budget
     from overunlearn.ensemble_unlearn import BatchedRun, unlearn_batched
     from overunlearn.methods import create
@@ -573,51 +575,76 @@ def _run_batched(bench: PoisonBenchmark, jobs: list[tuple[str, int, int]], fig_s
         k = min(range(len(shards)), key=lambda i: load[i])
         shards[k].append(job)
         load[k] += job[1]
+    shards = [sh for sh in shards if sh]
+
+    def unlearn_shard(shard: list[tuple[str, int, int]], tick: Callable[[int], None],
+                      emit: Callable[[Trial, list[float] | None], None]) -> None:
+        runs = [BatchedRun(bench.problem(s), create(m, **preset(m, T).kwargs()), Budget(epochs=T), seed=s,
+                           key=(m, T, s)) for (m, T, s) in shard]
+        for out in unlearn_batched(runs, dev, progress=tick):
+            m, T, s = out.key
+            pre = preset(m, T).kwargs()
+            curve = None
+            if out.model is None:
+                trial = Trial(m, T, s, math.inf, "diverged", out.record.seconds, int(out.error_step or 0), pre,
+                              out.error or "")
+            else:
+                err = bench.evaluate(out.model, s)["sup_error"]
+                trial = Trial(m, T, s, err, "ok" if math.isfinite(err) else "diverged", out.record.seconds,
+                              out.record.steps, pre)
+                if s == fig_seed:
+                    with torch.no_grad():
+                        curve = out.model(bench.grid().reshape(-1, 1).to(dev)).reshape(-1).cpu().tolist()
+            emit(trial, curve)
+
+    def tick(n: int) -> None:
+        if bar is not None:
+            with lock:
+                bar.update(n)
+
+    def record(trial: Trial, curve: list[float] | None) -> None:
+        with lock:
+            trials.append(trial)
+            if curve is not None:
+                curves[f"{trial.method}@{trial.epochs}"] = curve
+            stored[_trial_key(trial.method, trial.epochs, trial.seed, trial.hyper, dev, True)] = {
+                "trial": _jsonable(dataclasses.asdict(trial)), "curve": curve}
+
+    if len(shards) == 1:
+        unlearn_shard(shards[0], tick, record)
+        return
+    if dev.type == "cpu" and can_start_processes():
+        # worker processes: the batched step is mostly Python dispatch on these small models, so
+        # threads of one process would take turns on the GIL
+        def target(shard: list[tuple[str, int, int]], chan: Channel) -> None:  # pragma: no cover - child
+            unlearn_shard(shard, lambda n: chan.send("progress", n), lambda t, c: chan.send("trial", (t, c)))
+
+        def on_message(w: int, kind: str, payload: Any) -> None:
+            if kind == "progress":
+                tick(int(payload))
+            elif kind == "trial":
+                record(*payload)
+
+        run_in_processes(target, shards, on_message, name="unlearn", label="unlearning")
+        return
     errors: list[BaseException] = []
 
     def run(shard: list[tuple[str, int, int]]) -> None:
         try:
-            runs = [BatchedRun(bench.problem(s), create(m, **preset(m, T).kwargs()), Budget(epochs=T), seed=s,
-                               key=(m, T, s)) for (m, T, s) in shard]
-
-            def tick(n: int) -> None:
-                if bar is not None:
-                    with lock:
-                        bar.update(n)
-
-            for out in unlearn_batched(runs, dev, progress=tick):
-                m, T, s = out.key
-                pre = preset(m, T).kwargs()
-                curve = None
-                if out.model is None:
-                    trial = Trial(m, T, s, math.inf, "diverged", out.record.seconds, int(out.error_step or 0), pre,
-                                  out.error or "")
-                else:
-                    err = bench.evaluate(out.model, s)["sup_error"]
-                    trial = Trial(m, T, s, err, "ok" if math.isfinite(err) else "diverged", out.record.seconds,
-                                  out.record.steps, pre)
-                    if s == fig_seed:
-                        with torch.no_grad():
-                            curve = out.model(bench.grid().reshape(-1, 1).to(dev)).reshape(-1).cpu().tolist()
-                with lock:
-                    trials.append(trial)
-                    if curve is not None:
-                        curves[f"{m}@{T}"] = curve
-                    stored[_trial_key(m, T, s, pre, dev, True)] = {"trial": _jsonable(dataclasses.asdict(trial)),
-                                                                   "curve": curve}
+            unlearn_shard(shard, tick, record)
         except BaseException as exc:  # pragma: no cover - re-raised below
             errors.append(exc)
 
-    shards = [sh for sh in shards if sh]
-    if len(shards) == 1:
-        run(shards[0])
-    else:
-        torch.set_num_threads(1)  # one intra-op thread per shard; kernels release the GIL
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)  # one intra-op thread per shard; kernels release the GIL
+    try:
         threads = [threading.Thread(target=run, args=(sh,), daemon=True) for sh in shards]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+    finally:
+        torch.set_num_threads(prev)
     if errors:
         raise errors[0]
 

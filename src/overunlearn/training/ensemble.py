@@ -53,6 +53,7 @@ from torch import Tensor
 
 from overunlearn.models.mlp import MLP
 from overunlearn.training.adamw import FusedAdamW
+from overunlearn.workers import Channel, can_start_processes, run_in_processes
 
 
 @dataclass
@@ -309,58 +310,21 @@ def _train_groups(members: Sequence[Member], lr: float, weight_decay: float, dev
                 progress(pending)
 
 
-def _process_worker(members: list[Member], lr: float, weight_decay: float, group_size: int,
-                    report_every: int, with_progress: bool, conn: Any) -> None:  # pragma: no cover - child
-    """Body of one training process; messages ``(kind, payload)`` go back through the pipe ``conn``.
-
-    Kinds: ``"started"``; ``"progress"`` (member-steps); ``"done"`` (position in ``members``,
-    final loss, state dict as numpy arrays: they pickle by value); ``"error"`` (the exception, or
-    its text where it does not pickle, and the traceback); ``"end"``. A worker whose parent has
-    gone away (killed without clean-up) stops instead of training on for nobody.
-    """
-    import os
-    import traceback
-
-    parent = os.getppid()
-    torch.set_num_threads(1)
-    conn.send(("started", None))
+def _process_worker(members: list[Member], lr: float, weight_decay: float, group_size: int, report_every: int,
+                    with_progress: bool, chan: Channel) -> None:  # pragma: no cover - child
+    """Body of one training process. Messages: ``"progress"`` (member-steps) and ``"done"``
+    (position in ``members``, final loss, state dict as numpy arrays: they pickle by value)."""
 
     def progress(n: int) -> None:
-        if os.getppid() != parent:
-            os._exit(1)
         if with_progress:
-            conn.send(("progress", n))
+            chan.send("progress", n)
+        elif not chan.parent_alive():
+            import os
 
-    try:
-        _train_groups(members, lr, weight_decay, torch.device("cpu"), group_size, report_every, progress,
-                      lambda i, loss, sd: conn.send(("done", (i, loss, {k: v.numpy() for k, v in sd.items()}))))
-        conn.send(("end", None))
-    except BaseException as exc:
-        import pickle
+            os._exit(1)
 
-        tb = traceback.format_exc()
-        try:  # the exception itself where it survives a round trip, else only its traceback text
-            pickle.loads(pickle.dumps(exc))
-            conn.send(("error", (exc, tb)))
-        except Exception:
-            conn.send(("error", (None, tb)))
-    finally:
-        conn.close()
-
-
-def _start_method() -> str:
-    """``fork`` on Linux (no re-import of ``__main__``, starts in milliseconds; the children only
-    use the CPU and one thread, as PyTorch's ``DataLoader`` workers do), ``spawn`` elsewhere."""
-    import sys
-
-    return "fork" if sys.platform.startswith("linux") else "spawn"
-
-
-def _can_start_processes() -> bool:
-    """Whether the default is processes: Linux (``fork``), and this process may have children."""
-    import multiprocessing as mp
-
-    return _start_method() == "fork" and not mp.current_process().daemon
+    _train_groups(members, lr, weight_decay, torch.device("cpu"), group_size, report_every, progress,
+                  lambda i, loss, sd: chan.send("done", (i, loss, {k: v.numpy() for k, v in sd.items()})))
 
 
 def _check_members(members: Sequence[Member]) -> None:
@@ -453,7 +417,7 @@ def train_ensemble(members: Sequence[Member], *, lr: float = 1e-3, weight_decay:
 
     if len(shards) == 1:
         run_shard(shards[0])
-    elif processes if processes is not None else _can_start_processes():
+    elif processes if processes is not None else can_start_processes():
         _run_in_processes(members, shards, lr, weight_decay, gsize, report_every,
                           report if progress is not None else None, finish)
     else:
@@ -488,91 +452,25 @@ def _run_in_threads(shards: list[list[int]], run_shard: Callable[[list[int]], No
         raise errors[0]
 
 
-#: seconds a worker process may take to report that it started; a fork that deadlocked on a lock
-#: another thread of this process held would otherwise wait for ever
-WORKER_START_TIMEOUT_S = 120.0
-
-
 def _run_in_processes(members: list[Member], shards: list[list[int]], lr: float, weight_decay: float,
                       group_size: int, report_every: int, report: Callable[[int], None] | None,
                       finish: Callable[[int, Tensor | float, dict[str, Tensor]], None]) -> None:
-    """One process per shard, each with its own pipe back to this process.
+    """One process per shard (``overunlearn.workers``); results and progress come back by pipe."""
 
-    This process waits on every pipe and every process's exit sentinel at once, so a worker that
-    dies (killed, out of memory) is noticed at once, whatever the others are doing, and no lock is
-    shared between workers. After a worker fails the others run to the end (their members are
-    finished and handed over), then the first failure is raised. The workers are terminated if
-    anything goes wrong here (including Ctrl-C).
-    """
-    import multiprocessing as mp
-    import time as time_mod
-    from multiprocessing.connection import wait
+    def target(idx: list[int], chan: Channel) -> None:  # pragma: no cover - child
+        _process_worker([members[i] for i in idx], lr, weight_decay, group_size, report_every, report is not None,
+                        chan)
 
-    ctx = mp.get_context(_start_method())
-    procs: list[Any] = []
-    readers: dict[Any, int] = {}
-    started: set[int] = set()
-    failure: BaseException | None = None
-    try:
-        for w, idx in enumerate(shards):
-            r, wconn = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_process_worker, daemon=True, name=f"overunlearn-train-{w}",
-                            args=([members[i] for i in idx], lr, weight_decay, group_size, report_every,
-                                  report is not None, wconn))
-            p.start()
-            wconn.close()  # the child holds the write end; a dead child then reads as EOF here
-            procs.append(p)
-            readers[r] = w
-        t_start = time_mod.monotonic()
-        live = dict(readers)
-        while live:
-            ready = wait(list(live), timeout=5.0)
-            if len(started) < len(procs) and time_mod.monotonic() - t_start > WORKER_START_TIMEOUT_S:
-                raise RuntimeError(f"training worker processes did not start within {WORKER_START_TIMEOUT_S:.0f} s; "
-                                   "train_ensemble(..., processes=False) trains in threads instead")
-            for conn in ready:
-                w = live[conn]
-                try:
-                    kind, payload = conn.recv()
-                except (EOFError, OSError):  # the worker is gone without a word
-                    del live[conn]
-                    procs[w].join(timeout=5)
-                    failure = failure or RuntimeError(
-                        f"training worker process {w} died (exit code {procs[w].exitcode}) without reporting an error")
-                    continue
-                started.add(w)  # any message means the worker is running
-                if kind == "started":
-                    pass
-                elif kind == "progress":
-                    if report is not None:
-                        report(int(payload))
-                elif kind == "done":
-                    j, loss, arrays = payload
-                    finish(shards[w][j], loss, {k: torch.from_numpy(v) for k, v in arrays.items()})
-                elif kind == "end":
-                    del live[conn]
-                else:  # "error"
-                    del live[conn]
-                    exc, tb = payload
-                    if failure is None:
-                        if not isinstance(exc, BaseException):
-                            exc = RuntimeError(f"training worker process {w} failed")
-                        note = f"in training worker process {w}:\n{tb}"
-                        if hasattr(exc, "add_note"):  # Python >= 3.11
-                            exc.add_note(note)
-                        else:  # pragma: no cover
-                            exc = RuntimeError(f"{exc!r} {note}")
-                        failure = exc
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(timeout=10)
-        for r in readers:
-            r.close()
-    if failure is not None:
-        raise failure
+    def on_message(w: int, kind: str, payload: Any) -> None:
+        if kind == "progress":
+            if report is not None:
+                report(int(payload))
+        elif kind == "done":
+            j, loss, arrays = payload
+            finish(shards[w][j], loss, {k: torch.from_numpy(v) for k, v in arrays.items()})
+
+    run_in_processes(target, shards, on_message, name="train", label="training",
+                     fallback_hint="train_ensemble(..., processes=False) trains in threads instead")
 
 
 def train_single_reference(model: MLP, x: Tensor, y: Tensor, steps: int, lr: float = 1e-3,
