@@ -3,7 +3,7 @@
 # the CUDA tests, MinNorm-OG's projection cost (performance target (c)) in total and part by part,
 # and the full poisoning
 # recipe with --device auto. Logs go to $OUT (default /tmp/gpu_check).
-#     bash benchmarks/gpu_check.sh
+#     bash benchmarks/gpu_check.sh              (SKIP_POISON=1: without the poisoning run)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src:$PWD/tests" PYTHONUNBUFFERED=1
@@ -17,6 +17,7 @@ echo "== projection target (c)"
 timeout 110 python3 benchmarks/perf_projection.py --device cuda --cases c --repeats 10 2>&1 | tee "$OUT/perf_projection_cuda.txt"
 echo "== projection, part by part (case c)"
 timeout 100 python3 benchmarks/perf_projection_parts.py --device cuda --case c --repeats 5 2>&1 | tee "$OUT/perf_projection_parts_cuda.txt"
+if [ -n "${SKIP_POISON:-}" ]; then exit 0; fi
 echo "== full poisoning recipe, --device auto"
 start=$(date +%s)
 timeout 240 python3 -m overunlearn bench poison --recipe full --device auto --out "$OUT/poison" --cache /tmp/ou_cache \

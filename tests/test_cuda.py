@@ -114,6 +114,23 @@ def test_projection_on_cuda_matches_float64_reference():
     assert float((got.double().cpu() - ref).norm() / ref.norm()) < 1e-5
 
 
+def test_factored_projection_of_a_cnn_on_cuda_matches_cpu(monkeypatch):
+    from test_methods import _SmallResNet
+
+    import overunlearn.linalg.projection as P
+    from overunlearn.problem import ClassificationTask
+
+    monkeypatch.setattr(P, "_conv_factored_cheaper", lambda *a: True)  # every convolution through the ghost Gram
+    torch.manual_seed(2)
+    model = _SmallResNet().eval()
+    x = torch.randn(6, 2, 6, 6)
+    v = torch.cat([q.detach().reshape(-1) for q in model.parameters()])
+    cpu = P.project_model_onto_span(model, x, ClassificationTask().scores, v)
+    gpu = P.project_model_onto_span(model.cuda(), x.cuda(), ClassificationTask().scores, v.cuda())
+    assert gpu.device.type == "cuda"
+    assert float((gpu.cpu() - cpu).norm() / cpu.norm()) < 1e-4
+
+
 def test_bench_poison_cli_on_cuda(tmp_path):
     from typer.testing import CliRunner
 

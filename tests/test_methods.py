@@ -694,8 +694,30 @@ class _Shared(nn.Module):
         return self.out(h)
 
 
+class _SmallResNet(nn.Module):
+    """Convolutions of every kind the factored path handles: padding, stride, dilation, bias or not,
+    a 1x1 shortcut, eval-mode BatchNorm2d, in-place ReLU, a residual sum, two heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.down = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.dil = nn.Conv2d(6, 6, 3, padding=2, dilation=2, bias=False)
+        self.short = nn.Conv2d(4, 6, 1, stride=2)
+        self.a, self.b = nn.Linear(6, 3), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.relu(self.bn(self.stem(x)))
+        r = self.dil(torch.tanh(self.down(h))) + self.short(h)
+        z = torch.tanh(r).mean(dim=(2, 3))
+        return self.a(z), self.b(z)
+
+
 @pytest.mark.parametrize("make, shape, task", [
     (lambda: _Mixed(), (6, 2, 4, 4), ClassificationTask()),
+    (lambda: _SmallResNet(), (5, 2, 6, 6), ClassificationTask()),
     (lambda: nn.Sequential(nn.Linear(3, 40), nn.SiLU(), nn.Linear(40, 40), nn.SiLU(), nn.Linear(40, 1)), (7, 3),
      RegressionTask()),
     (lambda: _Shared(), (6, 5), ClassificationTask()),
@@ -722,3 +744,48 @@ def test_factored_projection_equals_materialised_and_qr(make, shape, task, mode)
     torch.testing.assert_close(got, qr, rtol=1e-5, atol=1e-5 * float(v.norm()))
     assert float(got.norm()) > 1e-3 * float(v.norm())  # a real projection, not zero
     assert same_state(before, state_copy(model)) and model.training and no_hooks(model)
+
+
+@pytest.mark.parametrize("ghost", [True, False])
+def test_factored_convolutions_equal_materialised_and_qr(monkeypatch, ghost):
+    # every convolution through the ghost Gram (or none), whatever the cost rule says
+    import overunlearn.linalg.projection as P
+    from overunlearn.linalg.jacobian import output_jacobian
+    from overunlearn.linalg.projection import project_model_onto_span, project_onto_span
+
+    monkeypatch.setattr(P, "_conv_factored_cheaper", lambda *a: ghost)
+    monkeypatch.setattr(P, "_MIN_FACTORED_FRACTION", 0.0)
+    torch.manual_seed(1)
+    model = _SmallResNet()
+    with torch.no_grad():
+        model.train()
+        model(torch.randn(8, 2, 6, 6) * 2 + 0.5)
+    layers = P._factored_layers(model, torch.randn(4, 2, 6, 6), [q for q in model.parameters()], 2)
+    convs = [m for m in layers if isinstance(m, nn.Conv2d)]
+    assert len(convs) == (4 if ghost else 0)
+    task = ClassificationTask()
+    x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
+    model = model.double()
+    v = torch.cat([q.detach().reshape(-1) for q in model.parameters()])
+    got = project_model_onto_span(model, x, task.scores, v)
+    dense = project_onto_span(output_jacobian(model, x, task.scores), v)
+    torch.testing.assert_close(got, dense, rtol=1e-9, atol=1e-10 * float(v.norm()))
+    assert float(got.norm()) > 1e-3 * float(v.norm())
+
+
+def test_factored_path_picks_the_late_convolutions_of_a_cifar_resnet18():
+    # the cost rule on the model of performance case (c): ResNet-18 on 32x32 inputs, k = 50 samples
+    # x 2 heads: layer4's 3x3 convolutions (4x4 outputs) and its 1x1 shortcut go through the ghost
+    # Gram, the larger feature maps of layers 1-3 stay materialised
+    import overunlearn.linalg.projection as P
+    from overunlearn.models.resnet import two_head_resnet18
+
+    model = two_head_resnet18(num_classes=10, color_classes=3).eval()
+    params = [q for q in model.parameters() if q.requires_grad]
+    layers = P._factored_layers(model, torch.randn(50, 3, 32, 32), params, 2)
+    names = {m: n for n, m in model.named_modules()}
+    convs = sorted(names[m] for m in layers if isinstance(m, nn.Conv2d))
+    assert convs and all("layer4" in c for c in convs), convs
+    assert len(convs) == 5  # four 3x3 convolutions and the downsampling shortcut
+    covered = sum(q.numel() for m in layers for q in m.parameters(recurse=False))
+    assert covered > 0.7 * sum(q.numel() for q in params)

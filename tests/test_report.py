@@ -109,6 +109,43 @@ def test_settings_are_matched_by_content_not_by_label(journal, tmp_path):
     assert next(m for m in s.methods if m.method == "gd").selected
 
 
+def test_held_out_selection_chooses_on_some_seeds_and_reports_the_others(journal, tmp_path):
+    reports, _ = load(journal, sweeps=["table"], select_seeds=[1, 2])
+    t2 = reports[0].settings[0]
+    assert t2.seeds == [3] and t2.selected_on == [1, 2]
+    assert any("held-out seeds [3]" in n for n in t2.notes)
+    full, _ = load(journal, sweeps=["table"])
+    for mr, mr_all in zip(t2.methods, full[0].settings[0].methods, strict=True):
+        if not mr.selected:
+            continue
+        chosen = mr.selected[0]
+        # the choice is the best mean on seeds 1-2 ...
+        on_12 = {g.config_key: g.stats("retain_mse", [1, 2]).mean for g in mr_all.groups if g.metrics}
+        assert on_12[chosen.config_key] == min(v for k, v in on_12.items()
+                                               if k in {g.config_key for g in mr_all.groups if not g.failed})
+        # ... and what is reported is seed 3 alone
+        assert sorted(chosen.metrics) == [3] and chosen.stats("retain_mse").n == 1
+        original = next(g for g in mr_all.groups if g.config_key == chosen.config_key)
+        assert chosen.stats("retain_mse").median == original.metrics[3]["retain_mse"]
+    for st in t2.reference.values():
+        assert all(v.n == 1 for v in st.values())
+    files = build_report(journal, tmp_path / "held", sweeps=["table"], figures=False, select_seeds=[1, 2])
+    md = next(f for f in files if f.name == "results.md").read_text()
+    assert "held-out seeds [3]" in md and "best mean on seeds [1, 2]" in md
+
+
+def test_report_cli_select_seeds(journal, tmp_path):
+    from overunlearn.cli import _register, app
+
+    _register()
+    ok = CliRunner().invoke(app, ["report", str(journal), "--out", str(tmp_path / "h"), "--sweep", "table",
+                                  "--no-figures", "--select-seeds", "1-2"])
+    assert ok.exit_code == 0, ok.output
+    bad = CliRunner().invoke(app, ["report", str(journal), "--out", str(tmp_path / "b"), "--sweep", "table",
+                                   "--no-figures", "--select-seeds", "1-3"])
+    assert bad.exit_code == 2 and "non-empty" in bad.output
+
+
 def test_report_cli(journal, tmp_path):
     from overunlearn.cli import _register, app
 

@@ -22,6 +22,9 @@ def report_cmd(
     allow_partial: bool = typer.Option(False, "--allow-partial",
                                        help="also select among settings that lack some seeds"),
     no_figures: bool = typer.Option(False, "--no-figures", help="tables only"),
+    select_seeds: str | None = typer.Option(None, "--select-seeds", help="held-out selection: choose each "
+                                            "method's hyperparameters on these seeds (e.g. 1-5) and report "
+                                            "every statistic on the other seeds"),
     privacy: bool = typer.Option(False, "--privacy", help="also evaluate each method's selected hyperparameters "
                                  "for privacy (MIA, U-LiRA, KLoM; trains N originals, N or 2N oracles and N "
                                  "unlearned models per method and setting): privacy.md / .csv"),
@@ -44,6 +47,7 @@ def report_cmd(
     With --privacy, also the privacy (MIA, U-LiRA, KLoM) of every selected setting: see docs/privacy.md.
     """
     from overunlearn.report import PrivacyColumnsError, PrivacyOptions, build_report
+    from overunlearn.report.aggregate import SeedSplitError
 
     if not journal.exists():
         typer.echo(f"error: journal {str(journal)!r} does not exist; run `overunlearn sweep SPEC` first", err=True)
@@ -53,6 +57,14 @@ def report_cmd(
                                   ("--import", imports)) if v is not None and v != []]
     if given and not privacy:
         raise typer.BadParameter(f"{', '.join(given)} need --privacy")
+    chosen: list[int] | None = None
+    if select_seeds is not None:
+        from overunlearn.cli.bench_images import parse_seeds
+
+        try:
+            chosen = parse_seeds(select_seeds)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="'--select-seeds'") from None
     options = None
     if privacy:
         try:
@@ -63,7 +75,9 @@ def report_cmd(
             raise typer.BadParameter(str(exc)) from None
     try:
         files = build_report(journal, out, allow_partial=allow_partial, sweeps=sweep or None,
-                             figures=not no_figures, privacy=options)
+                             figures=not no_figures, privacy=options, select_seeds=chosen)
+    except SeedSplitError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--select-seeds'") from None
     except PrivacyColumnsError as exc:
         for f in exc.files:
             typer.echo(str(f))

@@ -44,9 +44,10 @@ def _slug(text: str) -> str:
 
 def build_report(journal: str | Path, out_dir: str | Path | None = None, *, allow_partial: bool = False,
                  sweeps: list[str] | None = None, figures: bool = True,
-                 privacy: PrivacyOptions | None = None) -> list[Path]:
+                 privacy: PrivacyOptions | None = None, select_seeds: list[int] | None = None) -> list[Path]:
     """Write tables and figures for every sweep in ``journal``; return the files written.
 
+    ``select_seeds``: pick hyperparameters on these seeds, report on the others (see :func:`load`).
     ``privacy``: also evaluate each method's selected hyperparameters for privacy (trains models;
     see ``docs/privacy.md``). Settings where that fails are named in ``index.md`` and ``privacy.md``;
     after everything else is written, :class:`PrivacyColumnsError` (with ``.files``) is raised.
@@ -55,7 +56,7 @@ def build_report(journal: str | Path, out_dir: str | Path | None = None, *, allo
     if not journal.exists():
         raise FileNotFoundError(f"journal {str(journal)!r} does not exist; run `overunlearn sweep SPEC` first")
     out = Path(out_dir) if out_dir is not None else journal.with_name(journal.stem + "_report")
-    reports, contents = load(journal, allow_partial=allow_partial, sweeps=sweeps)
+    reports, contents = load(journal, allow_partial=allow_partial, sweeps=sweeps, select_seeds=select_seeds)
     written: list[Path] = []
     privacy_failures: list[str] = []
     index = [f"# Report for `{journal}`", ""]

@@ -14,6 +14,10 @@ from overunlearn.sweep.spec import benchmark_key
 MINNORM = "minnorm_og"
 
 
+class SeedSplitError(ValueError):
+    """``select_seeds`` does not split a setting's seeds into a selection and a held-out part."""
+
+
 @dataclass
 class ConfigGroup:
     """One hyperparameter setting of one method: its per-seed results."""
@@ -28,12 +32,22 @@ class ConfigGroup:
     steps: dict[int, int] = field(default_factory=dict)
     order: int = 0
 
-    def values(self, metric: str) -> list[float]:
+    def values(self, metric: str, seeds: list[int] | None = None) -> list[float]:
+        """Per-seed values of ``metric`` (in seed order), of ``seeds`` only if given."""
         return [float(m[metric]) if m.get(metric) is not None else math.nan
-                for _, m in sorted(self.metrics.items())]
+                for s, m in sorted(self.metrics.items()) if seeds is None or s in seeds]
 
-    def stats(self, metric: str) -> SeedStats:
-        return seed_stats(self.values(metric))
+    def stats(self, metric: str, seeds: list[int] | None = None) -> SeedStats:
+        return seed_stats(self.values(metric, seeds))
+
+    def restricted(self, seeds: list[int]) -> ConfigGroup:
+        """A copy holding only the results of ``seeds``."""
+        keep = set(seeds)
+        return ConfigGroup(self.method, self.config_key, self.hyper, self.config,
+                           {s: v for s, v in self.metrics.items() if s in keep},
+                           {s: v for s, v in self.failed.items() if s in keep},
+                           {s: v for s, v in self.seconds.items() if s in keep},
+                           {s: v for s, v in self.steps.items() if s in keep}, self.order)
 
     def complete(self, seeds: list[int]) -> bool:
         return all(s in self.metrics for s in seeds) and not self.failed
@@ -60,6 +74,7 @@ class SettingResult:
     methods: list[MethodResult]
     reference: dict[str, dict[str, SeedStats]]  # "original"/"ground_truth" -> metric -> stats
     notes: list[str] = field(default_factory=list)
+    selected_on: list[int] | None = None  # held-out selection: the seeds the choice was made on
 
 
 @dataclass
@@ -71,8 +86,14 @@ class SweepReport:
     notes: list[str] = field(default_factory=list)
 
 
-def load(path: str | Path, allow_partial: bool = False, sweeps: list[str] | None = None) -> tuple[list[SweepReport], JournalContents]:
-    """Aggregate a journal into one :class:`SweepReport` per sweep name."""
+def load(path: str | Path, allow_partial: bool = False, sweeps: list[str] | None = None,
+         select_seeds: list[int] | None = None) -> tuple[list[SweepReport], JournalContents]:
+    """Aggregate a journal into one :class:`SweepReport` per sweep name.
+
+    ``select_seeds``: choose each method's hyperparameters on these seeds only and report every
+    statistic on the setting's other seeds (a held-out selection; without it both use all seeds,
+    which flatters methods with large grids).
+    """
     contents = read_journal(path)
     headers = contents.sweeps()
     latest = contents.latest_trials()
@@ -99,7 +120,8 @@ def load(path: str | Path, allow_partial: bool = False, sweeps: list[str] | None
             if not recs:
                 sweep_notes.append(f"setting {sname!r}: no trials in the journal yet")
                 continue
-            results.append(_setting(name, sname, header, setting_hdrs.get(sname, {}), recs, refs, allow_partial))
+            results.append(_setting(name, sname, header, setting_hdrs.get(sname, {}), recs, refs, allow_partial,
+                                    select_seeds))
         out.append(SweepReport(name=name, title=header.get("title", name), paper=header.get("paper", ""),
                                settings=results, notes=sweep_notes + list(header.get("notes", []))))
     return out, contents
@@ -145,10 +167,21 @@ def _metric_order(header: dict[str, Any], recs: list[dict[str, Any]]) -> list[tu
 
 
 def _setting(sweep: str, sname: str, header: dict[str, Any], shdr: dict[str, Any], recs: list[dict[str, Any]],
-             refs: dict[tuple[str, int], dict[str, Any]], allow_partial: bool) -> SettingResult:
+             refs: dict[tuple[str, int], dict[str, Any]], allow_partial: bool,
+             select_seeds: list[int] | None = None) -> SettingResult:
     notes: list[str] = []
     metrics = _metric_order(header, recs)
     seeds = shdr.get("seeds") or sorted({int(r["seed"]) for r in recs})
+    chosen_on: list[int] | None = None
+    report_seeds = list(seeds)
+    if select_seeds is not None:
+        chosen_on = [s for s in seeds if s in set(select_seeds)]
+        report_seeds = [s for s in seeds if s not in set(select_seeds)]
+        if not chosen_on or not report_seeds:
+            raise SeedSplitError(f"sweep {sweep!r}, setting {sname!r}: selection seeds {sorted(select_seeds)} must "
+                             f"split its seeds {list(seeds)} into two non-empty parts")
+        notes.append(f"hyperparameters selected on seeds {chosen_on}; every statistic is over the held-out "
+                     f"seeds {report_seeds}")
     methods_order = shdr.get("methods") or list(dict.fromkeys(r["method"] for r in recs))
     report_opts = header.get("report", {})
     selection = report_opts.get("selection", "auto")
@@ -191,10 +224,14 @@ def _setting(sweep: str, sname: str, header: dict[str, Any], shdr: dict[str, Any
         if usable and metrics:
             if selection == "best_mean":
                 name, direction = metrics[0]
-                selected = [usable[best_mean([g.values(name) for g in usable], direction)]]
+                selected = [usable[best_mean([g.values(name, chosen_on) for g in usable], direction)]]
             else:
-                pts = [[g.stats(name).mean for name, _ in metrics] for g in usable]
+                pts = [[g.stats(name, chosen_on).mean for name, _ in metrics] for g in usable]
                 selected = [usable[i] for i in pareto_front(pts, [d for _, d in metrics])]
+        if chosen_on is not None:  # from here on, only the held-out seeds
+            gl = [g.restricted(report_seeds) for g in gl]
+            by_key = {g.config_key: g for g in gl}
+            selected = [by_key[g.config_key] for g in selected]
         method_results.append(MethodResult(method=m, groups=gl, selected=selected, excluded=len(gl) - len(usable)))
 
     reference: dict[str, dict[str, SeedStats]] = {}
@@ -205,7 +242,7 @@ def _setting(sweep: str, sname: str, header: dict[str, Any], shdr: dict[str, Any
     bkey = benchmark_key(bname, bopts)
     per_kind: dict[str, dict[str, list[float]]] = {}
     missing = []
-    for seed in seeds:
+    for seed in report_seeds:
         r = refs.get((bkey, seed))
         if r is None or r.get("status") != FINISHED:
             missing.append(seed)
@@ -218,7 +255,7 @@ def _setting(sweep: str, sname: str, header: dict[str, Any], shdr: dict[str, Any
         notes.append(f"reference metrics missing for seed(s) {missing}")
     for kind in sorted(per_kind, key=lambda k: (k != "original", k != "ground_truth", k)):
         reference[kind] = {metric: seed_stats(v) for metric, v in per_kind[kind].items()}
-    return SettingResult(sweep=sweep, setting=sname, title=shdr.get("title", sname) or sname, seeds=list(seeds),
+    return SettingResult(sweep=sweep, setting=sname, title=shdr.get("title", sname) or sname, seeds=report_seeds,
                          budget=shdr.get("budget") or recs[0].get("budget", {}), metrics=metrics,
                          selection=selection, statistic=statistic, methods=method_results, reference=reference,
-                         notes=notes)
+                         notes=notes, selected_on=chosen_on)

@@ -77,8 +77,10 @@ def results_table(settings: list[SettingResult]) -> tuple[str, str]:
         direction = dict(ss[0].metrics)[metric]
         statistic = ss[0].statistic
         what = "median (central range)" if statistic == "median" else "mean ± SE"
-        md_parts.append(f"**{metric}** ({'lower' if direction == 'min' else 'higher'} is better; {what} over seeds "
-                        f"of the best-mean setting)\n")
+        held = ss[0].selected_on
+        over = (f"over the held-out seeds {ss[0].seeds} of the setting with the best mean on seeds {held}" if held
+                else "over seeds of the best-mean setting")
+        md_parts.append(f"**{metric}** ({'lower' if direction == 'min' else 'higher'} is better; {what} {over})\n")
         header = ["setting", *[REFERENCE_LABELS.get(k, k) for k in kinds], *[_label(m) for m in methods]]
         rows = []
         for s in ss:
