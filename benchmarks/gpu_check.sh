@@ -16,7 +16,7 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | t
 echo "== projection target (c)"
 timeout 110 python3 benchmarks/perf_projection.py --device cuda --cases c --repeats 10 2>&1 | tee "$OUT/perf_projection_cuda.txt"
 echo "== projection, part by part (case c)"
-timeout 100 python3 benchmarks/perf_projection_parts.py --device cuda --case c --repeats 5 2>&1 | tee "$OUT/perf_projection_parts_cuda.txt"
+timeout 100 python3 benchmarks/perf_projection_parts.py --device cuda --case c --repeats 5 --profile 2>&1 | tee "$OUT/perf_projection_parts_cuda.txt"
 if [ -n "${SKIP_POISON:-}" ]; then exit 0; fi
 echo "== full poisoning recipe, --device auto"
 start=$(date +%s)

@@ -37,6 +37,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cpu-resnet-batch", type=int, default=32)
     ap.add_argument("--cpu-resnet-k", type=int, default=10)
+    ap.add_argument("--profile", action="store_true", help="also profile one fast step (torch.profiler): its "
+                    "phases and top operators")
     args = ap.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     case = pp.build_case(args.case, device, args)
@@ -70,6 +72,19 @@ def main() -> int:
 
     add("  back-projection J^T alpha, float64 blocks", back)
     add("  Gram, one float32 product (for scale)", lambda: jac @ jac.T)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        step = pp.projection(case, "fast")
+        step()
+        pp.sync(device)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            step()
+            pp.sync(device)
+        key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=40)
+        print("\n".join(line[:200] for line in table.splitlines()))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         add("GD step, cudnn.benchmark", pp.gd_step(case))

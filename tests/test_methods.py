@@ -715,7 +715,42 @@ class _SmallResNet(nn.Module):
         return self.a(z), self.b(z)
 
 
+class _Uncovered(nn.Module):
+    """Hooked layers next to parameters the hooks do not cover (LayerNorm, a bare scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 8, 3)
+        self.norm = nn.LayerNorm(8)
+        self.scale = nn.Parameter(torch.tensor(1.3))
+        self.fc = nn.Linear(8, 24)
+        self.a, self.b = nn.Linear(24, 3), nn.Linear(24, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.norm(self.conv(x).mean(dim=(2, 3))) * self.scale)
+        h = torch.tanh(self.fc(h))
+        return self.a(h), self.b(h)
+
+
+class _SharedRow(nn.Module):
+    """A linear layer applied to a learned row shared by all samples (its output does not depend on
+    the input): its per-sample gradients are not outer products of per-sample factors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 16)
+        self.row = nn.Parameter(torch.randn(1, 3))
+        self.shared = nn.Linear(3, 16)
+        self.a, self.b = nn.Linear(16, 3), nn.Linear(16, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x) + self.shared(self.row))
+        return self.a(h), self.b(h)
+
+
 @pytest.mark.parametrize("make, shape, task", [
+    (lambda: _Uncovered(), (5, 2, 5, 5), ClassificationTask()),
+    (lambda: _SharedRow(), (6, 4), ClassificationTask()),
     (lambda: _Mixed(), (6, 2, 4, 4), ClassificationTask()),
     (lambda: _SmallResNet(), (5, 2, 6, 6), ClassificationTask()),
     (lambda: nn.Sequential(nn.Linear(3, 40), nn.SiLU(), nn.Linear(40, 40), nn.SiLU(), nn.Linear(40, 1)), (7, 3),
@@ -760,9 +795,9 @@ def test_factored_convolutions_equal_materialised_and_qr(monkeypatch, ghost):
     with torch.no_grad():
         model.train()
         model(torch.randn(8, 2, 6, 6) * 2 + 0.5)
-    layers = P._factored_layers(model, torch.randn(4, 2, 6, 6), [q for q in model.parameters()], 2)
-    convs = [m for m in layers if isinstance(m, nn.Conv2d)]
-    assert len(convs) == (4 if ghost else 0)
+    layers, ghosts = P._factored_layers(model, torch.randn(4, 2, 6, 6), [q for q in model.parameters()], 2)
+    assert len(ghosts) == (4 if ghost else 0)
+    assert {id(q) for m in layers for q in m.parameters(recurse=False)} == {id(q) for q in model.parameters()}
     task = ClassificationTask()
     x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
     model = model.double()
@@ -782,10 +817,11 @@ def test_factored_path_picks_the_late_convolutions_of_a_cifar_resnet18():
 
     model = two_head_resnet18(num_classes=10, color_classes=3).eval()
     params = [q for q in model.parameters() if q.requires_grad]
-    layers = P._factored_layers(model, torch.randn(50, 3, 32, 32), params, 2)
+    layers, ghosts = P._factored_layers(model, torch.randn(50, 3, 32, 32), params, 2)
     names = {m: n for n, m in model.named_modules()}
-    convs = sorted(names[m] for m in layers if isinstance(m, nn.Conv2d))
+    convs = sorted(names[m] for m in ghosts)
     assert convs and all("layer4" in c for c in convs), convs
     assert len(convs) == 5  # four 3x3 convolutions and the downsampling shortcut
-    covered = sum(q.numel() for m in layers for q in m.parameters(recurse=False))
-    assert covered > 0.7 * sum(q.numel() for q in params)
+    assert sum(q.numel() for m in ghosts for q in m.parameters()) > 0.7 * sum(q.numel() for q in params)
+    # every other parameter (convolutions, BatchNorm, heads) is hooked too: no vmapped Jacobian
+    assert {id(q) for m in layers for q in m.parameters(recurse=False)} == {id(q) for q in params}

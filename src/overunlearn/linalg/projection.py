@@ -82,28 +82,33 @@ def project_onto_span_qr(jac: Tensor, v: Tensor) -> Tensor:
     return (q @ (q.T @ v.double())).to(v.dtype)
 
 
-# ---- the projection step without materialising the Jacobian of linear and small convolution layers --
+# ---- the projection step from per-layer hooks instead of a vmapped Jacobian ------------------------
 #
-# For an ``nn.Linear`` applied once to a ``(batch, in)`` input, the gradient of sample i's score
-# with respect to its weight is the outer product ``delta_i a_i^T`` (``a_i``: the layer's input,
-# ``delta_i``: the score's gradient with respect to the layer's output). Hence, for rows r, s of
-# the Jacobian, ``<g_r, g_s> = (delta_r . delta_s)(a_r . a_s)`` (plus ``delta_r . delta_s`` for
-# the bias): the Gram block of a linear layer costs O(k^2 (in + out)) instead of
-# O(k^2 in out), ``J v`` is ``sum(delta_r * (W a_r + b))`` and ``J^T alpha`` is
-# ``Delta^T diag(alpha) A`` -- the per-sample gradients are never formed.
+# In ``"per_sample"`` (eval-mode) semantics samples do not interact, so the Jacobian row of sample
+# i's score is made of per-layer pieces that one hooked forward pass (each layer's input ``a_i``)
+# and one backward pass per head (each layer's output gradient ``delta_i``) determine:
 #
-# A 2-d convolution is a linear layer applied at T output positions to the unfolded input patches
-# ``U_i`` (``(C_in k_h k_w, T)``), so sample i's weight gradient is ``Delta_i U_i^T`` and
-# ``<g_r, g_s> = sum_{t,t'} (Delta_r^T Delta_s)[t,t'] (U_r^T U_s)[t,t']`` (the "ghost" Gram of
-# per-sample gradient clipping). That costs O((k T)^2 (C_out + C_in k_h k_w)), which beats
-# materialising the block (O(k^2 C_out C_in k_h k_w)) only where T is small: the late, low-resolution
-# stages of a CNN, which hold most of its parameters (ResNet-18 on 32x32 inputs: layer4, 75%).
-# Every other trainable parameter (early convolutions, normalisation affines, ...) goes through the
-# materialised ``torch.func`` Jacobian as before. Valid only when samples do not interact, i.e. for
-# the ``"per_sample"`` (eval-mode) semantics.
+# * ``nn.Linear`` applied once to a ``(batch, in)`` input: the weight row is the outer product
+#   ``delta_i a_i^T``, so ``<g_r, g_s> = (delta_r . delta_s)(a_r . a_s)`` (plus ``delta_r . delta_s``
+#   for the bias): the Gram block costs O(k^2 (in + out)) instead of O(k^2 in out), ``J v`` is
+#   ``sum(delta_r * (W a_r + b))`` and ``J^T alpha`` is ``Delta^T diag(alpha) A``; the per-sample
+#   gradients are never formed ("factored");
+# * ``nn.Conv2d``: a linear layer applied at T output positions to the unfolded input patches ``U_i``
+#   (``(C_in k_h k_w, T)``), so the weight row is ``Delta_i U_i^T``. Where T is small (the late,
+#   low-resolution stages of a CNN, which hold most of its parameters) the Gram block is
+#   ``sum_{t,t'} (Delta_r^T Delta_s)[t,t'] (U_r^T U_s)[t,t']`` ("ghost" Gram, never formed
+#   either); elsewhere the rows ``Delta_i U_i^T`` are formed with one batched product per head;
+# * ``BatchNorm`` in eval mode (running statistics): the affine rows are
+#   ``sum_spatial delta_i * xhat_i`` and ``sum_spatial delta_i``, formed directly.
+#
+# Trainable parameters of any other module go through the ``torch.func`` Jacobian
+# (``output_jacobian_dense``), which alone costs a vmapped backward pass per sample and score; it is
+# skipped when the hooks cover every parameter. Not for ``"batch_train"`` semantics, where train-mode
+# BatchNorm couples the samples.
 
 
-#: use the factored path only if the factored layers hold at least this fraction of the parameters
+#: use the hooked path only if the factored layers hold at least this fraction of the parameters,
+#: unless the hooks cover every parameter (then no vmapped Jacobian is needed at all)
 _MIN_FACTORED_FRACTION = 0.25
 
 #: largest ``(k T)^2`` (entries of one convolution's ghost Gram, float64) the factored path forms
@@ -116,19 +121,25 @@ def _plain_conv2d(m: torch.nn.Module) -> bool:
             and not isinstance(m.padding, str))
 
 
+def _eval_batchnorm(m: torch.nn.Module) -> bool:
+    """A BatchNorm1d/2d that uses running statistics in eval mode (so samples do not interact)."""
+    return (isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) and m.affine
+            and m.running_mean is not None and m.running_var is not None)
+
+
 def _conv_factored_cheaper(n: int, heads: int, c_out: int, patch: int, t: int) -> bool:
     """Whether the ghost Gram of a convolution (``n`` samples, ``heads`` scores each, ``t`` output
-    positions, ``patch = C_in k_h k_w``) costs fewer flops than materialising its Jacobian block."""
+    positions, ``patch = C_in k_h k_w``) costs fewer flops than forming its Jacobian rows."""
     k = n * heads
     if (k * t) ** 2 > _MAX_GHOST_ENTRIES:
         return False
     ghost = (k * t) ** 2 * c_out + (n * t) ** 2 * patch
-    dense = k * k * c_out * patch + k * t * c_out * patch  # the block's Gram + forming the per-sample gradients
+    dense = k * k * c_out * patch + k * t * c_out * patch  # the block's Gram + forming the rows
     return ghost < dense
 
 
 def _candidates(model: torch.nn.Module, params: list[Tensor]) -> list[torch.nn.Module] | None:
-    """Linear and plain Conv2d modules whose trainable weights may take the factored path."""
+    """Linear, plain Conv2d and eval-mode BatchNorm modules holding trainable parameters."""
     ids = {id(p) for p in params}
     owner: dict[int, int] = {}
     for m in model.modules():
@@ -137,7 +148,8 @@ def _candidates(model: torch.nn.Module, params: list[Tensor]) -> list[torch.nn.M
     if any(owner.get(id(p), 0) != 1 for p in params):  # shared parameters: keep it simple
         return None
     layers = [m for m in model.modules()
-              if (isinstance(m, torch.nn.Linear) or _plain_conv2d(m)) and id(m.weight) in ids]
+              if (isinstance(m, torch.nn.Linear) or _plain_conv2d(m) or _eval_batchnorm(m))
+              and any(id(q) in ids for q in m.parameters(recurse=False))]
     return layers or None
 
 
@@ -161,29 +173,31 @@ def _output_positions(model: torch.nn.Module, inputs: Tensor, convs: list[torch.
 
 
 def _factored_layers(model: torch.nn.Module, inputs: Tensor, params: list[Tensor],
-                     heads: int) -> list[torch.nn.Module] | None:
-    """The layers the factored path handles (``None``: none, or too small a share of the parameters)."""
+                     heads: int) -> tuple[list[torch.nn.Module], set[torch.nn.Module]] | None:
+    """The hooked layers and, among them, the convolutions that take the ghost Gram (``None``: use
+    the vmapped Jacobian for everything)."""
     layers = _candidates(model, params)
     if layers is None:
         return None
     convs = [m for m in layers if isinstance(m, torch.nn.Conv2d)]
+    ghost: set[torch.nn.Module] = set()
     if convs:
         n = inputs.shape[0]
         sizes = _output_positions(model, inputs, convs)
-        keep = set()
         for m in convs:
             t = sizes.get(m, -1)
             patch = m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3]
             if t > 0 and _conv_factored_cheaper(n, heads, m.weight.shape[0], patch, t):
-                keep.add(m)
-        layers = [m for m in layers if not isinstance(m, torch.nn.Conv2d) or m in keep]
-    covered = sum(q.numel() for m in layers for q in m.parameters(recurse=False) if q.requires_grad)
-    if not layers or covered < _MIN_FACTORED_FRACTION * sum(p.numel() for p in params):
-        # e.g. a ResNet on large images, whose linear heads are a sliver of d and whose convolutions
-        # are all cheaper materialised: the extra hooked forward and backward passes would cost more
-        # than the factored Gram saves
-        return None
-    return layers
+                ghost.add(m)
+    hooked = {id(q) for m in layers for q in m.parameters(recurse=False)}
+    if any(id(p) not in hooked for p in params):
+        factored = sum(q.numel() for m in layers if isinstance(m, torch.nn.Linear) or m in ghost
+                       for q in m.parameters(recurse=False) if q.requires_grad)
+        if factored < _MIN_FACTORED_FRACTION * sum(p.numel() for p in params):
+            # the vmapped Jacobian runs anyway and little is factored: the extra hooked forward and
+            # backward passes would cost more than they save
+            return None
+    return layers, ghost
 
 
 def _score_heads(model: torch.nn.Module, inputs: Tensor, score_fn) -> int:
@@ -193,65 +207,112 @@ def _score_heads(model: torch.nn.Module, inputs: Tensor, score_fn) -> int:
         return int(score_fn(model(inputs[:1])).shape[1])
 
 
+class _Decline(Exception):
+    """The hooked path does not apply after all; use the vmapped Jacobian."""
+
+
 class _Block:
-    """One factored layer: its Gram block, ``J v`` part and back-projection, all in float64."""
+    """One hooked layer's share of the projection: its Gram block and ``J v`` part (float64), and
+    its part of ``J^T alpha``. Factored blocks never form their Jacobian rows; the others form
+    them (``self.rows``: ``(k, d_layer)``, the layer's parameters in ``parameters()`` order)."""
 
-    def __init__(self, m: torch.nn.Module, a: Tensor, deltas: list[Tensor], heads: int) -> None:
-        self.m = m
-        self.has_bias = m.bias is not None and m.bias.requires_grad
-        n = a.shape[0]
-        self.n, self.heads = n, heads
-        self.idx = torch.arange(n * heads, device=a.device) % n  # row r = h n + i is sample i
-        if isinstance(m, torch.nn.Conv2d):
-            u = torch.nn.functional.unfold(a.detach().double(), m.kernel_size, dilation=m.dilation,
-                                           padding=m.padding, stride=m.stride)  # (n, patch, T)
-            d = torch.cat(deltas).double()  # (k, C_out, H', W'), head-major
-            self.u, self.d = u, d.reshape(d.shape[0], d.shape[1], -1)  # (k, C_out, T)
-            if self.u.shape[2] != self.d.shape[2]:
-                raise _Decline
-            self.d_sum = self.d.sum(2)  # (k, C_out): the bias gradients
-        else:
-            self.a = a.detach().double()  # (n, in)
-            self.d = torch.cat(deltas).double()  # (k, out)
+    def __init__(self, m: torch.nn.Module, a: Tensor, deltas: list[Tensor], heads: int, ghost: bool,
+                 params: list[Tensor]) -> None:
+        self.m, self.heads, self.n = m, heads, a.shape[0]
+        self.params = [q for q in m.parameters(recurse=False) if any(q is p for p in params)]
+        self.idx = torch.arange(self.n * heads, device=a.device) % self.n  # row r = h n + i is sample i
+        d = torch.cat(deltas)  # (k, out, ...), head-major (non-finite values surface in the Gram)
+        self.kind = "linear" if isinstance(m, torch.nn.Linear) else ("ghost" if ghost else "rows")
+        self.rows: Tensor | None = None
+        w_train = m.weight.requires_grad
+        b_train = m.bias is not None and m.bias.requires_grad
+        if isinstance(m, torch.nn.Linear):
+            self.a, self.d = a.detach().double(), d.double()
             self.d_sum = self.d
-        if not (torch.isfinite(a).all() and torch.isfinite(self.d).all()):
-            raise FloatingPointError("the output Jacobian contains NaN or infinite values")
+        elif isinstance(m, torch.nn.Conv2d):
+            u = torch.nn.functional.unfold(a.detach(), m.kernel_size, dilation=m.dilation, padding=m.padding,
+                                           stride=m.stride)  # (n, patch, T)
+            d = d.reshape(d.shape[0], d.shape[1], -1)  # (k, C_out, T)
+            if u.shape[2] != d.shape[2]:
+                raise _Decline
+            if ghost:
+                self.u, self.d = u.double(), d.double()
+                self.d_sum = self.d.sum(2)
+            else:
+                k, c_out = d.shape[0], d.shape[1]
+                width = (c_out * u.shape[1] if w_train else 0) + (c_out if b_train else 0)
+                self.rows = torch.empty(k, width, dtype=d.dtype, device=d.device)
+                if w_train:  # per head: (n, C_out, T) @ (n, T, patch) -> the rows of its n samples
+                    ut = u.transpose(1, 2)
+                    for h, dh in enumerate(d.view(heads, self.n, c_out, -1)):
+                        dst = self.rows[h * self.n:(h + 1) * self.n, :c_out * u.shape[1]]
+                        if dst.is_contiguous():
+                            torch.bmm(dh, ut, out=dst.view(self.n, c_out, u.shape[1]))
+                        else:
+                            dst.copy_(torch.bmm(dh, ut).reshape(self.n, -1))
+                if b_train:
+                    self.rows[:, width - c_out:] = d.sum(2)
+        else:  # BatchNorm in eval mode: y = gamma xhat + beta with the running statistics
+            shape = (1, -1) + (1,) * (a.dim() - 2)
+            xhat = (a.detach() - m.running_mean.reshape(shape)) * torch.rsqrt(m.running_var.reshape(shape) + m.eps)
+            dims = tuple(range(2, a.dim()))
+            parts = []
+            if w_train:
+                parts.append((d * xhat[self.idx]).sum(dim=dims) if dims else d * xhat[self.idx])
+            if b_train:
+                parts.append(d.sum(dim=dims) if dims else d)
+            self.rows = torch.cat(parts, dim=1)
+            self.kind = "rows"
+        self.has_bias = b_train and self.kind != "rows"
+        self.has_weight = w_train
 
-    def gram_and_rhs(self, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
-        """This block's ``J J^T`` and ``J v`` for the weight part ``w`` (and bias part ``b``) of ``v``."""
-        if isinstance(self.m, torch.nn.Conv2d):
-            k, c_out, t = self.d.shape
+    def gram_and_rhs(self, v_parts: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """This block's ``J J^T`` and ``J v`` for its parameters' parts ``v_parts`` of ``v``."""
+        if self.rows is not None:
+            return gram_and_rhs(self.rows, torch.cat([q.reshape(-1) for q in v_parts]))
+        w = v_parts[0] if self.has_weight else None
+        b = v_parts[-1] if self.has_bias else None
+        k = self.d.shape[0]
+        gram = torch.zeros(k, k, dtype=torch.float64, device=self.d.device)
+        rhs = torch.zeros(k, dtype=torch.float64, device=self.d.device)
+        if w is not None and self.kind == "ghost":
+            _, c_out, t = self.d.shape
             dt = self.d.transpose(1, 2).reshape(k * t, c_out)
             ut = self.u.transpose(1, 2).reshape(self.n * t, -1)
             dd = (dt @ dt.T).view(k, t, k, t)
             uu = (ut @ ut.T).view(self.n, t, self.n, t)[self.idx][:, :, self.idx]
-            gram = (dd * uu).sum(dim=(1, 3))
+            gram += (dd * uu).sum(dim=(1, 3))
             wu = torch.einsum("oc,nct->not", w.reshape(c_out, -1).double(), self.u)  # (n, C_out, T)
-            rhs = (self.d * wu[self.idx]).sum(dim=(1, 2))
-        else:
+            rhs += (self.d * wu[self.idx]).sum(dim=(1, 2))
+        elif w is not None:
             a = self.a[self.idx]
-            dd = self.d @ self.d.T
-            gram = dd * (a @ a.T)
-            rhs = ((a @ w.reshape(self.m.weight.shape).double().T) * self.d).sum(1)
+            gram += (self.d @ self.d.T) * (a @ a.T)
+            rhs += ((a @ w.reshape(self.m.weight.shape).double().T) * self.d).sum(1)
         if b is not None:
-            gram = gram + self.d_sum @ self.d_sum.T
-            rhs = rhs + self.d_sum @ b.double()
+            gram += self.d_sum @ self.d_sum.T
+            rhs += self.d_sum @ b.double()
         return gram, rhs
 
-    def back(self, alpha: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``J^T alpha`` for this block: the weight part (flattened like the weight) and the bias part."""
-        if isinstance(self.m, torch.nn.Conv2d):
-            scaled = self.d * alpha[:, None, None]  # (k, C_out, T)
-            per_sample = scaled.view(self.heads, self.n, *scaled.shape[1:]).sum(0)  # (n, C_out, T)
-            gw = torch.einsum("not,nct->oc", per_sample, self.u).reshape(-1)
-        else:
-            gw = ((self.d * alpha.unsqueeze(1)).T @ self.a[self.idx]).reshape(-1)
-        gb = (self.d_sum.T @ alpha) if self.has_bias else None
-        return gw, gb
-
-
-class _Decline(Exception):
-    """The factored path does not apply after all; use the materialised Jacobian."""
+    def back(self, alpha: Tensor, dtype: torch.dtype) -> Tensor:
+        """This block's part of ``J^T alpha``: its parameters, flattened and concatenated."""
+        if self.rows is not None:
+            k = self.rows.shape[0]
+            out = torch.empty(self.rows.shape[1], dtype=dtype, device=self.rows.device)
+            chunk = _chunk(k, None, self.rows.device)
+            for s in range(0, out.shape[0], chunk):
+                out[s : s + chunk] = (self.rows[:, s : s + chunk].double().T @ alpha).to(dtype)
+            return out
+        parts = []
+        if self.has_weight:
+            if self.kind == "ghost":
+                scaled = self.d * alpha[:, None, None]  # (k, C_out, T)
+                per_sample = scaled.view(self.heads, self.n, *scaled.shape[1:]).sum(0)  # (n, C_out, T)
+                parts.append(torch.einsum("not,nct->oc", per_sample, self.u).reshape(-1))
+            else:
+                parts.append(((self.d * alpha.unsqueeze(1)).T @ self.a[self.idx]).reshape(-1))
+        if self.has_bias:
+            parts.append(self.d_sum.T @ alpha)
+        return torch.cat(parts).to(dtype)
 
 
 def project_model_onto_span(model: torch.nn.Module, inputs: Tensor, score_fn, v: Tensor,
@@ -260,22 +321,26 @@ def project_model_onto_span(model: torch.nn.Module, inputs: Tensor, score_fn, v:
     parameters (flattened in ``model.parameters()`` order), the same result as
     ``project_onto_span(output_jacobian(model, inputs, score_fn, mode), v)``.
 
-    In ``"per_sample"`` mode the blocks of ``nn.Linear`` layers, and of ``nn.Conv2d`` layers with
-    few output positions, are handled in factored form (see above), which on such layers is one to
-    two orders of magnitude cheaper; anything the factored path does not cover falls back to the
-    materialised Jacobian.
+    In ``"per_sample"`` mode linear, convolution and eval-mode BatchNorm layers are handled from
+    forward and backward hooks (see above): linear layers and convolutions with few output positions
+    in factored form, the others by forming their rows directly; anything else falls back to the
+    vmapped ``torch.func`` Jacobian.
     """
     from overunlearn.linalg.jacobian import _mode, output_jacobian, output_jacobian_dense
 
     def materialised() -> Tensor:
         return project_onto_span(output_jacobian(model, inputs, score_fn, mode=mode), v, rcond)  # type: ignore[arg-type]
 
+    from torch.profiler import record_function  # phases named in profiles; free when no profiler runs
+
     params = [p for p in model.parameters() if p.requires_grad]
     if mode != "per_sample" or _candidates(model, params) is None:
         return materialised()
-    layers = _factored_layers(model, inputs, params, _score_heads(model, inputs, score_fn))
-    if layers is None:
+    with record_function("overunlearn::choose_layers"):
+        picked = _factored_layers(model, inputs, params, _score_heads(model, inputs, score_fn))
+    if picked is None:
         return materialised()
+    layers, ghost = picked
 
     captured: dict[torch.nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m in layers}
     grads: dict[torch.nn.Module, Tensor] = {}
@@ -287,23 +352,45 @@ def project_model_onto_span(model: torch.nn.Module, inputs: Tensor, score_fn, v:
             # in-place op (ReLU(inplace=True)) overwrites it
             out.register_hook(lambda g, m=m: grads.__setitem__(m, g.detach()))
 
+    # the backward passes only need each layer's output gradient: asked for the input's gradient,
+    # autograd skips every weight gradient (most of a convolution's backward)
+    x = inputs.detach().requires_grad_(True) if inputs.is_floating_point() else inputs
     handles = [m.register_forward_hook(hook) for m in layers]
     try:
-        with _mode(model, train=False), torch.enable_grad():
-            scores = score_fn(model(inputs))  # (n, heads)
+        with _mode(model, train=False), torch.enable_grad(), record_function("overunlearn::hooked_forward"):
+            scores = score_fn(model(x))  # (n, heads)
     finally:
         for h in handles:
             h.remove()
-    want = {m: (4 if isinstance(m, torch.nn.Conv2d) else 2) for m in layers}
-    if any(len(c) != 1 or c[0][0].dim() != want[m] or not c[0][1].requires_grad for m, c in captured.items()):
+
+    def fits(m: torch.nn.Module, c: list[tuple[Tensor, Tensor]]) -> bool:
+        # applied once, inside the graph, to one row per sample (not to a shared constant)
+        if len(c) != 1 or not c[0][1].requires_grad or c[0][0].dim() == 0 or c[0][0].shape[0] != inputs.shape[0]:
+            return False
+        dim = c[0][0].dim()
+        if isinstance(m, torch.nn.Linear):
+            return dim == 2
+        if isinstance(m, torch.nn.Conv2d):
+            return dim == 4
+        return dim in (2, 3, 4)
+
+    if not all(fits(m, c) for m, c in captured.items()):
         # a layer applied twice, to a sequence, or outside the graph: use the general path
         return materialised()
     n, heads = scores.shape
-    weights = [m.weight for m in layers]
+    trainable = {id(p) for p in params}
+    wrt = [q for m in layers for q in m.parameters(recurse=False) if id(q) in trainable]
     deltas: list[list[Tensor]] = [[] for _ in layers]
     for h in range(heads):
         grads.clear()
-        torch.autograd.grad(scores[:, h].sum(), weights, retain_graph=h + 1 < heads, allow_unused=True)
+        with record_function("overunlearn::head_backward"):
+            if x.requires_grad:
+                torch.autograd.grad(scores[:, h].sum(), [x], retain_graph=True, allow_unused=True)
+            if not x.requires_grad or len(grads) < len(layers):
+                # some layer's output does not lead back to the input (or the input is not a float
+                # tensor): the parameters' gradients reach every layer
+                grads.clear()
+                torch.autograd.grad(scores[:, h].sum(), wrt, retain_graph=True, allow_unused=True)
         for i, m in enumerate(layers):
             out_m = captured[m][0][1]
             deltas[i].append(grads.get(m, torch.zeros(out_m.shape, dtype=out_m.dtype, device=out_m.device)))
@@ -314,52 +401,56 @@ def project_model_onto_span(model: torch.nn.Module, inputs: Tensor, score_fn, v:
         offsets[id(p)] = (off, p.numel())
         off += p.numel()
     try:
-        blocks = [_Block(m, captured[m][0][0], ds, heads) for m, ds in zip(layers, deltas, strict=True)]
+        with record_function("overunlearn::blocks"):
+            blocks = [_Block(m, captured[m][0][0], ds, heads, m in ghost, params)
+                      for m, ds in zip(layers, deltas, strict=True)]
     except _Decline:
         return materialised()
     captured.clear()  # the blocks hold what they need; free the rest of the forward
-    factored = {id(m.weight) for m in layers} | {id(m.bias) for m in layers if m.bias is not None and m.bias.requires_grad}
-    dense = [p for p in params if id(p) not in factored]
+    del deltas, scores
+    covered = {id(q) for blk in blocks for q in blk.params}
+    dense = [p for p in params if id(p) not in covered]
+
+    def part(p: Tensor) -> Tensor:
+        o, c = offsets[id(p)]
+        return v[o : o + c]
 
     k = n * heads
     gram = torch.zeros(k, k, dtype=torch.float64, device=v.device)
     rhs = torch.zeros(k, dtype=torch.float64, device=v.device)
-    for blk in blocks:
-        o, c = offsets[id(blk.m.weight)]
-        vb = None
-        if blk.has_bias:
-            ob, cb = offsets[id(blk.m.bias)]
-            vb = v[ob : ob + cb]
-        g, r = blk.gram_and_rhs(v[o : o + c], vb)
-        gram += g
-        rhs += r
+    with record_function("overunlearn::gram"):
+        for blk in blocks:
+            g, r = blk.gram_and_rhs([part(q) for q in blk.params])
+            gram += g
+            rhs += r
     jd = None
     if dense:
         jd = output_jacobian_dense(model, inputs, score_fn, dense)  # (k, d_dense), same row order
-        v_dense = torch.cat([v[offsets[id(p)][0] : offsets[id(p)][0] + p.numel()] for p in dense])
         if not torch.isfinite(jd).all():
             raise FloatingPointError("the output Jacobian contains NaN or infinite values")
-        g2, r2 = gram_and_rhs(jd, v_dense)
+        g2, r2 = gram_and_rhs(jd, torch.cat([part(p) for p in dense]))
         gram += g2
         rhs += r2
+    if not (torch.isfinite(gram).all() and torch.isfinite(rhs).all()):
+        raise FloatingPointError("the output Jacobian contains NaN or infinite values")
     alpha = solve_gram(gram, rhs, rcond)
 
     out = torch.empty_like(v)
-    for blk in blocks:
-        gw, gb = blk.back(alpha)
-        o, c = offsets[id(blk.m.weight)]
-        out[o : o + c] = gw.to(v.dtype)
-        if gb is not None:
-            ob, cb = offsets[id(blk.m.bias)]
-            out[ob : ob + cb] = gb.to(v.dtype)
+
+    def scatter(ps: list[Tensor], flat: Tensor) -> None:
+        pos = 0
+        for p in ps:
+            o, c = offsets[id(p)]
+            out[o : o + c] = flat[pos : pos + c]
+            pos += c
+
+    with record_function("overunlearn::back_projection"):
+        for blk in blocks:
+            scatter(blk.params, blk.back(alpha, v.dtype))
     if jd is not None:
         back = torch.empty(jd.shape[1], dtype=v.dtype, device=v.device)
         chunk = _chunk(k, None, jd.device)
         for s in range(0, jd.shape[1], chunk):
             back[s : s + chunk] = (jd[:, s : s + chunk].double().T @ alpha).to(v.dtype)
-        pos = 0
-        for p in dense:
-            o, c = offsets[id(p)]
-            out[o : o + c] = back[pos : pos + c]
-            pos += c
+        scatter(dense, back)
     return out
