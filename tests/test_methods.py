@@ -825,3 +825,17 @@ def test_factored_path_picks_the_late_convolutions_of_a_cifar_resnet18():
     assert sum(q.numel() for m in ghosts for q in m.parameters()) > 0.7 * sum(q.numel() for q in params)
     # every other parameter (convolutions, BatchNorm, heads) is hooked too: no vmapped Jacobian
     assert {id(q) for m in layers for q in m.parameters(recurse=False)} == {id(q) for q in params}
+
+
+@pytest.mark.parametrize("cfg", [dict(kernel_size=3), dict(kernel_size=3, padding=1), dict(kernel_size=(3, 2), stride=2),
+                                 dict(kernel_size=3, padding=2, dilation=2), dict(kernel_size=1, stride=2),
+                                 dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 0), dilation=(2, 1))])
+def test_conv_patches_equal_unfold(cfg):
+    from overunlearn.linalg.projection import _patches
+
+    conv = nn.Conv2d(3, 4, **cfg)
+    a = torch.randn(5, 3, 9, 8)
+    ref = F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    got = _patches(a, conv)
+    assert got.shape == ref.shape and torch.equal(got, ref)
+    assert got.shape[2] == conv(a).shape[2] * conv(a).shape[3]

@@ -172,6 +172,31 @@ def _output_positions(model: torch.nn.Module, inputs: Tensor, convs: list[torch.
     return sizes
 
 
+def _ghost_set(convs: list[torch.nn.Module], sizes: dict[torch.nn.Module, int], n: int,
+               heads: int) -> set[torch.nn.Module]:
+    """The convolutions (with ``sizes[m]`` output positions) whose ghost Gram is the cheaper way."""
+    out = set()
+    for m in convs:
+        t = sizes.get(m, -1)
+        patch = m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3]
+        if t > 0 and _conv_factored_cheaper(n, heads, m.weight.shape[0], patch, t):
+            out.add(m)
+    return out
+
+
+def _patches(a: Tensor, m: torch.nn.Conv2d) -> Tensor:
+    """``F.unfold(a, ...)`` for the convolution ``m``: ``(n, C_in k_h k_w, T)``, from strided views and
+    one copy (``F.unfold`` launches one CUDA kernel per sample)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = m.kernel_size, m.stride, m.padding, m.dilation
+    if ph or pw:
+        a = torch.nn.functional.pad(a, (pw, pw, ph, ph))
+    p = a.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)  # (n, C, H', W', eh, ew)
+    if dh > 1 or dw > 1:
+        p = p[..., ::dh, ::dw]
+    n, c, ho, wo = p.shape[:4]
+    return p.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, ho * wo)
+
+
 def _factored_layers(model: torch.nn.Module, inputs: Tensor, params: list[Tensor],
                      heads: int) -> tuple[list[torch.nn.Module], set[torch.nn.Module]] | None:
     """The hooked layers and, among them, the convolutions that take the ghost Gram (``None``: use
@@ -180,15 +205,7 @@ def _factored_layers(model: torch.nn.Module, inputs: Tensor, params: list[Tensor
     if layers is None:
         return None
     convs = [m for m in layers if isinstance(m, torch.nn.Conv2d)]
-    ghost: set[torch.nn.Module] = set()
-    if convs:
-        n = inputs.shape[0]
-        sizes = _output_positions(model, inputs, convs)
-        for m in convs:
-            t = sizes.get(m, -1)
-            patch = m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3]
-            if t > 0 and _conv_factored_cheaper(n, heads, m.weight.shape[0], patch, t):
-                ghost.add(m)
+    ghost = _ghost_set(convs, _output_positions(model, inputs, convs) if convs else {}, inputs.shape[0], heads)
     hooked = {id(q) for m in layers for q in m.parameters(recurse=False)}
     if any(id(p) not in hooked for p in params):
         factored = sum(q.numel() for m in layers if isinstance(m, torch.nn.Linear) or m in ghost
@@ -230,8 +247,7 @@ class _Block:
             self.a, self.d = a.detach().double(), d.double()
             self.d_sum = self.d
         elif isinstance(m, torch.nn.Conv2d):
-            u = torch.nn.functional.unfold(a.detach(), m.kernel_size, dilation=m.dilation, padding=m.padding,
-                                           stride=m.stride)  # (n, patch, T)
+            u = _patches(a.detach(), m)  # (n, patch, T)
             d = d.reshape(d.shape[0], d.shape[1], -1)  # (k, C_out, T)
             if u.shape[2] != d.shape[2]:
                 raise _Decline
@@ -336,11 +352,17 @@ def project_model_onto_span(model: torch.nn.Module, inputs: Tensor, score_fn, v:
     params = [p for p in model.parameters() if p.requires_grad]
     if mode != "per_sample" or _candidates(model, params) is None:
         return materialised()
-    with record_function("overunlearn::choose_layers"):
-        picked = _factored_layers(model, inputs, params, _score_heads(model, inputs, score_fn))
-    if picked is None:
-        return materialised()
-    layers, ghost = picked
+    layers = _candidates(model, params)
+    assert layers is not None
+    hooked_ids = {id(q) for m in layers for q in m.parameters(recurse=False)}
+    ghost: set[torch.nn.Module] | None = None  # None: chosen from the hooked forward's output shapes
+    if any(id(p) not in hooked_ids for p in params):
+        # the vmapped Jacobian runs too: first check that enough is factored to be worth the hooks
+        with record_function("overunlearn::choose_layers"):
+            picked = _factored_layers(model, inputs, params, _score_heads(model, inputs, score_fn))
+        if picked is None:
+            return materialised()
+        layers, ghost = picked
 
     captured: dict[torch.nn.Module, list[tuple[Tensor, Tensor]]] = {m: [] for m in layers}
     grads: dict[torch.nn.Module, Tensor] = {}
@@ -378,6 +400,10 @@ def project_model_onto_span(model: torch.nn.Module, inputs: Tensor, score_fn, v:
         # a layer applied twice, to a sequence, or outside the graph: use the general path
         return materialised()
     n, heads = scores.shape
+    if ghost is None:
+        convs = [m for m in layers if isinstance(m, torch.nn.Conv2d)]
+        ghost = _ghost_set(convs, {m: int(captured[m][0][1].shape[-2] * captured[m][0][1].shape[-1]) for m in convs},
+                           n, heads)
     trainable = {id(p) for p in params}
     wrt = [q for m in layers for q in m.parameters(recurse=False) if id(q) in trainable]
     deltas: list[list[Tensor]] = [[] for _ in layers]
