@@ -2,12 +2,15 @@
 """Where one fast MinNorm-OG projection step spends its time, part by part, on one case of
 ``perf_projection.py`` (default (c), the two-head ResNet-18), next to a GD step.
 
-Parts: the ``torch.func`` per-sample Jacobian (``output_jacobian``), the float64 Gram and
-right-hand side (``gram_and_rhs``), the eigen-solve (``solve_gram``) and the back-projection
-``J^T alpha``; the Jacobian also with ``torch.backends.cudnn.benchmark`` on, and the GD step
-both ways. Medians of ``--repeats`` synchronised calls after two warm-ups.
+The whole step is the current fast path (``minnorm_projection_step``: per-layer hooks, see
+``linalg/projection.py``); the parts are those of the materialised route it replaces for CNNs,
+for comparison: the ``torch.func`` per-sample Jacobian (``output_jacobian``), the float64 Gram
+and right-hand side (``gram_and_rhs``), the eigen-solve (``solve_gram``) and the back-projection
+``J^T alpha``; the Jacobian also with ``torch.backends.cudnn.benchmark`` on, and the GD step both
+ways. ``--profile`` adds a ``torch.profiler`` table of one fast step, whose phases are named
+``overunlearn::*``. Medians of ``--repeats`` synchronised calls after two warm-ups.
 
-    python benchmarks/perf_projection_parts.py --device cuda --case c --repeats 5
+    python benchmarks/perf_projection_parts.py --device cuda --case c --repeats 5 --profile
 """
 
 from __future__ import annotations

@@ -240,7 +240,7 @@ def test_ulira_known_answers():
 
 # ---------------------------------------------------------------------------------- end to end
 
-def test_privacy_report_end_to_end(tmp_path):
+def test_privacy_report_end_to_end(tmp_path, monkeypatch):
     from overunlearn.metrics.privacy import PrivacyRunner, format_rows, load_arrays, parse_methods, privacy_report
     from overunlearn.metrics.setups import digits_setup
 
@@ -275,6 +275,15 @@ def test_privacy_report_end_to_end(tmp_path):
     assert np.array_equal(np.stack([c["forget"].loss for c in cached]), arrays["original"]["loss_forget"])
     runner.unlearned_signals(parse_methods([("gd", {"lr": 1e-3}, 1)])[0], 6)
     assert runner.timings == {}
+    # ... unless the unlearning code changed: then the unlearned models are recomputed, not reused
+    import overunlearn.metrics.privacy as PM
+
+    real = PM.unlearning_fingerprint()
+    monkeypatch.setattr(PM, "unlearning_fingerprint", lambda: "edited-" + real)
+    runner = PrivacyRunner(setup, data_seed=0, cache_dir=tmp_path / "cache", device="cpu")
+    again = runner.unlearned_signals(parse_methods([("gd", {"lr": 1e-3}, 1)])[0], 6)
+    assert len(runner.timings["unlearn_gd"]) == 6
+    assert np.array_equal(np.stack([g["forget"].loss for g in again]), arrays["gd"]["loss_forget"])  # same code, same bits
 
 def test_method_spec_parsing_and_errors():
     from overunlearn.engine import Budget

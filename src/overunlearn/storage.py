@@ -63,3 +63,20 @@ def stable_hash(obj: Any, length: int = 12) -> str:
     """A short hex digest of a JSON-serialisable object (dict keys sorted)."""
     text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def source_fingerprint(paths: list[str]) -> str:
+    """A hash of torch's version and of the package sources at ``paths`` (relative to the package,
+    glob patterns allowed, e.g. ``"methods/*.py"``). Caches of computed results include it, so
+    that editing the code that produced them recomputes instead of silently reusing old numbers."""
+    import overunlearn
+
+    root = Path(overunlearn.__file__).resolve().parent
+    files: list[Path] = []
+    for p in paths:
+        files += sorted(root.glob(p)) if any(c in p for c in "*?[") else [root / p]
+    h = hashlib.sha256(torch.__version__.encode())
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes() if f.exists() else b"")
+    return h.hexdigest()[:12]

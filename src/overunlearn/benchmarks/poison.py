@@ -41,7 +41,14 @@ from torch import nn
 from overunlearn.benchmarks.base import MetricSpec, register_benchmark, retrain_seed
 from overunlearn.models.mlp import MLP
 from overunlearn.problem import RegressionTask, TensorData, UnlearningProblem
-from overunlearn.storage import atomic_torch_save, atomic_write_json, default_cache_dir, safe_torch_load, stable_hash
+from overunlearn.storage import (
+    atomic_torch_save,
+    atomic_write_json,
+    default_cache_dir,
+    safe_torch_load,
+    source_fingerprint,
+    stable_hash,
+)
 from overunlearn.workers import Channel, can_start_processes, run_in_processes
 
 # --------------------------------------------------------------------------------------
@@ -500,19 +507,8 @@ def code_fingerprint() -> str:
     """A hash of the sources that determine an unlearning trial's result (engine, batching, problem,
     methods, linear algebra, the MLP and this module) and of the torch version. Cached trial
     results are only reused under the same fingerprint, so editing any of them recomputes."""
-    import hashlib
-
-    import overunlearn
-
-    root = Path(overunlearn.__file__).resolve().parent
-    files = [root / "engine.py", root / "batching.py", root / "problem.py", root / "models" / "mlp.py",
-             root / "benchmarks" / "poison.py", root / "ensemble_unlearn.py"]
-    files += sorted((root / "methods").glob("*.py")) + sorted((root / "linalg").glob("*.py"))
-    h = hashlib.sha256(torch.__version__.encode())
-    for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes() if f.exists() else b"")
-    return h.hexdigest()[:12]
+    return source_fingerprint(["engine.py", "batching.py", "problem.py", "models/mlp.py", "benchmarks/poison.py",
+                               "ensemble_unlearn.py", "methods/*.py", "linalg/*.py"])
 
 
 def _trial_key(method: str, epochs: int, seed: int, hyper: dict[str, Any], device: torch.device,

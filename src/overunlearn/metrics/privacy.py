@@ -50,6 +50,7 @@ from overunlearn.storage import (
     atomic_write_json,
     default_cache_dir,
     safe_torch_load,
+    source_fingerprint,
     stable_hash,
 )
 
@@ -161,6 +162,13 @@ class MethodSpec:
     def key(self) -> str:
         b = self.make_budget()
         return stable_hash({"method": self.method, "hyper": dict(self.hyper), "budget": dataclasses.asdict(b)})
+
+
+def unlearning_fingerprint() -> str:
+    """Hash of the sources that decide an unlearned model and its signals (engine, methods, linear
+    algebra, models, this module and the signals) and of torch's version."""
+    return source_fingerprint(["engine.py", "batching.py", "problem.py", "ensemble_unlearn.py", "methods/*.py",
+                               "linalg/*.py", "models/*.py", "metrics/privacy.py", "metrics/signals.py"])
 
 
 def parse_methods(methods: Any) -> list[MethodSpec]:
@@ -376,6 +384,11 @@ class PrivacyRunner:
         return path is not None and path.exists()
 
     # -- unlearned models ------------------------------------------------------------
+    def _unlearned_folder(self, spec: MethodSpec) -> str:
+        """Cache folder of ``spec``'s unlearned models and signals: the method, its settings and a
+        fingerprint of the code that unlearns and measures (an edit there recomputes them)."""
+        return f"{spec.method}-{spec.key()}-{unlearning_fingerprint()}"
+
     def unlearn_one(self, spec: MethodSpec, i: int, original: nn.Module) -> nn.Module:
         from overunlearn.engine import unlearn
         from overunlearn.methods import create
@@ -397,14 +410,14 @@ class PrivacyRunner:
         res = unlearn(problem, create(spec.method, **dict(spec.hyper)), spec.make_budget(), seed=i,
                       device=self.device, forget_bn_stats=s.forget_bn_stats)
         self.timings.setdefault(f"unlearn_{spec.name}", []).append(res.record.seconds)
-        rec_path = self._path("unlearned", f"{spec.method}-{spec.key()}", f"{i}.json")
+        rec_path = self._path("unlearned", self._unlearned_folder(spec), f"{i}.json")
         if rec_path is not None:
             atomic_write_json(rec_path, dataclasses.asdict(res.record))
         return res.model.cpu()
 
     def unlearned_signals(self, spec: MethodSpec, n: int) -> list[dict[str, Signals]]:
         """Signals of the ``n`` unlearned models of ``spec`` (unlearning original ``i`` with seed ``i``)."""
-        folder = f"{spec.method}-{spec.key()}"
+        folder = self._unlearned_folder(spec)
         group = f"unlearned-{folder}"
         if any(not self._has_signals(group, str(i)) and not self._has_model(folder, i) for i in range(n)):
             self.ensure_models("original", n)
