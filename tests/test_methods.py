@@ -839,3 +839,109 @@ def test_conv_patches_equal_unfold(cfg):
     got = _patches(a, conv)
     assert got.shape == ref.shape and torch.equal(got, ref)
     assert got.shape[2] == conv(a).shape[2] * conv(a).shape[3]
+
+
+# ---- models the hooked projection must not get wrong (found by a review): each must equal the
+# vmapped Jacobian's projection, through the hooked path or by declining it
+
+class _Tied(nn.Module):
+    """A tied autoencoder: the encoder's weight is used again outside its layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(6, 4)
+        self.db = nn.Parameter(torch.zeros(6))
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.enc(x)), self.enc.weight.t(), self.db)
+
+
+class _Scaled(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class _Proto(nn.Module):
+    """A linear layer applied to 5 learned prototypes: as many rows as samples, but not per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(4, 6)
+        self.protos = nn.Parameter(torch.randn(5, 3))
+        self.proj = nn.Linear(3, 6)
+
+    def forward(self, x):
+        return torch.tanh(self.f(x)) @ self.proj(self.protos).T
+
+
+class _Keyword(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.a(input=x)
+
+
+class _Centred(nn.Module):
+    """Mixes the batch (subtracts its mean) without any BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(0, keepdim=True))
+
+
+def _pruned_conv():
+    import torch.nn.utils.prune as prune
+
+    m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(48, 2))
+    prune.l1_unstructured(m[0], "weight", 0.5)
+    return m
+
+
+def _weight_normed():
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    torch.nn.utils.parametrizations.weight_norm(m[0])
+    return m
+
+
+def _hooked_output():
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    m[0].register_forward_hook(lambda mod, a, o: o * 3)
+    return m
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, track_running_stats=False), nn.Tanh(),
+                           nn.Flatten(), nn.Linear(48, 2)), (4, 2, 6, 6)),
+    (_Tied, (5, 6)),
+    (lambda: nn.Sequential(_Scaled(4, 8), nn.Tanh(), nn.Linear(8, 2)), (5, 4)),
+    (_weight_normed, (5, 4)),
+    (_pruned_conv, (4, 2, 6, 6)),
+    (_hooked_output, (5, 4)),
+    (_Proto, (5, 4)),
+    (_Keyword, (5, 4)),
+    (lambda: nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 2)), (5, 4)),
+    (_Centred, (5, 4)),
+])
+def test_hooked_projection_is_right_or_declines(make, shape):
+    from overunlearn.linalg.jacobian import output_jacobian
+    from overunlearn.linalg.projection import project_model_onto_span, project_onto_span
+
+    torch.manual_seed(0)
+    model = make().double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    x_before = x.clone()
+    scores = lambda out: out  # noqa: E731  (one score per output column)
+    v = torch.randn(sum(q.numel() for q in model.parameters() if q.requires_grad), dtype=torch.float64)
+    before = state_copy(model)
+    for _ in range(2):  # the second call uses the memo of the first call's check
+        got = project_model_onto_span(model, x, scores, v)
+        ref = project_onto_span(output_jacobian(model, x, scores), v)
+        assert float((got - ref).norm() / ref.norm()) < 1e-9
+    assert torch.equal(x, x_before)  # in-place ops in the model never reach the caller's tensor
+    assert same_state(before, state_copy(model))

@@ -134,6 +134,28 @@ def test_held_out_selection_chooses_on_some_seeds_and_reports_the_others(journal
     assert "held-out seeds [3]" in md and "best mean on seeds [1, 2]" in md
 
 
+def test_held_out_results_do_not_decide_the_selection():
+    import math
+
+    from overunlearn.report.aggregate import _setting
+    from overunlearn.sweep.journal import FINISHED
+
+    def rec(cfg, seed, value):
+        return {"method": "gd", "config_key": cfg, "hyper": {"lr": cfg}, "config": {}, "seed": seed,
+                "status": FINISHED, "metrics": {"err": value}}
+
+    header = {"metrics": [{"name": "err", "direction": "min"}]}
+    # A is better on the selection seeds 1-2 and has no finite value on held-out seed 3; B is worse
+    recs = [rec("A", 1, 0.1), rec("A", 2, 0.1), rec("A", 3, math.nan), rec("B", 1, 0.9), rec("B", 2, 0.9),
+            rec("B", 3, 0.9)]
+    shdr = {"seeds": [1, 2, 3], "benchmark_options": {}}
+    held = _setting("s", "T", header, shdr, recs, {}, False, [1, 2])
+    assert [g.config_key for g in held.methods[0].selected] == ["A"]
+    # with partial results allowed, a selection seed nobody finished is no crash
+    part = _setting("s", "T", header, shdr, [rec("A", 3, 0.5), rec("B", 3, 0.4)], {}, True, [1, 2])
+    assert part.methods[0].selected == []
+
+
 def test_report_cli_select_seeds(journal, tmp_path):
     from overunlearn.cli import _register, app
 

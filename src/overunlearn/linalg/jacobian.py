@@ -90,12 +90,13 @@ def output_jacobian(model: nn.Module, inputs: Tensor, score_fn: ScoreFn, mode: M
             return score_fn(out)[0]
 
         with _mode(model, train=False):
-            jac = vmap(jacrev(f_one), in_dims=(None, 0))(params, inputs)  # name -> (n, heads, *shape)
+            # (on a copy: a model that works in place on its input must not change the caller's tensor)
+            jac = vmap(jacrev(f_one), in_dims=(None, 0))(params, inputs.clone())  # name -> (n, heads, *shape)
         return _head_major(jac, names, n)
     if mode == "batch_train":
 
         def f_all(p: dict[str, Tensor], r: dict[str, Tensor]) -> Tensor:
-            out = functional_call(model, (p, r), (inputs,), strict=False)
+            out = functional_call(model, (p, r), (inputs.clone(),), strict=False)
             return score_fn(out).transpose(0, 1).reshape(-1)  # head-major
 
         # the buffers are passed as (non-differentiated) inputs so that BatchNorm may update
@@ -125,7 +126,7 @@ def output_jacobian_dense(model: nn.Module, inputs: Tensor, score_fn: ScoreFn, w
         return score_fn(out)[0]
 
     with _mode(model, train=False):
-        jac = vmap(jacrev(f_one), in_dims=(None, 0))(params, inputs)
+        jac = vmap(jacrev(f_one), in_dims=(None, 0))(params, inputs.clone())
     return _head_major(jac, names, n)
 
 
@@ -143,7 +144,7 @@ def output_jacobian_reference(model: nn.Module, inputs: Tensor, score_fn: ScoreF
     try:
         if mode == "batch_train":
             with _mode(model, train=True):
-                scores = score_fn(model(inputs))  # (n, heads)
+                scores = score_fn(model(inputs.clone()))  # (n, heads)
             for h in range(scores.shape[1]):
                 for i in range(scores.shape[0]):
                     g = torch.autograd.grad(scores[i, h], params, retain_graph=True, allow_unused=True)
@@ -152,7 +153,7 @@ def output_jacobian_reference(model: nn.Module, inputs: Tensor, score_fn: ScoreF
             per_head: list[list[list[Tensor]]] = []
             with _mode(model, train=False):
                 for i in range(inputs.shape[0]):
-                    s = score_fn(model(inputs[i : i + 1]))[0]
+                    s = score_fn(model(inputs[i : i + 1].clone()))[0]
                     for h in range(s.shape[0]):
                         if len(per_head) <= h:
                             per_head.append([])

@@ -13,6 +13,8 @@ authors' code does it. It assumes ``J`` has full row rank.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -138,19 +140,47 @@ def _conv_factored_cheaper(n: int, heads: int, c_out: int, patch: int, t: int) -
     return ghost < dense
 
 
+def _stock(m: torch.nn.Module) -> bool:
+    """The layer computes what its class says: PyTorch's own ``forward``, a plain ``weight``
+    parameter (not parametrized, pruned or weight-normed) and no hooks of its own."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.utils import parametrize
+
+    base = torch.nn.Linear if isinstance(m, torch.nn.Linear) else (
+        torch.nn.Conv2d if isinstance(m, torch.nn.Conv2d) else _BatchNorm)
+    return (type(m).forward is base.forward and not parametrize.is_parametrized(m)
+            and isinstance(m._parameters.get("weight"), torch.nn.Parameter)
+            and not m._forward_hooks and not m._forward_pre_hooks)
+
+
 def _candidates(model: torch.nn.Module, params: list[Tensor]) -> list[torch.nn.Module] | None:
-    """Linear, plain Conv2d and eval-mode BatchNorm modules holding trainable parameters."""
+    """Linear, plain Conv2d and eval-mode BatchNorm modules holding trainable parameters (``None``:
+    the hooked path does not apply to this model)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
     ids = {id(p) for p in params}
     owner: dict[int, int] = {}
     for m in model.modules():
+        if isinstance(m, _BatchNorm) and m.running_mean is None:
+            return None  # batch statistics even in eval mode: one batched pass couples the samples
         for p in m.parameters(recurse=False):
             owner[id(p)] = owner.get(id(p), 0) + 1
     if any(owner.get(id(p), 0) != 1 for p in params):  # shared parameters: keep it simple
         return None
     layers = [m for m in model.modules()
-              if (isinstance(m, torch.nn.Linear) or _plain_conv2d(m) or _eval_batchnorm(m))
+              if (isinstance(m, torch.nn.Linear) or _plain_conv2d(m) or _eval_batchnorm(m)) and _stock(m)
               and any(id(q) in ids for q in m.parameters(recurse=False))]
     return layers or None
+
+
+#: models (held weakly) whose hooked projection was checked against autograd, by input signature;
+#: a memo of :func:`_verify`, so that the check runs once per model and input shape, not every step
+_VERIFIED: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, bool]] = weakref.WeakKeyDictionary()
+
+
+def _signature(inputs: Tensor, layers: list[torch.nn.Module], params: list[Tensor]) -> tuple:
+    return (tuple(inputs.shape[1:]), inputs.dtype, str(inputs.device), tuple(id(m) for m in layers),
+            tuple(id(p) for p in params))
 
 
 def _output_positions(model: torch.nn.Module, inputs: Tensor, convs: list[torch.nn.Module]) -> dict[torch.nn.Module, int]:
@@ -165,7 +195,7 @@ def _output_positions(model: torch.nn.Module, inputs: Tensor, convs: list[torch.
     handles = [m.register_forward_hook(hook) for m in convs]
     try:
         with _mode(model, train=False), torch.no_grad():
-            model(inputs[:1])
+            model(inputs[:1].clone())
     finally:
         for h in handles:
             h.remove()
@@ -221,7 +251,7 @@ def _score_heads(model: torch.nn.Module, inputs: Tensor, score_fn) -> int:
     from overunlearn.linalg.jacobian import _mode
 
     with _mode(model, train=False), torch.no_grad():
-        return int(score_fn(model(inputs[:1])).shape[1])
+        return int(score_fn(model(inputs[:1].clone())).shape[1])
 
 
 class _Decline(Exception):
@@ -331,6 +361,37 @@ class _Block:
         return torch.cat(parts).to(dtype)
 
 
+def _verify(model: torch.nn.Module, inputs: Tensor, score_fn, scores: Tensor, blocks: list[_Block],
+            params: list[Tensor]) -> bool:
+    """Whether the hooked blocks describe this model's per-sample Jacobian, checked once per model:
+
+    * samples do not interact: the first sample's scores alone equal its scores in the batch
+      (a layer using batch statistics, or any other mixing across the batch, fails);
+    * for a random combination ``c`` of the rows, the blocks' ``J^T c`` equals autograd's gradient
+      of ``sum_r c_r score_r`` with respect to the hooked parameters (a parameter also used outside
+      its layer, a layer applied to rows that are not per-sample, or a layer that does not compute
+      what its class says, fails).
+
+    Run on the graph of the hooked forward (which it frees).
+    """
+    from overunlearn.linalg.jacobian import _mode
+
+    tol = 1e-4 if scores.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    n, heads = scores.shape
+    if n > 1:
+        with _mode(model, train=False), torch.no_grad():
+            alone = score_fn(model(inputs[:1].clone()))
+        if not torch.allclose(alone, scores[:1].detach(), rtol=tol * 10, atol=tol * float(scores.detach().abs().max())):
+            return False
+    g = torch.Generator().manual_seed(12345)
+    c = torch.randn(n * heads, generator=g, dtype=torch.float64).to(scores.device)
+    wrt = [q for blk in blocks for q in blk.params]
+    auto = torch.autograd.grad((scores * c.view(heads, n).T.to(scores.dtype)).sum(), wrt, allow_unused=True)
+    ref = torch.cat([(a if a is not None else torch.zeros_like(q)).reshape(-1).double() for a, q in zip(auto, wrt)])
+    got = torch.cat([blk.back(c, torch.float64) for blk in blocks])
+    return bool((got - ref).norm() <= tol * max(float(ref.norm()), 1e-30))
+
+
 def project_model_onto_span(model: torch.nn.Module, inputs: Tensor, score_fn, v: Tensor,
                             mode: str = "per_sample", rcond: float = 1e-12) -> Tensor:
     """``P_span(J^T) v`` for the Jacobian ``J`` of ``score_fn(model(inputs))`` w.r.t. the trainable
@@ -368,7 +429,7 @@ def project_model_onto_span(model: torch.nn.Module, inputs: Tensor, score_fn, v:
     grads: dict[torch.nn.Module, Tensor] = {}
 
     def hook(m, args, out):  # noqa: ANN001
-        captured[m].append((args[0], out))
+        captured[m].append((args[0] if args else None, out))  # (None: called with a keyword input)
         if out.requires_grad:
             # a tensor hook sees the gradient w.r.t. the layer's output even if a following
             # in-place op (ReLU(inplace=True)) overwrites it
@@ -376,18 +437,24 @@ def project_model_onto_span(model: torch.nn.Module, inputs: Tensor, score_fn, v:
 
     # the backward passes only need each layer's output gradient: asked for the input's gradient,
     # autograd skips every weight gradient (most of a convolution's backward)
+    memo = _VERIFIED.setdefault(model, {})
+    signature = _signature(inputs, layers, params)
+    if memo.get(signature) is False:
+        return materialised()
     x = inputs.detach().requires_grad_(True) if inputs.is_floating_point() else inputs
     handles = [m.register_forward_hook(hook) for m in layers]
     try:
         with _mode(model, train=False), torch.enable_grad(), record_function("overunlearn::hooked_forward"):
-            scores = score_fn(model(x))  # (n, heads)
+            # (a clone: the model may work in place on its input, which a leaf tensor forbids)
+            scores = score_fn(model(x.clone() if x.requires_grad else x))  # (n, heads)
     finally:
         for h in handles:
             h.remove()
 
     def fits(m: torch.nn.Module, c: list[tuple[Tensor, Tensor]]) -> bool:
         # applied once, inside the graph, to one row per sample (not to a shared constant)
-        if len(c) != 1 or not c[0][1].requires_grad or c[0][0].dim() == 0 or c[0][0].shape[0] != inputs.shape[0]:
+        if (len(c) != 1 or c[0][0] is None or not c[0][1].requires_grad or c[0][0].dim() == 0
+                or c[0][0].shape[0] != inputs.shape[0]):
             return False
         dim = c[0][0].dim()
         if isinstance(m, torch.nn.Linear):
@@ -432,6 +499,11 @@ def project_model_onto_span(model: torch.nn.Module, inputs: Tensor, score_fn, v:
                       for m, ds in zip(layers, deltas, strict=True)]
     except _Decline:
         return materialised()
+    if signature not in memo:
+        with record_function("overunlearn::verify"):
+            memo[signature] = _verify(model, inputs, score_fn, scores, blocks, params)
+        if not memo[signature]:
+            return materialised()
     captured.clear()  # the blocks hold what they need; free the rest of the forward
     del deltas, scores
     covered = {id(q) for blk in blocks for q in blk.params}

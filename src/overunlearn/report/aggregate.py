@@ -211,7 +211,11 @@ def _setting(sweep: str, sname: str, header: dict[str, Any], shdr: dict[str, Any
         if m not in groups:
             continue
         gl = sorted(groups[m].values(), key=lambda g: g.order)
-        usable = [g for g in gl if (g.complete(seeds) if not allow_partial else (g.metrics and not g.failed))]
+        # eligibility is judged on the seeds the choice is made on: a held-out seed's result (or its
+        # absence) must not decide which setting is selected
+        pick_seeds = chosen_on if chosen_on is not None else list(seeds)
+        usable = [g for g in gl if (g.complete(pick_seeds) if not allow_partial else
+                                    (any(s in g.metrics for s in pick_seeds) and not g.failed))]
         n_failed = sum(1 for g in gl if g.failed)
         n_partial = sum(1 for g in gl if not g.failed and not g.complete(seeds))
         if n_failed:
@@ -220,7 +224,7 @@ def _setting(sweep: str, sname: str, header: dict[str, Any], shdr: dict[str, Any
         if n_partial and not allow_partial:
             notes.append(f"{m}: {n_partial} setting(s) without all {len(seeds)} seeds excluded (sweep unfinished?)")
         selected: list[ConfigGroup] = []
-        usable = [g for g in usable if all(math.isfinite(g.stats(name).mean) for name, _ in metrics)]
+        usable = [g for g in usable if all(math.isfinite(g.stats(name, chosen_on).mean) for name, _ in metrics)]
         if usable and metrics:
             if selection == "best_mean":
                 name, direction = metrics[0]
