@@ -915,6 +915,7 @@ def _hooked_output():
     return m
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # vmap over weight_norm
 @pytest.mark.parametrize("make, shape", [
     (lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, track_running_stats=False), nn.Tanh(),
                            nn.Flatten(), nn.Linear(48, 2)), (4, 2, 6, 6)),
