@@ -1,4 +1,5 @@
-"""CPU work split over worker processes: one process per shard, one pipe back from each.
+"""CPU work split over worker processes (one process per shard, one pipe back from each), or over
+threads where processes cannot be used.
 
 Used by the ensemble trainer (``training/ensemble.py``) and by the Data Poisoning benchmark's
 batched unlearning. Small PyTorch models spend much of each step in Python dispatch, so threads
@@ -161,4 +162,34 @@ def run_in_processes(target: Callable[[Any, Channel], None], shards: Sequence[An
         raise failure
 
 
-__all__ = ["Channel", "WORKER_START_TIMEOUT_S", "can_start_processes", "run_in_processes", "start_method"]
+def run_in_threads(target: Callable[[Any], None], shards: Sequence[Any]) -> None:
+    """Run ``target(shard)`` for every shard in threads of this process, one torch intra-op thread
+    each (kernels release the GIL), and re-raise the first error after all have ended. The
+    fallback where worker processes cannot be used."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def body(shard: Any) -> None:
+        try:
+            torch.set_num_threads(1)
+            target(shard)
+        except BaseException as exc:  # pragma: no cover - re-raised below
+            errors.append(exc)
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        threads = [threading.Thread(target=body, args=(sh,), daemon=True) for sh in shards]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        torch.set_num_threads(prev)
+    if errors:
+        raise errors[0]
+
+
+__all__ = ["Channel", "WORKER_START_TIMEOUT_S", "can_start_processes", "run_in_processes", "run_in_threads",
+           "start_method"]

@@ -49,7 +49,7 @@ from overunlearn.storage import (
     source_fingerprint,
     stable_hash,
 )
-from overunlearn.workers import Channel, can_start_processes, run_in_processes
+from overunlearn.workers import Channel, can_start_processes, run_in_processes, run_in_threads
 
 # --------------------------------------------------------------------------------------
 # Recipe
@@ -623,26 +623,7 @@ def _run_batched(bench: PoisonBenchmark, jobs: list[tuple[str, int, int]], fig_s
 
         run_in_processes(target, shards, on_message, name="unlearn", label="unlearning")
         return
-    errors: list[BaseException] = []
-
-    def run(shard: list[tuple[str, int, int]]) -> None:
-        try:
-            unlearn_shard(shard, tick, record)
-        except BaseException as exc:  # pragma: no cover - re-raised below
-            errors.append(exc)
-
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)  # one intra-op thread per shard; kernels release the GIL
-    try:
-        threads = [threading.Thread(target=run, args=(sh,), daemon=True) for sh in shards]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        torch.set_num_threads(prev)
-    if errors:
-        raise errors[0]
+    run_in_threads(lambda shard: unlearn_shard(shard, tick, record), shards)
 
 
 def run_poison(seeds: Sequence[int] = tuple(range(1, 11)), epochs: Sequence[int] = (10, 100, 1000),

@@ -53,7 +53,7 @@ from torch import Tensor
 
 from overunlearn.models.mlp import MLP
 from overunlearn.training.adamw import FusedAdamW
-from overunlearn.workers import Channel, can_start_processes, run_in_processes
+from overunlearn.workers import Channel, can_start_processes, run_in_processes, run_in_threads
 
 
 @dataclass
@@ -421,35 +421,11 @@ def train_ensemble(members: Sequence[Member], *, lr: float = 1e-3, weight_decay:
         _run_in_processes(members, shards, lr, weight_decay, gsize, report_every,
                           report if progress is not None else None, finish)
     else:
-        _run_in_threads(shards, run_shard)
+        run_in_threads(run_shard, shards)
     missing = [i for i in range(len(members)) if i not in results]
     if missing:  # pragma: no cover - every path above raises first
         raise RuntimeError(f"training returned no result for members {missing}")
     return [results[i] for i in range(len(members))]
-
-
-def _run_in_threads(shards: list[list[int]], run_shard: Callable[[list[int]], None]) -> None:
-    errors: list[BaseException] = []
-
-    def body(idx: list[int]) -> None:
-        try:
-            torch.set_num_threads(1)
-            run_shard(idx)
-        except BaseException as exc:  # pragma: no cover - re-raised in the caller
-            errors.append(exc)
-
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        threads = [threading.Thread(target=body, args=(idx,), daemon=True) for idx in shards]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        torch.set_num_threads(prev)
-    if errors:
-        raise errors[0]
 
 
 def _run_in_processes(members: list[Member], shards: list[list[int]], lr: float, weight_decay: float,
