@@ -6,18 +6,20 @@ Trains the benchmark's 20 models at a reduced step count -- 10 "original" member
 MLP, full-batch AdamW -- with :func:`overunlearn.training.train_ensemble` on ``--workers``
 workers, once per setting per round, rounds interleaved (in alternating order) so that the
 machine's noise hits every setting alike. A setting is a worker backend (``processes``, the default, or ``threads`` of
-this process) and a group size. It prints member-steps per second (median and best over
-rounds, wall clock including the start of worker processes), each setting's ratio to threads
-with groups of 5 (the trainer's previous default), the ratio to a plain per-model
-``nn.Module`` + ``torch.optim.AdamW`` loop on one thread, and what the medians imply for the
-full recipe (10 x 100k + 10 x 50k = 1.5M member-steps).
+this process) and a group size; ``--loop-step`` adds the trainer's previous step (the same
+operations written as a Python loop over the layers, rebuilding views every step, rather than the
+precomputed list of calls) in worker processes with groups of 5, its previous default. It prints
+member-steps per second (median and best over rounds, wall clock including the start of worker
+processes), each setting's ratio to the default (processes, ``DEFAULT_CPU_GROUP``), the ratio to
+a plain per-model ``nn.Module`` + ``torch.optim.AdamW`` loop on one thread, and what the medians
+imply for the full recipe (10 x 100k + 10 x 50k = 1.5M member-steps).
 
 Nothing is downloaded; models are fresh initialisations. On a shared machine read the ratios.
 
 Usage::
 
     python benchmarks/perf_training.py                      # S = 2000, 3 rounds, 2 workers
-    python benchmarks/perf_training.py --steps 4000 --rounds 5 --groups 2,5,10 --backends processes
+    python benchmarks/perf_training.py --steps 6000 --rounds 2 --groups 1,2,3 --backends processes --loop-step
     python benchmarks/perf_training.py --breakdown          # where one group-step's time goes
 """
 
@@ -110,13 +112,66 @@ def _breakdown(reps: int = 300) -> None:
           f"rest {out[300] - prod - adamw - 2 * sig - out[4]:.2f}")
 
 
+def _loop_shard_class():
+    """The trainer's previous step, for comparison: the same operations as a Python loop over the
+    layers, with the views and shape tests rebuilt at every step."""
+    from overunlearn.training.ensemble import _Shard
+
+    class LoopShard(_Shard):
+        def _loop_step(self) -> None:
+            a = self.x
+            n_layers = len(self.widths) - 1
+            e, n = self.x.shape[0], self.x.shape[1]
+            for li in range(n_layers):
+                W, b, z = self.params[2 * li], self.params[2 * li + 1], self._z[li]
+                if W.shape[1] == 1:
+                    torch.addcmul(b, a, W, out=z)
+                elif W.shape[2] == 1:
+                    torch.baddbmm(b, W.view(e, 1, -1), a.transpose(1, 2), out=z.view(e, 1, n))
+                else:
+                    torch.baddbmm(b, a, W, out=z)
+                if li == n_layers - 1:
+                    break
+                torch.sigmoid(z, out=self._s[li])
+                a = torch.mul(z, self._s[li], out=self._h[li])
+            dz = torch.sub(self._z[-1], self.y, out=self._dz[-1]).mul_(self.w2)
+            for li in range(n_layers - 1, -1, -1):
+                a = self.x if li == 0 else self._h[li - 1]
+                W = self.params[2 * li]
+                gW, gb = self.grads[2 * li], self.grads[2 * li + 1]
+                if W.shape[2] == 1:
+                    torch.bmm(dz.transpose(1, 2), a, out=gW.view(gW.shape[0], 1, -1))
+                else:
+                    torch.bmm(a.transpose(1, 2), dz, out=gW)
+                torch.sum(dz, dim=1, keepdim=True, out=gb)
+                if li:
+                    da = self._dz[li - 1]
+                    if W.shape[2] == 1:
+                        torch.mul(dz, W.transpose(1, 2), out=da)
+                    else:
+                        torch.bmm(dz, W.transpose(1, 2), out=da)
+                    h_ = self._h[li - 1]
+                    h_.lerp_(self._one.expand_as(h_), self._s[li - 1])
+                    dz = da.mul_(h_)
+            self.optimizer.step()
+
+        def run(self, steps: int) -> None:
+            for _ in range(steps):
+                self._loop_step()
+            self.step_count += steps
+
+    return LoopShard
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=2000, help="S: steps of the original-sized members")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every setting")
     ap.add_argument("--workers", type=int, default=2, help="workers (one torch thread each)")
-    ap.add_argument("--groups", default="2,5,10", help="comma-separated group sizes to compare")
+    ap.add_argument("--groups", default="1,2,3,5", help="comma-separated group sizes to compare")
     ap.add_argument("--backends", default="processes,threads", help="comma-separated: processes, threads")
+    ap.add_argument("--loop-step", action="store_true",
+                    help="also time the previous step (a loop over the layers) with groups of 5, in processes")
     ap.add_argument("--breakdown", action="store_true", help="only time one group-step and its parts")
     args = ap.parse_args()
     if args.breakdown:
@@ -128,11 +183,17 @@ def main() -> None:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if any(b not in ("processes", "threads") for b in backends) or not groups or not backends or min(groups) < 1:
         ap.error("--backends takes processes and/or threads; --groups one or more sizes >= 1")
-    settings = [(b, g) for b in backends for g in groups]
-    if ("threads", 5) not in settings:
-        settings.append(("threads", 5))
 
-    from overunlearn.training import train_ensemble
+    from overunlearn.training import ensemble
+    from overunlearn.training.ensemble import DEFAULT_CPU_GROUP, train_ensemble
+
+    default = ("processes", DEFAULT_CPU_GROUP)
+    settings = [(b, g) for b in backends for g in groups]
+    if default not in settings:
+        settings.append(default)
+    if args.loop_step:
+        settings.append(("loop-step", 5))
+    plan_shard, loop_shard = ensemble._Shard, _loop_shard_class()
 
     total = 10 * args.steps + 10 * (args.steps // 2)
     print(f"20 members (10 x {args.steps} + 10 x {args.steps // 2} steps = {total:,} member-steps), "
@@ -142,12 +203,17 @@ def main() -> None:
         train_ensemble(_members(4), workers=args.workers, processes=b == "processes")
     for r in range(args.rounds):
         for b, g in (settings if r % 2 == 0 else settings[::-1]):  # alternate the order: drift hits all alike
-            t = time.perf_counter()
-            train_ensemble(_members(args.steps), workers=args.workers, group_size=g, processes=b == "processes")
-            rates[(b, g)].append(total / (time.perf_counter() - t))
+            ensemble._Shard = loop_shard if b == "loop-step" else plan_shard  # forked workers inherit it
+            try:
+                t = time.perf_counter()
+                train_ensemble(_members(args.steps), workers=args.workers, group_size=g, processes=b != "threads")
+                rates[(b, g)].append(total / (time.perf_counter() - t))
+            finally:
+                ensemble._Shard = plan_shard
     loop = _per_model_rate(min(args.steps, 300))
-    base = statistics.median(rates[("threads", 5)])
-    print(f"{'backend':>9s} {'group':>5s} {'median/s':>9s} {'best/s':>8s} {'vs threads,5':>13s} "
+    base = statistics.median(rates[default])
+    head = f"vs {default[0]},{default[1]}"
+    print(f"{'backend':>9s} {'group':>5s} {'median/s':>9s} {'best/s':>8s} {head:>13s} "
           f"{'vs per-model loop':>18s} {'full recipe (median)':>21s}")
     for b, g in settings:
         med = statistics.median(rates[(b, g)])

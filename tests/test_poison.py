@@ -328,6 +328,52 @@ def test_batched_unlearning_in_processes_equals_threads(tmp_path, monkeypatch):
     assert by_process.curves == by_thread.curves
 
 
+def test_unlearning_stack_size_changes_only_rounding(tmp_path):
+    kw = dict(seeds=[1, 2, 3], epochs=[4], methods=["gd", "ngp", "ridge"], recipe=TINY, cache_dir=tmp_path,
+              threads=2, progress=False, reuse_trials=False)
+    alone = P.run_poison(unlearn_group=1, **kw)  # every trial its own ensemble
+    stacked = P.run_poison(unlearn_group=3, **kw)
+    key = lambda t: (t.method, t.epochs, t.seed)  # noqa: E731
+    a, b = sorted(alone.trials, key=key), sorted(stacked.trials, key=key)
+    assert [key(t) for t in a] == [key(t) for t in b] and len(a) == 9
+    for x, y in zip(a, b, strict=True):
+        assert x.sup_error == pytest.approx(y.sup_error, rel=1e-4)
+    with pytest.raises(ValueError, match="unlearn_group"):
+        P.run_poison(unlearn_group=0, **kw)
+
+
+def test_unlearning_tasks_are_small_and_largest_first():
+    jobs = [(m, T, s) for T in (10, 1000) for m in ("gd", "ngd") for s in range(1, 8)]
+    chunks = P._chunks(jobs, 3)
+    assert sorted(j for c in chunks for j in c) == sorted(jobs)  # every job once
+    for c in chunks:  # one method and T per task, at most 3 seeds, near-equal sizes (7 = 2 + 2 + 3)
+        assert len({(m, T) for m, T, _ in c}) == 1 and 2 <= len(c) <= 3
+    work = [c[0][1] * len(c) for c in chunks]
+    assert work == sorted(work, reverse=True)
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_task_counter_hands_out_every_task_once(processes):
+    from overunlearn.workers import TaskCounter, can_start_processes, run_in_processes, run_in_threads
+
+    if processes and not can_start_processes():
+        pytest.skip("worker processes need fork (Linux)")
+    counter = TaskCounter(50, processes=processes)
+    got: list[int] = []
+
+    def take(send) -> None:
+        while (i := counter.next()) is not None:
+            send(i)
+
+    if processes:
+        run_in_processes(lambda _w, chan: take(lambda i: chan.send("task", i)), [0, 1, 2],
+                         lambda _w, _kind, i: got.append(i))
+    else:
+        run_in_threads(lambda _w: take(got.append), [0, 1, 2])
+    assert sorted(got) == list(range(50))
+    assert counter.next() is None
+
+
 @linux_only
 def test_unlearning_worker_error_is_raised_here(tmp_path, monkeypatch):
     import overunlearn.ensemble_unlearn as EU

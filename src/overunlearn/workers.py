@@ -162,6 +162,37 @@ def run_in_processes(target: Callable[[Any, Channel], None], shards: Sequence[An
         raise failure
 
 
+class TaskCounter:
+    """Hands out the task numbers ``0 .. n - 1`` to workers, each number once, in order.
+
+    Workers that pull their next task when they finish one balance themselves: with tasks sorted
+    from the most to the least work, the workers end within about one small task of each other,
+    without an estimate of what each task costs. Create it before the workers start: with
+    ``processes`` the count lives in shared memory that forked (or spawned, when passed as an
+    argument) worker processes share; otherwise it is a counter behind a thread lock.
+    """
+
+    def __init__(self, n: int, processes: bool) -> None:
+        import threading
+
+        self.n = int(n)
+        self._shared = mp.get_context(start_method()).Value("q", 0) if processes else None
+        self._lock = threading.Lock()
+        self._local = 0
+
+    def next(self) -> int | None:
+        """The next task number, or ``None`` when every task has been handed out."""
+        if self._shared is not None:
+            with self._shared.get_lock():
+                i = int(self._shared.value)
+                self._shared.value = i + 1
+        else:
+            with self._lock:
+                i = self._local
+                self._local = i + 1
+        return i if i < self.n else None
+
+
 def run_in_threads(target: Callable[[Any], None], shards: Sequence[Any]) -> None:
     """Run ``target(shard)`` for every shard in threads of this process, one torch intra-op thread
     each (kernels release the GIL), and re-raise the first error after all have ended. The
@@ -191,5 +222,5 @@ def run_in_threads(target: Callable[[Any], None], shards: Sequence[Any]) -> None
         raise errors[0]
 
 
-__all__ = ["Channel", "WORKER_START_TIMEOUT_S", "can_start_processes", "run_in_processes", "run_in_threads",
+__all__ = ["Channel", "TaskCounter", "WORKER_START_TIMEOUT_S", "can_start_processes", "run_in_processes", "run_in_threads",
            "start_method"]

@@ -49,7 +49,7 @@ from overunlearn.storage import (
     source_fingerprint,
     stable_hash,
 )
-from overunlearn.workers import Channel, can_start_processes, run_in_processes, run_in_threads
+from overunlearn.workers import Channel, TaskCounter, can_start_processes, run_in_processes, run_in_threads
 
 # --------------------------------------------------------------------------------------
 # Recipe
@@ -556,22 +556,45 @@ def _worker_trial(method: str, epochs: int, seed: int, keep_curve: bool) -> tupl
     return _run_trial(bench, method, epochs, seed, bench.device, keep_curve)
 
 
+#: most unlearning trials stacked in one vectorised ensemble on a CPU worker (trials of one method
+#: and T); small stacks keep their parameters and AdamW state in cache, as in the trainer
+#: (``benchmarks/perf_unlearning.py``)
+UNLEARN_CPU_GROUP = 5
+
+
+def _chunks(jobs: list[tuple[str, int, int]], size: int) -> list[list[tuple[str, int, int]]]:
+    """``jobs`` split into tasks of one method and T with at most ``size`` seeds each (near-equal
+    sizes), the most member-steps first."""
+    runs: dict[tuple[str, int], list[tuple[str, int, int]]] = {}
+    for job in jobs:
+        runs.setdefault((job[0], job[1]), []).append(job)
+    out: list[list[tuple[str, int, int]]] = []
+    for run in runs.values():
+        k = -(-len(run) // size)
+        bounds = [round(j * len(run) / k) for j in range(k + 1)]
+        out += [run[bounds[j]:bounds[j + 1]] for j in range(k)]
+    out.sort(key=lambda c: -c[0][1] * len(c))
+    return out
+
+
 def _run_batched(bench: PoisonBenchmark, jobs: list[tuple[str, int, int]], fig_seed: int, n_workers: int,
                  dev: torch.device, trials: list[Trial], curves: dict[str, list[float]], stored: dict[str, Any],
-                 lock: threading.Lock, bar: Any) -> None:
-    """Run ``jobs`` as vectorised ensembles, one per worker (a process on Linux CPU, else a thread),
-    balanced by their total steps."""
+                 lock: threading.Lock, bar: Any, group_size: int | None = None) -> None:
+    """Run ``jobs`` as vectorised ensembles. On a CPU the jobs are cut into small tasks (one method
+    and T, at most ``group_size`` seeds: :data:`UNLEARN_CPU_GROUP`) that ``n_workers`` workers (processes
+    on Linux, else threads) take one after the other, largest first, so that they finish together;
+    elsewhere all jobs run here as one batch."""
     from overunlearn.engine import Budget
     from overunlearn.ensemble_unlearn import BatchedRun, unlearn_batched
     from overunlearn.methods import create
 
-    shards: list[list[tuple[str, int, int]]] = [[] for _ in range(max(1, n_workers))]
-    load = [0] * len(shards)
-    for job in sorted(jobs, key=lambda j: -j[1]):
-        k = min(range(len(shards)), key=lambda i: load[i])
-        shards[k].append(job)
-        load[k] += job[1]
-    shards = [sh for sh in shards if sh]
+    if dev.type == "cpu":
+        chunks = _chunks(jobs, int(group_size or UNLEARN_CPU_GROUP))
+    else:
+        chunks = [list(jobs)]
+    n_workers = max(1, min(n_workers, len(chunks)))
+    use_processes = n_workers > 1 and dev.type == "cpu" and can_start_processes()
+    counter = TaskCounter(len(chunks), processes=use_processes)
 
     def unlearn_shard(shard: list[tuple[str, int, int]], tick: Callable[[int], None],
                       emit: Callable[[Trial, list[float] | None], None]) -> None:
@@ -593,6 +616,10 @@ def _run_batched(bench: PoisonBenchmark, jobs: list[tuple[str, int, int]], fig_s
                         curve = out.model(bench.grid().reshape(-1, 1).to(dev)).reshape(-1).cpu().tolist()
             emit(trial, curve)
 
+    def work(tick: Callable[[int], None], emit: Callable[[Trial, list[float] | None], None]) -> None:
+        while (i := counter.next()) is not None:
+            unlearn_shard(chunks[i], tick, emit)
+
     def tick(n: int) -> None:
         if bar is not None:
             with lock:
@@ -606,14 +633,14 @@ def _run_batched(bench: PoisonBenchmark, jobs: list[tuple[str, int, int]], fig_s
             stored[_trial_key(trial.method, trial.epochs, trial.seed, trial.hyper, dev, True)] = {
                 "trial": _jsonable(dataclasses.asdict(trial)), "curve": curve}
 
-    if len(shards) == 1:
-        unlearn_shard(shards[0], tick, record)
+    if n_workers == 1:
+        work(tick, record)
         return
-    if dev.type == "cpu" and can_start_processes():
+    if use_processes:
         # worker processes: the batched step is mostly Python dispatch on these small models, so
         # threads of one process would take turns on the GIL
-        def target(shard: list[tuple[str, int, int]], chan: Channel) -> None:  # pragma: no cover - child
-            unlearn_shard(shard, lambda n: chan.send("progress", n), lambda t, c: chan.send("trial", (t, c)))
+        def target(_w: int, chan: Channel) -> None:  # pragma: no cover - child
+            work(lambda n: chan.send("progress", n), lambda t, c: chan.send("trial", (t, c)))
 
         def on_message(w: int, kind: str, payload: Any) -> None:
             if kind == "progress":
@@ -621,23 +648,25 @@ def _run_batched(bench: PoisonBenchmark, jobs: list[tuple[str, int, int]], fig_s
             elif kind == "trial":
                 record(*payload)
 
-        run_in_processes(target, shards, on_message, name="unlearn", label="unlearning")
+        run_in_processes(target, list(range(n_workers)), on_message, name="unlearn", label="unlearning")
         return
-    run_in_threads(lambda shard: unlearn_shard(shard, tick, record), shards)
+    run_in_threads(lambda _w: work(tick, record), list(range(n_workers)))
 
 
 def run_poison(seeds: Sequence[int] = tuple(range(1, 11)), epochs: Sequence[int] = (10, 100, 1000),
                methods: Sequence[str] = POISON_METHODS, recipe: str | PoisonRecipe = "full",
                cache_dir: str | Path | None = None, device: str | torch.device = "cpu", threads: int | None = None,
                progress: bool = True, figure_seed: int | None = None, reuse_trials: bool = True,
-               batched: bool = True) -> PoisonRun:
+               batched: bool = True, unlearn_group: int | None = None) -> PoisonRun:
     """Train (or load) the original / ground-truth models of ``seeds``, run every method at every ``T``
     with the paper's presets, and collect sup-norm errors.
 
     ``threads`` CPU cores are used for the ensemble training (one single-threaded shard per core, in
-    worker processes on Linux) and for running unlearning trials concurrently (threads of this process
-    when ``batched``, spawned worker processes otherwise; one intra-op thread each); default
-    ``torch.get_num_threads()``. With ``threads=1`` everything runs in this process.
+    worker processes on Linux) and for running unlearning trials concurrently (forked worker processes
+    on Linux when ``batched``, else threads of this process; spawned worker processes when not
+    ``batched``; one intra-op thread each); default ``torch.get_num_threads()``. With ``threads=1``
+    everything runs in this process. ``unlearn_group`` caps how many trials of one method and T a CPU
+    worker stacks into one vectorised ensemble (default :data:`UNLEARN_CPU_GROUP`).
     A trial whose loss becomes non-finite is recorded as diverged (``sup_error = inf``).
 
     With ``reuse_trials`` (default) finished trials are stored in the cache, keyed by the recipe, the
@@ -662,6 +691,8 @@ def run_poison(seeds: Sequence[int] = tuple(range(1, 11)), epochs: Sequence[int]
             raise ValueError(f"method {m!r} does not apply to regression")
         for T in epochs:
             preset(m, T)  # fails early for a method without a preset
+    if unlearn_group is not None and int(unlearn_group) < 1:
+        raise ValueError(f"unlearn_group must be >= 1, got {unlearn_group}")
     threads = int(threads or torch.get_num_threads())
     bench = PoisonBenchmark(recipe, cache_dir=cache_dir, device=device, workers=threads, progress=progress)
     dev = bench.device
@@ -732,7 +763,7 @@ def run_poison(seeds: Sequence[int] = tuple(range(1, 11)), epochs: Sequence[int]
     prev = torch.get_num_threads()
     try:
         if batched and jobs:
-            _run_batched(bench, jobs, fig_seed, n_workers, dev, trials, curves, stored, lock, bar)
+            _run_batched(bench, jobs, fig_seed, n_workers, dev, trials, curves, stored, lock, bar, unlearn_group)
         elif n_workers == 1:
             for job in jobs:
                 work(job)

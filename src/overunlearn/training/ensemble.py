@@ -35,15 +35,15 @@ processes also keep the shards' Python dispatch from contending for one GIL (3-9
 threads on the 2-core development machine, ``benchmarks/perf_training.py``). Each worker steps its
 members in lockstep groups of at most ``group_size`` (default :data:`DEFAULT_CPU_GROUP`), one group
 after the other; members with the same architecture and number of points share a group, so short
-datasets are not padded. Small groups
-keep a group's working set (parameters, gradients, AdamW moments: 1.5 MB per 300-300 member) in
-cache while the other worker runs beside it.
+datasets are not padded. Small groups keep a group's working set (parameters, gradients, AdamW
+moments: 1.5 MB per 300-300 member) closer to the core while the other worker runs beside it.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from functools import partial
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -149,61 +149,88 @@ class _Shard:
         self._h = [torch.empty(e, n, w, device=self.device) for w in self.widths[1:-1]]
         self._dz = [torch.empty(e, n, w, device=self.device) for w in self.widths[1:]]
         self._one = torch.ones(1, 1, 1, device=self.device)
+        self._build_plan()
 
     # ---- the step -----------------------------------------------------------------
-    def forward(self) -> Tensor:
-        """Outputs ``(E, n, out)``; fills the pre-activation / activation buffers."""
-        a = self.x
-        n_layers = len(self.widths) - 1
+    def _build_plan(self) -> None:
+        """Precompute the step as a flat list of zero-argument calls on fixed buffers and views.
+
+        A group-step of five 300-300 members is about 25 tensor operations; written as a loop over
+        layers, the Python around them (shape tests, views, indexing) cost more than the calls
+        themselves (``benchmarks/perf_training.py --breakdown``). Every operand is a preallocated
+        buffer or a view into one, so the calls can be bound once (``functools.partial``) and the
+        step is one pass over the list; the operations and their order are those of the loop.
+        """
         e, n = self.x.shape[0], self.x.shape[1]
+        n_layers = len(self.widths) - 1
+        fwd: list[Callable[[], Any]] = []
+        a = self.x
         for li in range(n_layers):
             W, b, z = self.params[2 * li], self.params[2 * li + 1], self._z[li]
-            # fan_in 1: an outer product, cheaper than a K=1 bmm
-            if W.shape[1] == 1:
-                torch.addcmul(b, a, W, out=z)
+            if W.shape[1] == 1:  # fan_in 1: an outer product, cheaper than a K=1 bmm
+                fwd.append(partial(torch.addcmul, b, a, W, out=z))
             elif W.shape[2] == 1:
                 # fan_out 1: z^T = W^T a^T as a row-vector product ((E, n, 1) and (E, 1, n) share memory)
-                torch.baddbmm(b, W.view(e, 1, -1), a.transpose(1, 2), out=z.view(e, 1, n))
+                fwd.append(partial(torch.baddbmm, b, W.view(e, 1, -1), a.transpose(1, 2), out=z.view(e, 1, n)))
             else:
-                torch.baddbmm(b, a, W, out=z)
-            if li == n_layers - 1:
-                return z
-            torch.sigmoid(z, out=self._s[li])
-            a = torch.mul(z, self._s[li], out=self._h[li])
-        raise AssertionError("unreachable")
-
-    def loss_and_grads(self) -> None:
-        """Write the gradient of ``sum_e sum_i w_ei (f_e(x_ei) - y_ei)^2`` into the flat ``.grad``."""
-        out = self.forward()
-        n_layers = len(self.widths) - 1
-        dz = torch.sub(out, self.y, out=self._dz[-1]).mul_(self.w2)
+                fwd.append(partial(torch.baddbmm, b, a, W, out=z))
+            if li < n_layers - 1:
+                fwd.append(partial(torch.sigmoid, z, out=self._s[li]))
+                fwd.append(partial(torch.mul, z, self._s[li], out=self._h[li]))
+                a = self._h[li]
+        bwd: list[Callable[[], Any]] = []
+        dz = self._dz[-1]
+        bwd.append(partial(torch.sub, self._z[-1], self.y, out=dz))
+        bwd.append(partial(dz.mul_, self.w2))
         for li in range(n_layers - 1, -1, -1):
             a = self.x if li == 0 else self._h[li - 1]
             W = self.params[2 * li]
             gW, gb = self.grads[2 * li], self.grads[2 * li + 1]
             if W.shape[2] == 1:
                 # fan_out 1: gW^T = dz^T a, a row-vector product ((E, in, 1) and (E, 1, in) share memory)
-                torch.bmm(dz.transpose(1, 2), a, out=gW.view(gW.shape[0], 1, -1))
+                bwd.append(partial(torch.bmm, dz.transpose(1, 2), a, out=gW.view(gW.shape[0], 1, -1)))
             else:
-                torch.bmm(a.transpose(1, 2), dz, out=gW)
-            torch.sum(dz, dim=1, keepdim=True, out=gb)
+                bwd.append(partial(torch.bmm, a.transpose(1, 2), dz, out=gW))
+            bwd.append(partial(torch.sum, dz, dim=1, keepdim=True, out=gb))
             if li:
                 da = self._dz[li - 1]
-                # fan_out 1: a broadcast product instead of a K=1 bmm
-                if W.shape[2] == 1:
-                    torch.mul(dz, W.transpose(1, 2), out=da)
+                if W.shape[2] == 1:  # fan_out 1: a broadcast product instead of a K=1 bmm
+                    bwd.append(partial(torch.mul, dz, W.transpose(1, 2), out=da))
                 else:
-                    torch.bmm(dz, W.transpose(1, 2), out=da)
+                    bwd.append(partial(torch.bmm, dz, W.transpose(1, 2), out=da))
                 # silu'(z) = s + h (1 - s) = lerp(h, 1, s), computed in h's buffer (h is no longer
                 # needed: the weight gradient above was its last use), then applied to da in place
                 h_ = self._h[li - 1]
-                h_.lerp_(self._one.expand_as(h_), self._s[li - 1])
-                dz = da.mul_(h_)
+                bwd.append(partial(h_.lerp_, self._one.expand_as(h_), self._s[li - 1]))
+                bwd.append(partial(da.mul_, h_))
+                dz = da
+        self._forward_plan = fwd
+        self._grad_plan = fwd + bwd
+        self._step_plan = self._grad_plan + [self.optimizer.step]
+
+    def forward(self) -> Tensor:
+        """Outputs ``(E, n, out)``; fills the pre-activation / activation buffers."""
+        for op in self._forward_plan:
+            op()
+        return self._z[-1]
+
+    def loss_and_grads(self) -> None:
+        """Write the gradient of ``sum_e sum_i w_ei (f_e(x_ei) - y_ei)^2`` into the flat ``.grad``."""
+        for op in self._grad_plan:
+            op()
 
     def step(self) -> None:
-        self.loss_and_grads()
-        self.optimizer.step()
+        for op in self._step_plan:
+            op()
         self.step_count += 1
+
+    def run(self, steps: int) -> None:
+        """Take ``steps`` steps."""
+        plan = self._step_plan
+        for _ in range(steps):
+            for op in plan:
+                op()
+        self.step_count += steps
 
     @torch.no_grad()
     def losses(self) -> Tensor:
@@ -253,10 +280,12 @@ def _balanced_shards(items: list[int], work: list[int], n_shards: int) -> list[l
     return [sorted(g) for g in groups if g]
 
 
-#: members stepped in lockstep by one CPU worker. On the 2-core development machine groups of
-#: 5 and 10 run at the same rate and smaller groups are slower (``benchmarks/perf_training.py``);
-#: 5 halves the working set, which leaves more cache to whatever else runs on the machine.
-DEFAULT_CPU_GROUP = 5
+#: members stepped in lockstep by one CPU worker. Since the step is a precomputed list of calls
+#: (:meth:`_Shard._build_plan`) a group-step's fixed Python cost is small, and on the 2-core
+#: development machine, 2 workers, groups of 2 train fastest: 1.19x the previous trainer (loop
+#: step, groups of 5), against 1.17x for groups of 3 and 1.14x for single members
+#: (``benchmarks/perf_training.py``, the 20 poisoning models, 2 interleaved rounds).
+DEFAULT_CPU_GROUP = 2
 
 
 def _groups(members: Sequence[Member], size: int) -> list[list[int]]:
@@ -301,8 +330,9 @@ def _train_groups(members: Sequence[Member], lr: float, weight_decay: float, dev
                 target = min(m.steps for m in shard.members)
                 e = len(shard.members)
                 while shard.step_count < target:
-                    shard.step()
-                    pending += e
+                    k = min(target - shard.step_count, report_every - shard.step_count % report_every)
+                    shard.run(k)
+                    pending += e * k
                     if progress is not None and shard.step_count % report_every == 0:
                         progress(pending)
                         pending = 0
