@@ -62,8 +62,8 @@ def poison_cmd(
     methods: str = typer.Option("all", help="comma-separated methods or 'all': "
                                 "retrain,minnorm_og,gd,ga,ngp,ngd,ridge,l1_sparse"),
     recipe: str = typer.Option("quick", help="'full' = the paper's (100k original / 50k ground-truth AdamW steps); "
-                               "'quick' = 15k / 7.5k steps (the default: the full recipe takes over 10 minutes on "
-                               "2 CPU cores); 'smoke' = a few hundred steps"),
+                               "'quick' = 15k / 7.5k steps (the default: a 3-minute demo; the full recipe takes about "
+                               "10 minutes on 2 CPU cores); 'smoke' = a few hundred steps"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     out: Path = typer.Option(Path("results/poison"), help="directory for the table, CSV, JSON and figures"),
     cache: Path | None = typer.Option(None, help="model cache directory (default $OVERUNLEARN_CACHE or "
@@ -130,7 +130,7 @@ def poison_cmd(
     if recipe != "full":
         typer.echo("")
         typer.echo(f"note: this used the lighter {recipe!r} recipe, so the numbers are not the paper's setting. "
-                   f"The paper's recipe (over 10 minutes on 2 CPU cores when nothing is cached) is:\n  {FULL_COMMAND}")
+                   f"The paper's recipe (about 10 minutes on 2 CPU cores when nothing is cached) is:\n  {FULL_COMMAND}")
     if privacy:
         from overunlearn.cli.privacy import privacy_after_bench
 
