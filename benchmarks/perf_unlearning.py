@@ -43,7 +43,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache or tmp
         run_poison(recipe=args.recipe, cache_dir=cache, threads=args.threads or None, progress=False,
-                   epochs=(10,), methods=("gd",), seeds=(1,))  # trains the models once
+                   epochs=(10,), methods=("gd",), seeds=tuple(range(1, 11)))  # trains the models once
         walls: dict[int, list[float]] = {g: [] for g in groups}
         steps = 0
         for r in range(args.rounds):

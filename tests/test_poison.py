@@ -326,6 +326,10 @@ def test_batched_unlearning_in_processes_equals_threads(tmp_path, monkeypatch):
     assert len(a) == 4 * 2 * 3 and [key(t) for t in a] == [key(t) for t in b]
     assert [t.sup_error for t in a] == [t.sup_error for t in b]  # the same stacks, so the same bits
     assert by_process.curves == by_thread.curves
+    # the figure seed's fit is kept for every method and T, whichever worker ran it
+    wanted = {f"{m}@{T}" for m in kw["methods"] for T in kw["epochs"]} | {"original", "ground_truth"}
+    assert set(by_process.curves) == wanted
+    assert all(len(c) == TINY.grid_points for c in by_process.curves.values())
 
 
 def test_unlearning_stack_size_changes_only_rounding(tmp_path):
@@ -340,6 +344,22 @@ def test_unlearning_stack_size_changes_only_rounding(tmp_path):
         assert x.sup_error == pytest.approx(y.sup_error, rel=1e-4)
     with pytest.raises(ValueError, match="unlearn_group"):
         P.run_poison(unlearn_group=0, **kw)
+
+
+def test_unlearning_without_shared_memory_falls_back_to_threads(tmp_path, monkeypatch):
+    from overunlearn.workers import TaskCounter
+
+    class NoSharedMemory(TaskCounter):
+        def __init__(self, n: int, processes: bool) -> None:
+            if processes:
+                raise OSError("no /dev/shm here")
+            super().__init__(n, processes)
+
+    monkeypatch.setattr(P, "TaskCounter", NoSharedMemory)
+    monkeypatch.setattr(P, "run_in_processes", lambda *a, **k: pytest.fail("processes without a shared counter"))
+    run = P.run_poison(seeds=[1, 2], epochs=[3], methods=["gd", "ridge"], recipe=TINY, cache_dir=tmp_path,
+                       threads=2, progress=False, reuse_trials=False)
+    assert sorted((t.method, t.seed) for t in run.trials) == [("gd", 1), ("gd", 2), ("ridge", 1), ("ridge", 2)]
 
 
 def test_unlearning_tasks_are_small_and_largest_first():
@@ -372,6 +392,10 @@ def test_task_counter_hands_out_every_task_once(processes):
         run_in_threads(lambda _w: take(got.append), [0, 1, 2])
     assert sorted(got) == list(range(50))
     assert counter.next() is None
+    stopped = TaskCounter(5, processes=processes)
+    assert stopped.next() == 0
+    stopped.stop()  # after a failure: nothing more is handed out
+    assert stopped.next() is None
 
 
 @linux_only

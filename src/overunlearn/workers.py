@@ -168,29 +168,59 @@ class TaskCounter:
     Workers that pull their next task when they finish one balance themselves: with tasks sorted
     from the most to the least work, the workers end within about one small task of each other,
     without an estimate of what each task costs. Create it before the workers start: with
-    ``processes`` the count lives in shared memory that forked (or spawned, when passed as an
-    argument) worker processes share; otherwise it is a counter behind a thread lock.
+    ``processes`` the count lives in shared memory (``multiprocessing.Value``) that worker processes
+    forked after its creation share; otherwise it is a counter behind a thread lock.
+
+    Raises:
+        OSError: ``processes`` where the platform has no POSIX shared memory or semaphores (use
+            threads there).
     """
 
-    def __init__(self, n: int, processes: bool) -> None:
-        import threading
+    #: seconds a worker waits for the shared counter's lock; only a worker killed while holding it
+    #: (a window of microseconds) makes the others wait that long, and they then fail instead of hanging
+    LOCK_TIMEOUT_S = 60.0
 
+    def __init__(self, n: int, processes: bool) -> None:
         self.n = int(n)
-        self._shared = mp.get_context(start_method()).Value("q", 0) if processes else None
-        self._lock = threading.Lock()
-        self._local = 0
+        if processes:
+            self._shared: Any = mp.get_context(start_method()).Value("q", 0)
+            self._lock: Any = None
+        else:
+            import threading
+
+            self._shared = None
+            self._lock = threading.Lock()
+            self._local = 0
 
     def next(self) -> int | None:
-        """The next task number, or ``None`` when every task has been handed out."""
+        """The next task number, or ``None`` when every task has been handed out (or :meth:`stop`)."""
         if self._shared is not None:
-            with self._shared.get_lock():
+            lock = self._shared.get_lock()
+            if not lock.acquire(timeout=self.LOCK_TIMEOUT_S):
+                raise RuntimeError("a worker holding the task counter's lock died; giving up on the remaining tasks")
+            try:
                 i = int(self._shared.value)
                 self._shared.value = i + 1
+            finally:
+                lock.release()
         else:
             with self._lock:
                 i = self._local
                 self._local = i + 1
         return i if i < self.n else None
+
+    def stop(self) -> None:
+        """Hand out no further task (e.g. after a failure: the others then finish their current one)."""
+        if self._shared is not None:
+            lock = self._shared.get_lock()
+            if lock.acquire(timeout=self.LOCK_TIMEOUT_S):
+                try:
+                    self._shared.value = max(int(self._shared.value), self.n)
+                finally:
+                    lock.release()
+        else:
+            with self._lock:
+                self._local = max(self._local, self.n)
 
 
 def run_in_threads(target: Callable[[Any], None], shards: Sequence[Any]) -> None:

@@ -589,12 +589,20 @@ def _run_batched(bench: PoisonBenchmark, jobs: list[tuple[str, int, int]], fig_s
     from overunlearn.methods import create
 
     if dev.type == "cpu":
-        chunks = _chunks(jobs, int(group_size or UNLEARN_CPU_GROUP))
+        size = int(group_size or UNLEARN_CPU_GROUP)
+        chunks = _chunks(jobs, size)
+        while len(chunks) < n_workers and size > 1:  # few jobs: smaller tasks, so that every worker has one
+            size -= 1
+            chunks = _chunks(jobs, size)
     else:
         chunks = [list(jobs)]
     n_workers = max(1, min(n_workers, len(chunks)))
     use_processes = n_workers > 1 and dev.type == "cpu" and can_start_processes()
-    counter = TaskCounter(len(chunks), processes=use_processes)
+    try:
+        counter = TaskCounter(len(chunks), processes=use_processes)
+    except OSError:  # no POSIX shared memory / semaphores here: threads, with a thread-locked counter
+        use_processes = False
+        counter = TaskCounter(len(chunks), processes=False)
 
     def unlearn_shard(shard: list[tuple[str, int, int]], tick: Callable[[int], None],
                       emit: Callable[[Trial, list[float] | None], None]) -> None:
@@ -617,8 +625,12 @@ def _run_batched(bench: PoisonBenchmark, jobs: list[tuple[str, int, int]], fig_s
             emit(trial, curve)
 
     def work(tick: Callable[[int], None], emit: Callable[[Trial, list[float] | None], None]) -> None:
-        while (i := counter.next()) is not None:
-            unlearn_shard(chunks[i], tick, emit)
+        try:
+            while (i := counter.next()) is not None:
+                unlearn_shard(chunks[i], tick, emit)
+        except BaseException:
+            counter.stop()  # the other workers finish their current task, take no new one, and the error is raised
+            raise
 
     def tick(n: int) -> None:
         if bar is not None:
@@ -674,7 +686,8 @@ def run_poison(seeds: Sequence[int] = tuple(range(1, 11)), epochs: Sequence[int]
     with unchanged code reuses them instead of recomputing (pass ``False`` to recompute everything).
 
     With ``batched`` (default) the trials run as vectorised ensembles
-    (:mod:`overunlearn.ensemble_unlearn`, one per thread), which agree with one-at-a-time runs of the
+    (:mod:`overunlearn.ensemble_unlearn`; on a CPU, tasks of one method and T that the workers pull
+    one after the other), which agree with one-at-a-time runs of the
     engine to floating-point rounding and are 2-3x faster on a CPU; ``batched=False`` runs every trial
     through :func:`overunlearn.engine.unlearn` in worker processes.
     """

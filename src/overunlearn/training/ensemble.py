@@ -282,9 +282,10 @@ def _balanced_shards(items: list[int], work: list[int], n_shards: int) -> list[l
 
 #: members stepped in lockstep by one CPU worker. Since the step is a precomputed list of calls
 #: (:meth:`_Shard._build_plan`) a group-step's fixed Python cost is small, and on the 2-core
-#: development machine, 2 workers, groups of 2 train fastest: 1.19x the previous trainer (loop
-#: step, groups of 5), against 1.17x for groups of 3 and 1.14x for single members
-#: (``benchmarks/perf_training.py``, the 20 poisoning models, 2 interleaved rounds).
+#: development machine, 2 workers, groups of 2 and 3 train fastest and tie (2,844 and 2,859
+#: member-steps/s; groups of 1: 2,541, of 5: 2,633; the previous loop-written step with groups of 5:
+#: 2,342, so 1.21x): ``benchmarks/perf_training.py --steps 4000 --rounds 2 --groups 1,2,3,5
+#: --backends processes --loop-step``, the 20 poisoning models, 2026-11-28.
 DEFAULT_CPU_GROUP = 2
 
 
