@@ -23,6 +23,7 @@ import overunlearn.methods.minnorm_og as mnog
 from overunlearn import (
     Budget,
     ClassificationTask,
+    DataError,
     RegressionTask,
     TensorData,
     UnknownMethodError,
@@ -444,9 +445,10 @@ def test_salun_random_labels_are_always_incorrect_and_cover_the_other_classes():
     ctx = make_ctx(p, method)
     f = full(p.forget)
     seen: list[set[int]] = [set(), set()]
+    out = ctx.forward(f)
     for _ in range(100):
-        new = method.relabel(ctx, f, [5, 2])
-        for h, (y, z) in enumerate(zip(as_heads(f.targets), as_heads(new.targets), strict=False)):
+        new = p.task.random_labels(out, f.targets, ctx.generator)
+        for h, (y, z) in enumerate(zip(as_heads(f.targets), as_heads(new), strict=False)):
             assert bool((z != y).all())
             assert int(z.min()) >= 0 and int(z.max()) < (5, 2)[h]
             seen[h].update(int(v) for v in z[y == y[0]])
@@ -463,7 +465,7 @@ def test_salun_loss_is_retain_plus_weighted_random_label_loss(cls_problem):
     state = ctx.generator.get_state()
     loss = float(method.loss(ctx, info(), r, f))
     ctx.generator.set_state(state)
-    relabelled = method.relabel(ctx, f, [5, 3])
+    relabelled = Batch(f.inputs, p.task.random_labels(ctx.forward(f), f.targets, ctx.generator), f.weights)
     expected = jval(p, ctx.model, r) + 0.3 * jval(p, ctx.model, relabelled)
     assert loss == pytest.approx(expected, rel=1e-6)
 
@@ -509,8 +511,10 @@ def test_kl_unif_loss(cls_problem, direction):
 def test_minnorm_projects_in_the_right_epochs_with_decaying_coefficients(monkeypatch, order):
     events: list[tuple] = []
 
-    def fake_projection(model, batch, score_fn, strata, coef, n_pert, generator, jacobian, implementation):
+    def fake_projection(model, batch, score_fn, strata, coef, n_pert, generator, jacobian, implementation,
+                        with_targets=False):
         events.append(("proj", coef))
+        return 0.0
 
     monkeypatch.setattr(mnog, "minnorm_projection_step", fake_projection)
     p = regression_problem(n_forget=4, batch_size=2, n_retain=2)  # 2 steps per epoch
@@ -542,7 +546,7 @@ def test_minnorm_projects_in_the_right_epochs_with_decaying_coefficients(monkeyp
 
 def test_minnorm_without_planned_epochs_projects_every_epoch(monkeypatch, reg_problem):
     calls = []
-    monkeypatch.setattr(mnog, "minnorm_projection_step", lambda *a, **k: calls.append(a[4]))
+    monkeypatch.setattr(mnog, "minnorm_projection_step", lambda *a, **k: calls.append(a[4]) or 0.0)
     run(reg_problem, sgd("minnorm_og", lr=TINY_LR, reg_coef=1.0, reg_coef_decay=0.9), Budget(steps=3))
     assert calls == pytest.approx([1.0, 0.9, 0.81])
     with pytest.raises(ValueError, match="epochs"):
@@ -617,7 +621,7 @@ def test_retrain_reset_parameters_is_seeded_and_ignores_global_rng(reg_problem):
     assert not torch.allclose(va, params_vector(reg_problem.model))
 
 
-def test_retrain_warns_about_parameters_it_cannot_reset(reg_problem):
+def test_retrain_refuses_parameters_it_cannot_reset_unless_given_an_init_fn(reg_problem):
     class Scaled(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -629,8 +633,21 @@ def test_retrain_warns_about_parameters_it_cannot_reset(reg_problem):
 
     model = Scaled()
     p = UnlearningProblem(model, reg_problem.retain, reg_problem.forget, reg_problem.task)
-    with pytest.warns(UserWarning, match=r"1 trainable parameter.*scale.*make_model"):
+    with pytest.raises(DataError, match=r"1 trainable parameter.*scale.*init_fn"):
         run(p, sgd("retrain", lr=TINY_LR), Budget(steps=1))
+
+    def init_fn(m):
+        if isinstance(m, Scaled):
+            nn.init.ones_(m.scale)
+
+    p2 = UnlearningProblem(model, reg_problem.retain, reg_problem.forget, reg_problem.task, init_fn=init_fn)
+    res = unlearn(p2, sgd("retrain", lr=TINY_LR), Budget(steps=0), device="cpu")
+    assert float(res.model.scale) == 1.0 and float(model.scale) == 2.0
+    assert not torch.equal(res.model.body.weight, model.body.weight)
+    frozen = Scaled()
+    frozen.scale.requires_grad_(False)  # a frozen parameter needs no reset and keeps its value
+    p3 = UnlearningProblem(frozen, reg_problem.retain, reg_problem.forget, reg_problem.task)
+    assert float(unlearn(p3, sgd("retrain", lr=TINY_LR), Budget(steps=0), device="cpu").model.scale) == 2.0
     import warnings as _w
 
     with _w.catch_warnings():

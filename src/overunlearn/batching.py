@@ -12,7 +12,8 @@ All randomness comes from an explicit ``torch.Generator``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -24,7 +25,8 @@ def _n_batches(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 
-def _epoch(data: Data, batch_size: int, drop_last: bool, generator: torch.Generator) -> Iterator[Batch]:
+def _epoch(data: Data, batch_size: int, drop_last: bool, generator: torch.Generator,
+           collate: Callable[[list[Any]], Any] | None = None) -> Iterator[Batch]:
     n = len(data)  # type: ignore[arg-type]
     perm = torch.randperm(n, generator=generator)
     if isinstance(data, TensorData):
@@ -32,7 +34,8 @@ def _epoch(data: Data, batch_size: int, drop_last: bool, generator: torch.Genera
             yield data.take(perm[i * batch_size : (i + 1) * batch_size])
         return
     assert isinstance(data, Dataset)
-    loader = DataLoader(Subset(data, perm.tolist()), batch_size=batch_size, shuffle=False, drop_last=drop_last)
+    loader = DataLoader(Subset(data, perm.tolist()), batch_size=batch_size, shuffle=False, drop_last=drop_last,
+                        collate_fn=collate)
     for items in loader:
         yield batch_from_items(items)
 
@@ -42,16 +45,19 @@ def forget_batches_per_epoch(data: Data, batch_size: int) -> int:
     return _n_batches(len(data), batch_size, drop_last=False)  # type: ignore[arg-type]
 
 
-def forget_epoch(data: Data, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
-    """One shuffled pass over the forget set."""
-    return _epoch(data, batch_size, drop_last=False, generator=generator)
+def forget_epoch(data: Data, batch_size: int, generator: torch.Generator,
+                 collate: Callable[[list[Any]], Any] | None = None) -> Iterator[Batch]:
+    """One shuffled pass over the forget set (``collate``: for a ``Dataset``, the collate function)."""
+    return _epoch(data, batch_size, drop_last=False, generator=generator, collate=collate)
 
 
 class RetainCycle:
     """Endless retain batches, reshuffled at the start of every pass."""
 
-    def __init__(self, data: Data, batch_size: int, generator: torch.Generator) -> None:
+    def __init__(self, data: Data, batch_size: int, generator: torch.Generator,
+                 collate: Callable[[list[Any]], Any] | None = None) -> None:
         self.data = data
+        self.collate = collate
         self.batch_size = batch_size
         self.generator = generator
         self.drop_last = len(data) > batch_size  # type: ignore[arg-type]
@@ -61,7 +67,7 @@ class RetainCycle:
         try:
             return next(self._it)
         except StopIteration:
-            self._it = _epoch(self.data, self.batch_size, self.drop_last, self.generator)
+            self._it = _epoch(self.data, self.batch_size, self.drop_last, self.generator, self.collate)
             return next(self._it)
 
     def __iter__(self) -> RetainCycle:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from overunlearn import structure
 from overunlearn.batching import RetainCycle, forget_batches_per_epoch, forget_epoch
 from overunlearn.errors import DataError, NonFiniteLossError
 from overunlearn.methods.base import Method, MethodConfig
@@ -169,7 +170,9 @@ class UnlearningContext:
 
     # -- losses -------------------------------------------------------------------
     def forward(self, batch: Batch, model: nn.Module | None = None) -> Outputs:
-        return (model or self.model)(batch.inputs)
+        """The raw output of ``model`` (the working model by default) on a batch (call convention of
+        :func:`overunlearn.structure.call_model`)."""
+        return structure.call_model(model or self.model, batch.inputs)
 
     def data_loss(self, outputs: Outputs, batch: Batch) -> Tensor:
         """The task loss of a batch: ``mean(loss_i * w_i)`` (``w_i = 1`` without weights)."""
@@ -186,8 +189,37 @@ class UnlearningContext:
         return self.data_loss(self.forward(batch), batch)
 
 
+def _hf_initialiser(model: nn.Module) -> Callable[[nn.Module], None] | None:
+    """Hugging Face's own per-module initialisation (``PreTrainedModel._init_weights``) of the
+    outermost Hugging Face model inside ``model``, if there is one."""
+    for m in model.modules():
+        init = getattr(m, "_init_weights", None)
+        if callable(init) and hasattr(m, "config"):
+            return init
+    return None
+
+
+def _reset_lora(m: nn.Module) -> bool:
+    """Re-initialise a peft LoRA layer's adapters with peft's own rule; ``False`` if ``m`` is none."""
+    reset = getattr(m, "reset_lora_parameters", None)
+    adapters = getattr(m, "lora_A", None)
+    if not callable(reset) or adapters is None:
+        return False
+    init = getattr(m, "_overunlearn_lora_init", None)
+    for name in list(adapters.keys()):
+        reset(name, True if init is None else init)
+    return True
+
+
 def _reinitialise(problem: UnlearningProblem, model: nn.Module, seed: int) -> nn.Module:
-    """Fresh parameters for Retrain: ``problem.make_model()`` or every module's ``reset_parameters``.
+    """Fresh values for every trainable parameter, for Retrain.
+
+    ``problem.make_model()`` when given; otherwise, module by module: a peft LoRA layer's
+    adapters with peft's own rule, a Hugging Face model's modules with its ``_init_weights``, any
+    other module with its ``reset_parameters`` (or ``_reset_parameters``, as
+    ``nn.MultiheadAttention`` has), then ``problem.init_fn`` on every module if given. Frozen
+    parameters (``requires_grad=False``, e.g. a LoRA model's base weights) keep their values. A
+    trainable parameter that nothing re-initialised stops the run with :class:`DataError`.
 
     The new values are always drawn from the CPU generator (a model on another device is reset
     through a CPU copy), so one seed gives the same initial model on every device, and the
@@ -199,33 +231,79 @@ def _reinitialise(problem: UnlearningProblem, model: nn.Module, seed: int) -> nn
         if problem.make_model is not None:
             fresh = problem.make_model()
             model.load_state_dict(fresh.state_dict())
-        else:
-            work = model if on_cpu else copy.deepcopy(model).cpu()
-            covered: set[int] = set()
+            return model
+        work = model if on_cpu else copy.deepcopy(model).cpu()
+        frozen = {name: p.detach().clone() for name, p in work.named_parameters() if not p.requires_grad}
+        hf_init = _hf_initialiser(work)
+        covered: set[int] = set()
+        with torch.no_grad():
             for m in work.modules():
-                reset = getattr(m, "reset_parameters", None)
+                own = [p for p in m.parameters(recurse=False) if p.requires_grad]
+                if _reset_lora(m):
+                    covered.update(id(p) for p in m.parameters())
+                    continue
+                if not own:
+                    continue
+                if hf_init is not None:
+                    before = [p.detach().clone() for p in own]
+                    hf_init(m)
+                    changed = [id(p) for p, b in zip(own, before) if not torch.equal(p, b)]
+                    if len(changed) == len(own):
+                        covered.update(changed)
+                        continue
+                reset = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)
                 if callable(reset):
                     reset()
-                    covered.update(id(p) for p in m.parameters(recurse=False))
-            missed = [name for name, p in work.named_parameters() if p.requires_grad and id(p) not in covered]
-            if missed:
-                shown = ", ".join(missed[:5]) + (f" and {len(missed) - 5} more" if len(missed) > 5 else "")
-                warnings.warn(
-                    f"Retrain: {len(missed)} trainable parameter(s) belong to no module with reset_parameters() "
-                    f"and keep their trained values ({shown}); pass UnlearningProblem(make_model=...) for a "
-                    "complete re-initialisation", stacklevel=3)
-            if work is not model:
-                model.load_state_dict(work.state_dict())
+                    covered.update(id(p) for p in own)
+            if problem.init_fn is not None:
+                work.apply(problem.init_fn)
+                covered.update(id(p) for p in work.parameters())
+            # (a reset of a module with frozen parameters must not change them)
+            named = dict(work.named_parameters())
+            for name, value in frozen.items():
+                named[name].copy_(value)
+        missed = [name for name, p in work.named_parameters() if p.requires_grad and id(p) not in covered]
+        if missed:
+            shown = ", ".join(missed[:5]) + (f" and {len(missed) - 5} more" if len(missed) > 5 else "")
+            raise DataError(
+                f"Retrain: {len(missed)} trainable parameter(s) belong to no module that can re-initialise them "
+                f"({shown}), so Retrain would keep trained values; pass UnlearningProblem(init_fn=...) (called on "
+                "every module) or make_model=..., or freeze them (requires_grad=False)")
+        if work is not model:
+            model.load_state_dict(work.state_dict())
     return model
 
 
-def _first_batch(data, k: int) -> Batch:
+def _first_batch(data, k: int, collate=None) -> Batch:
     k = min(k, len(data))
     if isinstance(data, TensorData):
         return data.take(torch.arange(k))
     from torch.utils.data import default_collate
 
-    return batch_from_items(default_collate([data[i] for i in range(k)]))
+    return batch_from_items((collate or default_collate)([data[i] for i in range(k)]))
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    """The longest sequence a Hugging Face model's position embeddings allow (``None``: no such limit)."""
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if config is not None and not isinstance(config, dict):
+            for key in ("max_position_embeddings", "n_positions"):
+                value = getattr(config, key, None)
+                if isinstance(value, int) and value > 0:
+                    # rotary-embedding models (Llama) accept longer inputs; only absolute tables are a hard limit
+                    if getattr(config, "rope_theta", None) is None and getattr(config, "rope_parameters", None) is None:
+                        return value
+            return None
+    return None
+
+
+def _check_lengths(name: str, model: nn.Module, inputs) -> None:
+    limit = _max_positions(model)
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+    if limit is not None and isinstance(ids, Tensor) and ids.dim() >= 2 and ids.shape[1] > limit:
+        raise DataError(f"{name} set: sequences of {ids.shape[1]} tokens are longer than the model's "
+                        f"{limit} positions (config.max_position_embeddings / n_positions); truncate them")
 
 
 def _check_data(problem: UnlearningProblem, model: nn.Module, dev: torch.device) -> None:
@@ -239,14 +317,19 @@ def _check_data(problem: UnlearningProblem, model: nn.Module, dev: torch.device)
     try:
         with torch.no_grad():
             for name, data in (("retain", problem.retain), ("forget", problem.forget)):
-                b = _first_batch(data, problem.batch_size).to(dev)
+                b = _first_batch(data, problem.batch_size, problem.collate).to(dev)
+                _check_lengths(name, model, b.inputs)
                 try:
-                    out = model(b.inputs)
-                except (RuntimeError, TypeError, ValueError, IndexError) as e:
+                    out = structure.call_model(model, b.inputs)
+                except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
                     x = b.inputs
                     what = f"inputs of shape {tuple(x.shape)} and dtype {x.dtype}" if isinstance(x, Tensor) else \
-                        f"inputs of type {type(x).__name__}"
-                    raise DataError(f"{name} set: the model failed on the first batch ({what}): {e}") from None
+                        f"inputs {structure.describe(x)}"
+                    hint = ""
+                    if isinstance(b.inputs, dict) and isinstance(e, (TypeError, KeyError, ValueError)):
+                        hint = ("; a dict of inputs is passed as keyword arguments, model(**inputs): every key must "
+                                "be an argument of the model's forward, and every input it needs must be a key")
+                    raise DataError(f"{name} set: the model failed on the first batch ({what}): {e}{hint}") from None
                 try:
                     problem.task.check(out, b.targets)
                     if isinstance(data, TensorData) and isinstance(problem.task, ClassificationTask):
@@ -293,8 +376,10 @@ def warm_up() -> None:
 def _make_optimizer(config: MethodConfig, params: list[Tensor]) -> torch.optim.Optimizer:
     # foreach=True: the multi-tensor implementation (PyTorch's default only on CUDA) is 20-30%
     # faster per step on CPU for the small models of the benchmarks; same algorithm
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+    if config.optimizer in ("sgd", "sgd_momentum"):
+        momentum = 0.9 if config.optimizer == "sgd_momentum" else 0.0
+        return torch.optim.SGD(params, lr=config.lr, momentum=momentum, weight_decay=config.weight_decay,
+                               foreach=True)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
 
 
@@ -306,7 +391,7 @@ def _one_step(ctx: UnlearningContext, method: Method, info: StepInfo, retain_b: 
         forget_dev = forget_b.to(dev)
     elif forget_bn_stats:
         with torch.no_grad():
-            model(forget_b.to(dev).inputs)
+            structure.call_model(model, forget_b.to(dev).inputs)
     method.before_step(ctx, info, retain_b)
     assert ctx.optimizer is not None
     ctx.optimizer.zero_grad(set_to_none=True)
@@ -314,8 +399,10 @@ def _one_step(ctx: UnlearningContext, method: Method, info: StepInfo, retain_b: 
     value = float(loss.detach())
     if not math.isfinite(value):
         for name, b in (("retain", retain_b), ("forget", forget_b)):
-            if b.inputs.dtype.is_floating_point and not bool(torch.isfinite(b.inputs).all()):
-                raise DataError(f"the {name} batch of step {info.step} contains NaN or infinite inputs")
+            bad = structure.non_finite_leaf(b.inputs)
+            if bad is not None:
+                where = "" if bad == "inputs" else f" ({bad})"
+                raise DataError(f"the {name} batch of step {info.step} contains NaN or infinite inputs{where}")
         raise NonFiniteLossError(
             f"{method.name}: the loss became {value} at step {info.step} (epoch {info.epoch}); "
             "lower the learning rate or the ascent coefficient", step=info.step, method=method.name)
@@ -377,7 +464,7 @@ def unlearn(problem: UnlearningProblem, method: Method, budget: Budget, *, seed:
     record = UnlearnRecord(method=method.name, config=method.config.to_dict(), steps_per_epoch=steps_per_epoch,
                            device=str(dev))
     data_gen = torch.Generator().manual_seed(seed)
-    retain_iter = RetainCycle(problem.retain, problem.batch_size, data_gen)
+    retain_iter = RetainCycle(problem.retain, problem.batch_size, data_gen, problem.collate)
 
     bar = None
     if progress:
@@ -402,7 +489,7 @@ def unlearn(problem: UnlearningProblem, method: Method, budget: Budget, *, seed:
                 stopped = "epochs" if by_epochs else "steps"
                 break
             losses: list[float] = []
-            for j, forget_b in enumerate(forget_epoch(problem.forget, problem.batch_size, data_gen)):
+            for j, forget_b in enumerate(forget_epoch(problem.forget, problem.batch_size, data_gen, problem.collate)):
                 if step >= max_steps:
                     break
                 if budget.seconds is not None:

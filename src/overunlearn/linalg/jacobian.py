@@ -31,8 +31,39 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-ScoreFn = Callable[[object], Tensor]
+from overunlearn import structure
+
+#: ``score_fn(outputs)`` or, when targets are given, ``score_fn(outputs, targets)`` -> ``(batch, heads)``
+ScoreFn = Callable[..., Tensor]
 Mode = Literal["per_sample", "batch_train"]
+
+
+def call_scores(score_fn: ScoreFn, outputs: object, targets: object = None) -> Tensor:
+    """``score_fn(outputs)``, or ``score_fn(outputs, targets)`` when there are targets."""
+    return score_fn(outputs) if targets is None else score_fn(outputs, targets)
+
+
+def _functional(model: nn.Module, params_and_rest: tuple[dict[str, Tensor], dict[str, Tensor]], inputs) -> object:
+    args, kwargs = structure.call_args(inputs)
+    return functional_call(model, params_and_rest, args, kwargs, strict=False)
+
+
+def _unsqueeze(x):  # one example -> a batch of one
+    return structure.map_tensors(lambda t: t.unsqueeze(0), x)
+
+
+def _per_sample_jacobian(model: nn.Module, params: dict[str, Tensor], rest: dict[str, Tensor], inputs,
+                         score_fn: ScoreFn, targets) -> dict[str, Tensor]:
+    """``name -> (n, heads, *shape)``: per-example Jacobians by ``vmap(jacrev)`` in eval mode."""
+
+    def f_one(p: dict[str, Tensor], x, y) -> Tensor:
+        out = _functional(model, (p, rest), _unsqueeze(x))
+        return call_scores(score_fn, out, None if y is None else _unsqueeze(y))[0]
+
+    with _mode(model, train=False):
+        # (on a copy: a model that works in place on its input must not change the caller's tensor)
+        return vmap(jacrev(f_one), in_dims=(None, 0, None if targets is None else 0))(
+            params, structure.clone(inputs), targets)
 
 
 @contextmanager
@@ -74,30 +105,25 @@ def _head_major(jac: dict[str, Tensor], names: list[str], n: int) -> Tensor:
     return out
 
 
-def output_jacobian(model: nn.Module, inputs: Tensor, score_fn: ScoreFn, mode: Mode = "per_sample") -> Tensor:
+def output_jacobian(model: nn.Module, inputs, score_fn: ScoreFn, mode: Mode = "per_sample",
+                    targets=None) -> Tensor:
     """``(n * heads, d)`` Jacobian of the scores of ``inputs`` w.r.t. the trainable parameters.
 
-    ``score_fn`` maps model outputs of a batch to a ``(batch, heads)`` tensor.
-    The column order is that of ``[p for p in model.parameters() if p.requires_grad]``.
+    ``inputs`` is a tensor, a tuple or a dict of tensors (:mod:`overunlearn.structure`);
+    ``score_fn`` maps model outputs of a batch (and ``targets``, when given) to a ``(batch, heads)``
+    tensor. The column order is that of ``[p for p in model.parameters() if p.requires_grad]``.
     """
     params, rest = _split(model)
     names = list(params)
-    n = inputs.shape[0]
+    n = structure.batch_len(inputs)
     if mode == "per_sample":
-
-        def f_one(p: dict[str, Tensor], x: Tensor) -> Tensor:
-            out = functional_call(model, (p, rest), (x.unsqueeze(0),), strict=False)
-            return score_fn(out)[0]
-
-        with _mode(model, train=False):
-            # (on a copy: a model that works in place on its input must not change the caller's tensor)
-            jac = vmap(jacrev(f_one), in_dims=(None, 0))(params, inputs.clone())  # name -> (n, heads, *shape)
+        jac = _per_sample_jacobian(model, params, rest, inputs, score_fn, targets)
         return _head_major(jac, names, n)
     if mode == "batch_train":
 
         def f_all(p: dict[str, Tensor], r: dict[str, Tensor]) -> Tensor:
-            out = functional_call(model, (p, r), (inputs.clone(),), strict=False)
-            return score_fn(out).transpose(0, 1).reshape(-1)  # head-major
+            out = _functional(model, (p, r), structure.clone(inputs))
+            return call_scores(score_fn, out, targets).transpose(0, 1).reshape(-1)  # head-major
 
         # the buffers are passed as (non-differentiated) inputs so that BatchNorm may update
         # its running statistics in place -- on a throw-away clone
@@ -108,7 +134,7 @@ def output_jacobian(model: nn.Module, inputs: Tensor, score_fn: ScoreFn, mode: M
     raise ValueError(f"mode={mode!r} is not one of 'per_sample', 'batch_train'")
 
 
-def output_jacobian_dense(model: nn.Module, inputs: Tensor, score_fn: ScoreFn, wrt: list[Tensor]) -> Tensor:
+def output_jacobian_dense(model: nn.Module, inputs, score_fn: ScoreFn, wrt: list[Tensor], targets=None) -> Tensor:
     """``"per_sample"`` Jacobian with respect to the parameters ``wrt`` only (in that order);
     every other parameter is held fixed. Rows are head-major as in :func:`output_jacobian`."""
     ids = {id(p) for p in wrt}
@@ -119,19 +145,13 @@ def output_jacobian_dense(model: nn.Module, inputs: Tensor, score_fn: ScoreFn, w
     params = {n: named[n].detach() for n in names}
     rest = {n: p.detach() for n, p in named.items() if id(p) not in ids}
     rest.update({n: b.detach().clone() for n, b in model.named_buffers()})
-    n = inputs.shape[0]
-
-    def f_one(p: dict[str, Tensor], x: Tensor) -> Tensor:
-        out = functional_call(model, (p, rest), (x.unsqueeze(0),), strict=False)
-        return score_fn(out)[0]
-
-    with _mode(model, train=False):
-        jac = vmap(jacrev(f_one), in_dims=(None, 0))(params, inputs.clone())
+    n = structure.batch_len(inputs)
+    jac = _per_sample_jacobian(model, params, rest, inputs, score_fn, targets)
     return _head_major(jac, names, n)
 
 
-def output_jacobian_reference(model: nn.Module, inputs: Tensor, score_fn: ScoreFn,
-                              mode: Mode = "per_sample") -> Tensor:
+def output_jacobian_reference(model: nn.Module, inputs, score_fn: ScoreFn,
+                              mode: Mode = "per_sample", targets=None) -> Tensor:
     """The same Jacobian by one backward pass per score (slow; the test oracle).
 
     ``"batch_train"`` does exactly what the authors' code does: one batched forward in
@@ -144,7 +164,7 @@ def output_jacobian_reference(model: nn.Module, inputs: Tensor, score_fn: ScoreF
     try:
         if mode == "batch_train":
             with _mode(model, train=True):
-                scores = score_fn(model(inputs.clone()))  # (n, heads)
+                scores = call_scores(score_fn, structure.call_model(model, structure.clone(inputs)), targets)
             for h in range(scores.shape[1]):
                 for i in range(scores.shape[0]):
                     g = torch.autograd.grad(scores[i, h], params, retain_graph=True, allow_unused=True)
@@ -152,8 +172,10 @@ def output_jacobian_reference(model: nn.Module, inputs: Tensor, score_fn: ScoreF
         elif mode == "per_sample":
             per_head: list[list[list[Tensor]]] = []
             with _mode(model, train=False):
-                for i in range(inputs.shape[0]):
-                    s = score_fn(model(inputs[i : i + 1].clone()))[0]
+                for i in range(structure.batch_len(inputs)):
+                    one = structure.clone(structure.index(inputs, slice(i, i + 1)))
+                    y = None if targets is None else structure.index(targets, slice(i, i + 1))
+                    s = call_scores(score_fn, structure.call_model(model, one), y)[0]
                     for h in range(s.shape[0]):
                         if len(per_head) <= h:
                             per_head.append([])

@@ -18,6 +18,9 @@ import weakref
 import torch
 from torch import Tensor
 
+from overunlearn import structure
+from overunlearn.linalg.jacobian import call_scores
+
 #: bytes of one float64 column block of ``J``: small enough to stay in cache, so the float32 ->
 #: float64 conversion of a block is cheap and its buffer is reused (blocks of 2**20 columns made
 #: the conversion and the back-projection memory-bound: 3-7x slower on a 100 x 410k Jacobian)
@@ -178,12 +181,19 @@ def _candidates(model: torch.nn.Module, params: list[Tensor]) -> list[torch.nn.M
 _VERIFIED: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, bool]] = weakref.WeakKeyDictionary()
 
 
-def _signature(inputs: Tensor, layers: list[torch.nn.Module], params: list[Tensor]) -> tuple:
-    return (tuple(inputs.shape[1:]), inputs.dtype, str(inputs.device), tuple(id(m) for m in layers),
+def _signature(inputs, layers: list[torch.nn.Module], params: list[Tensor]) -> tuple:
+    leaves = structure.tensor_leaves(inputs)
+    return (tuple((tuple(x.shape[1:]), x.dtype, str(x.device)) for x in leaves), tuple(id(m) for m in layers),
             tuple(id(p) for p in params))
 
 
-def _output_positions(model: torch.nn.Module, inputs: Tensor, convs: list[torch.nn.Module]) -> dict[torch.nn.Module, int]:
+def _first(inputs, targets):
+    """The first example of ``inputs`` (a copy) and of ``targets``."""
+    one = structure.clone(structure.index(inputs, slice(0, 1)))
+    return one, None if targets is None else structure.index(targets, slice(0, 1))
+
+
+def _output_positions(model: torch.nn.Module, inputs, convs: list[torch.nn.Module]) -> dict[torch.nn.Module, int]:
     """Output positions (``H' W'``) of each convolution, from a no-grad forward of one sample."""
     from overunlearn.linalg.jacobian import _mode
 
@@ -195,7 +205,7 @@ def _output_positions(model: torch.nn.Module, inputs: Tensor, convs: list[torch.
     handles = [m.register_forward_hook(hook) for m in convs]
     try:
         with _mode(model, train=False), torch.no_grad():
-            model(inputs[:1].clone())
+            structure.call_model(model, _first(inputs, None)[0])
     finally:
         for h in handles:
             h.remove()
@@ -227,7 +237,7 @@ def _patches(a: Tensor, m: torch.nn.Conv2d) -> Tensor:
     return p.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, ho * wo)
 
 
-def _factored_layers(model: torch.nn.Module, inputs: Tensor, params: list[Tensor],
+def _factored_layers(model: torch.nn.Module, inputs, params: list[Tensor],
                      heads: int) -> tuple[list[torch.nn.Module], set[torch.nn.Module]] | None:
     """The hooked layers and, among them, the convolutions that take the ghost Gram (``None``: use
     the vmapped Jacobian for everything)."""
@@ -235,7 +245,8 @@ def _factored_layers(model: torch.nn.Module, inputs: Tensor, params: list[Tensor
     if layers is None:
         return None
     convs = [m for m in layers if isinstance(m, torch.nn.Conv2d)]
-    ghost = _ghost_set(convs, _output_positions(model, inputs, convs) if convs else {}, inputs.shape[0], heads)
+    ghost = _ghost_set(convs, _output_positions(model, inputs, convs) if convs else {}, structure.batch_len(inputs),
+                       heads)
     hooked = {id(q) for m in layers for q in m.parameters(recurse=False)}
     if any(id(p) not in hooked for p in params):
         factored = sum(q.numel() for m in layers if isinstance(m, torch.nn.Linear) or m in ghost
@@ -247,11 +258,12 @@ def _factored_layers(model: torch.nn.Module, inputs: Tensor, params: list[Tensor
     return layers, ghost
 
 
-def _score_heads(model: torch.nn.Module, inputs: Tensor, score_fn) -> int:
+def _score_heads(model: torch.nn.Module, inputs, score_fn, targets=None) -> int:
     from overunlearn.linalg.jacobian import _mode
 
+    one, y = _first(inputs, targets)
     with _mode(model, train=False), torch.no_grad():
-        return int(score_fn(model(inputs[:1].clone())).shape[1])
+        return int(call_scores(score_fn, structure.call_model(model, one), y).shape[1])
 
 
 class _Decline(Exception):
@@ -361,8 +373,8 @@ class _Block:
         return torch.cat(parts).to(dtype)
 
 
-def _verify(model: torch.nn.Module, inputs: Tensor, score_fn, scores: Tensor, blocks: list[_Block],
-            params: list[Tensor]) -> bool:
+def _verify(model: torch.nn.Module, inputs, score_fn, scores: Tensor, blocks: list[_Block],
+            params: list[Tensor], targets=None) -> bool:
     """Whether the hooked blocks describe this model's per-sample Jacobian, checked once per model:
 
     * samples do not interact: the first sample's scores alone equal its scores in the batch
@@ -377,10 +389,13 @@ def _verify(model: torch.nn.Module, inputs: Tensor, score_fn, scores: Tensor, bl
     from overunlearn.linalg.jacobian import _mode
 
     tol = 1e-4 if scores.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    if not bool(torch.isfinite(scores).all()):
+        raise FloatingPointError("the model's outputs, and so its output Jacobian, contain NaN or infinite values")
     n, heads = scores.shape
     if n > 1:
+        one, y = _first(inputs, targets)
         with _mode(model, train=False), torch.no_grad():
-            alone = score_fn(model(inputs[:1].clone()))
+            alone = call_scores(score_fn, structure.call_model(model, one), y)
         if not torch.allclose(alone, scores[:1].detach(), rtol=tol * 10, atol=tol * float(scores.detach().abs().max())):
             return False
     g = torch.Generator().manual_seed(12345)
@@ -392,11 +407,12 @@ def _verify(model: torch.nn.Module, inputs: Tensor, score_fn, scores: Tensor, bl
     return bool((got - ref).norm() <= tol * max(float(ref.norm()), 1e-30))
 
 
-def project_model_onto_span(model: torch.nn.Module, inputs: Tensor, score_fn, v: Tensor,
-                            mode: str = "per_sample", rcond: float = 1e-12) -> Tensor:
-    """``P_span(J^T) v`` for the Jacobian ``J`` of ``score_fn(model(inputs))`` w.r.t. the trainable
-    parameters (flattened in ``model.parameters()`` order), the same result as
-    ``project_onto_span(output_jacobian(model, inputs, score_fn, mode), v)``.
+def project_model_onto_span(model: torch.nn.Module, inputs, score_fn, v: Tensor,
+                            mode: str = "per_sample", rcond: float = 1e-12, targets=None) -> Tensor:
+    """``P_span(J^T) v`` for the Jacobian ``J`` of ``score_fn(model(inputs)[, targets])`` w.r.t. the
+    trainable parameters (flattened in ``model.parameters()`` order), the same result as
+    ``project_onto_span(output_jacobian(model, inputs, score_fn, mode, targets), v)``. ``inputs`` is a
+    tensor, a tuple or a dict of tensors (:mod:`overunlearn.structure`).
 
     In ``"per_sample"`` mode linear, convolution and eval-mode BatchNorm layers are handled from
     forward and backward hooks (see above): linear layers and convolutions with few output positions
@@ -406,7 +422,8 @@ def project_model_onto_span(model: torch.nn.Module, inputs: Tensor, score_fn, v:
     from overunlearn.linalg.jacobian import _mode, output_jacobian, output_jacobian_dense
 
     def materialised() -> Tensor:
-        return project_onto_span(output_jacobian(model, inputs, score_fn, mode=mode), v, rcond)  # type: ignore[arg-type]
+        return project_onto_span(output_jacobian(model, inputs, score_fn, mode=mode, targets=targets),  # type: ignore[arg-type]
+                                 v, rcond)
 
     from torch.profiler import record_function  # phases named in profiles; free when no profiler runs
 
@@ -420,7 +437,7 @@ def project_model_onto_span(model: torch.nn.Module, inputs: Tensor, score_fn, v:
     if any(id(p) not in hooked_ids for p in params):
         # the vmapped Jacobian runs too: first check that enough is factored to be worth the hooks
         with record_function("overunlearn::choose_layers"):
-            picked = _factored_layers(model, inputs, params, _score_heads(model, inputs, score_fn))
+            picked = _factored_layers(model, inputs, params, _score_heads(model, inputs, score_fn, targets))
         if picked is None:
             return materialised()
         layers, ghost = picked
@@ -441,12 +458,14 @@ def project_model_onto_span(model: torch.nn.Module, inputs: Tensor, score_fn, v:
     signature = _signature(inputs, layers, params)
     if memo.get(signature) is False:
         return materialised()
-    x = inputs.detach().requires_grad_(True) if inputs.is_floating_point() else inputs
+    x = inputs.detach().requires_grad_(True) if isinstance(inputs, Tensor) and inputs.is_floating_point() \
+        else structure.detach(inputs)
+    x_grad = isinstance(x, Tensor) and x.requires_grad
     handles = [m.register_forward_hook(hook) for m in layers]
     try:
         with _mode(model, train=False), torch.enable_grad(), record_function("overunlearn::hooked_forward"):
             # (a clone: the model may work in place on its input, which a leaf tensor forbids)
-            scores = score_fn(model(x.clone() if x.requires_grad else x))  # (n, heads)
+            scores = call_scores(score_fn, structure.call_model(model, x.clone() if x_grad else x), targets)
     finally:
         for h in handles:
             h.remove()
@@ -454,7 +473,7 @@ def project_model_onto_span(model: torch.nn.Module, inputs: Tensor, score_fn, v:
     def fits(m: torch.nn.Module, c: list[tuple[Tensor, Tensor]]) -> bool:
         # applied once, inside the graph, to one row per sample (not to a shared constant)
         if (len(c) != 1 or c[0][0] is None or not c[0][1].requires_grad or c[0][0].dim() == 0
-                or c[0][0].shape[0] != inputs.shape[0]):
+                or c[0][0].shape[0] != structure.batch_len(inputs)):
             return False
         dim = c[0][0].dim()
         if isinstance(m, torch.nn.Linear):
@@ -477,9 +496,9 @@ def project_model_onto_span(model: torch.nn.Module, inputs: Tensor, score_fn, v:
     for h in range(heads):
         grads.clear()
         with record_function("overunlearn::head_backward"):
-            if x.requires_grad:
+            if x_grad:
                 torch.autograd.grad(scores[:, h].sum(), [x], retain_graph=True, allow_unused=True)
-            if not x.requires_grad or len(grads) < len(layers):
+            if not x_grad or len(grads) < len(layers):
                 # some layer's output does not lead back to the input (or the input is not a float
                 # tensor): the parameters' gradients reach every layer
                 grads.clear()
@@ -501,7 +520,7 @@ def project_model_onto_span(model: torch.nn.Module, inputs: Tensor, score_fn, v:
         return materialised()
     if signature not in memo:
         with record_function("overunlearn::verify"):
-            memo[signature] = _verify(model, inputs, score_fn, scores, blocks, params)
+            memo[signature] = _verify(model, inputs, score_fn, scores, blocks, params, targets)
         if not memo[signature]:
             return materialised()
     captured.clear()  # the blocks hold what they need; free the rest of the forward
@@ -523,7 +542,7 @@ def project_model_onto_span(model: torch.nn.Module, inputs: Tensor, score_fn, v:
             rhs += r
     jd = None
     if dense:
-        jd = output_jacobian_dense(model, inputs, score_fn, dense)  # (k, d_dense), same row order
+        jd = output_jacobian_dense(model, inputs, score_fn, dense, targets)  # (k, d_dense), same row order
         if not torch.isfinite(jd).all():
             raise FloatingPointError("the output Jacobian contains NaN or infinite values")
         g2, r2 = gram_and_rhs(jd, torch.cat([part(p) for p in dense]))

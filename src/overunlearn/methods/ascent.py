@@ -7,9 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from overunlearn.methods.base import Method, MethodConfig, check_range, head_log_probs, require_classifier
+from overunlearn.methods.base import CATEGORICAL_TASKS, Method, MethodConfig, check_range, require_categorical
 from overunlearn.methods.registry import register_method
-from overunlearn.problem import as_heads
 
 
 @register_method("ga")
@@ -57,30 +56,34 @@ class NPOConfig(MethodConfig):
 
 @register_method("npo")
 class NPO(Method):
-    """Negative Preference Optimization (Zhang et al., 2024), forget-only, classification only.
+    """Negative Preference Optimization (Zhang et al., 2024), forget-only; classification and language models.
 
     ``L = sum_heads (2 / beta) mean_{x_f} log(1 + (pi_theta(y_f|x_f) / pi_ref(y_f|x_f))^beta)``
     with ``pi_ref`` the frozen original model and ``beta = reg_coef``; computed stably as
-    ``(2 / beta) softplus(beta (log pi_theta - log pi_ref))``.
+    ``(2 / beta) softplus(beta (log pi_theta - log pi_ref))``. For a language model ``pi(y_f|x_f)``
+    is the probability of the example's whole scored answer (the product over its tokens), as in
+    the NPO paper.
     """
 
     Config = NPOConfig
     uses_forget = True
-    tasks = frozenset({"classification"})
+    tasks = CATEGORICAL_TASKS
 
     def setup(self, ctx):  # type: ignore[override]
-        require_classifier(self, ctx)
+        require_categorical(self, ctx)
         ctx.original()
 
     def loss(self, ctx, info, retain, forget):  # type: ignore[override]
-        task = require_classifier(self, ctx)
+        task = require_categorical(self, ctx)
         beta = self.config.reg_coef
-        logp = head_log_probs(task, ctx.forward(forget))
+        cats = task.categorical(ctx.forward(forget), forget.targets)
         with torch.no_grad():
-            logp_ref = head_log_probs(task, ctx.original()(forget.inputs))
+            refs = task.categorical(ctx.forward(forget, ctx.original()), forget.targets)
         total = 0.0
-        for lp, lr_, y in zip(logp, logp_ref, as_heads(forget.targets)):
-            y = y.long().unsqueeze(1)
-            ratio = lp.gather(1, y).squeeze(1) - lr_.gather(1, y).squeeze(1)
+        for cat, ref in zip(cats, refs):
+            y = cat.labels.unsqueeze(1)
+            lp = torch.log_softmax(cat.logits, dim=1).gather(1, y).squeeze(1)
+            lr_ = torch.log_softmax(ref.logits, dim=1).gather(1, y).squeeze(1)
+            ratio = cat.per_example_sum(lp - lr_) if lp.shape[0] != cat.n else lp - lr_
             total = total + (2.0 / beta) * F.softplus(beta * ratio).mean()
         return total  # type: ignore[return-value]

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from overunlearn.problem import Batch, ClassificationTask, Outputs
+from overunlearn.problem import Batch, Categorical, Task
 
 if TYPE_CHECKING:  # pragma: no cover
     from overunlearn.engine import StepInfo, UnlearningContext
@@ -73,12 +73,14 @@ class MethodConfig:
         weight_decay: AdamW's decoupled weight decay. The default 0.01 is PyTorch's
             default, which the reference code uses implicitly for every method
             (its reference code builds ``torch.optim.AdamW(model.parameters(), lr)``); set 0 to switch it off.
-        optimizer: ``"adamw"`` (the paper's choice) or ``"sgd"`` (plain, no momentum).
+        optimizer: ``"adamw"`` (the paper's choice), ``"sgd"`` (plain, no momentum) or
+            ``"sgd_momentum"`` (SGD with momentum 0.9, the default optimizer of several baselines'
+            own code).
     """
 
     lr: float = 1e-3
     weight_decay: float = 0.01
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "sgd", "sgd_momentum"] = "adamw"
 
     def __post_init__(self) -> None:
         # types first (from the annotations of every subclass), so that a string or a bool never
@@ -89,8 +91,8 @@ class MethodConfig:
                 check_type(f.name, getattr(self, f.name), kind)
         check_range("lr", self.lr, 0.0, low_open=True)
         check_range("weight_decay", self.weight_decay, 0.0)
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"optimizer={self.optimizer!r} is not one of 'adamw', 'sgd'")
+        if self.optimizer not in ("adamw", "sgd", "sgd_momentum"):
+            raise ValueError(f"optimizer={self.optimizer!r} is not one of 'adamw', 'sgd', 'sgd_momentum'")
 
     def replace(self, **changes: Any) -> MethodConfig:
         """A copy with some fields changed (validated again)."""
@@ -122,7 +124,7 @@ class Method:
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     #: task kinds this method applies to
-    tasks: ClassVar[frozenset[str]] = frozenset({"regression", "classification", "custom"})
+    tasks: ClassVar[frozenset[str]] = frozenset({"regression", "classification", "causal_lm", "custom"})
     #: whether ``loss`` looks at forget batches
     uses_forget: ClassVar[bool] = False
     #: whether the method needs the planned number of epochs (``T``) for its schedule
@@ -171,12 +173,22 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return teacher
 
 
-def require_classifier(method: Method, ctx: UnlearningContext) -> ClassificationTask:
+#: the task kinds of methods built on class probabilities
+CATEGORICAL_TASKS = frozenset({"classification", "causal_lm"})
+
+
+def require_categorical(method: Method, ctx: UnlearningContext) -> Task:
+    """The problem's task, which must have class probabilities (classification or a language model)."""
     task = ctx.problem.task
-    if not isinstance(task, ClassificationTask):
-        raise TypeError(f"method {method.name!r} applies to classification only, not to a {task.kind} task")
+    if not task.is_categorical:
+        raise TypeError(f"method {method.name!r} compares class probabilities, so it applies to classification and "
+                        f"language-model tasks only, not to a {task.kind} task")
     return task
 
 
-def head_log_probs(task: ClassificationTask, outputs: Outputs) -> tuple[Tensor, ...]:
-    return tuple(torch.log_softmax(h, dim=1) for h in task.logits(outputs))
+def mean_over_examples(cat: Categorical, per_row: Tensor) -> Tensor:
+    """Batch mean of a per-row quantity: over rows when there is one row per example (a classifier
+    head), else over examples of each example's mean over its rows (a language model's tokens)."""
+    if per_row.shape[0] == cat.n:
+        return per_row.mean()
+    return cat.per_example_mean(per_row).mean()

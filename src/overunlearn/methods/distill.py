@@ -8,9 +8,16 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-from overunlearn.methods.base import Method, MethodConfig, check_range, require_classifier
+from overunlearn.methods.base import (
+    CATEGORICAL_TASKS,
+    Method,
+    MethodConfig,
+    check_range,
+    mean_over_examples,
+    require_categorical,
+)
 from overunlearn.methods.registry import register_method
-from overunlearn.problem import ClassificationTask, Outputs
+from overunlearn.problem import Targets, Task
 
 
 @dataclass(frozen=True)
@@ -33,11 +40,17 @@ class ScrubConfig(MethodConfig):
             raise ValueError(f"teacher_mode={self.teacher_mode!r} is not one of 'train', 'eval'")
 
 
-def kl_teacher_student(task: ClassificationTask, student: Outputs, teacher: Outputs) -> torch.Tensor:
-    """``sum_heads KL(pi_teacher || pi_student)``, averaged over the batch."""
+def kl_teacher_student(task: Task, student, teacher, targets: Targets) -> torch.Tensor:
+    """``sum_heads KL(pi_teacher || pi_student)`` at the scored positions, averaged over the batch
+    (for a language model: each example's mean over its scored tokens, then the batch mean)."""
     total = 0.0
-    for s, t in zip(task.logits(student), task.logits(teacher)):
-        total = total + F.kl_div(F.log_softmax(s, dim=1), F.softmax(t, dim=1), reduction="batchmean")
+    for s, t in zip(task.categorical(student, targets), task.categorical(teacher, targets)):
+        log_s = F.log_softmax(s.logits, dim=1)
+        if s.logits.shape[0] == s.n:
+            total = total + F.kl_div(log_s, F.softmax(t.logits, dim=1), reduction="batchmean")
+        else:
+            per_row = F.kl_div(log_s, F.log_softmax(t.logits, dim=1), reduction="none", log_target=True).sum(1)
+            total = total + mean_over_examples(s, per_row)
     return total  # type: ignore[return-value]
 
 
@@ -45,15 +58,16 @@ def kl_teacher_student(task: ClassificationTask, student: Outputs, teacher: Outp
 class Scrub(Method):
     """SCRUB. Epoch ``t`` is a *min* epoch if ``t`` is even or ``t >= T - num_gd_epochs``:
     ``J(theta; B_r) + reg_coef * KL(pi_orig(x_r) || pi_theta(x_r))``; otherwise a *max* epoch:
-    ``-ga_coef * KL(pi_orig(x_f) || pi_theta(x_f))``. Classification only."""
+    ``-ga_coef * KL(pi_orig(x_f) || pi_theta(x_f))``. Classification and language models (a
+    token-level KL over the scored positions)."""
 
     Config = ScrubConfig
     uses_forget = True
     needs_planned_epochs = True
-    tasks = frozenset({"classification"})
+    tasks = CATEGORICAL_TASKS
 
     def setup(self, ctx):  # type: ignore[override]
-        require_classifier(self, ctx)
+        require_categorical(self, ctx)
         self.teacher = ctx.original()
         self.teacher.train(self.config.teacher_mode == "train")
 
@@ -61,12 +75,13 @@ class Scrub(Method):
         return epoch % 2 == 0 or epoch >= planned - self.config.num_gd_epochs
 
     def loss(self, ctx, info, retain, forget):  # type: ignore[override]
-        task = require_classifier(self, ctx)
+        task = require_categorical(self, ctx)
         if self.is_min_epoch(info.epoch, ctx.require_planned_epochs(self.name)):
             out = ctx.forward(retain)
             with torch.no_grad():
-                t_out = self.teacher(retain.inputs)
-            return ctx.data_loss(out, retain) + self.config.reg_coef * kl_teacher_student(task, out, t_out)
+                t_out = ctx.forward(retain, self.teacher)
+            return ctx.data_loss(out, retain) + self.config.reg_coef * kl_teacher_student(
+                task, out, t_out, retain.targets)
         with torch.no_grad():
-            t_out = self.teacher(forget.inputs)
-        return -self.config.ga_coef * kl_teacher_student(task, ctx.forward(forget), t_out)
+            t_out = ctx.forward(forget, self.teacher)
+        return -self.config.ga_coef * kl_teacher_student(task, ctx.forward(forget), t_out, forget.targets)

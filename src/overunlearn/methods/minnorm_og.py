@@ -27,6 +27,7 @@ Deliberate choices where the authors' reference code (``common/unlearners/unlear
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -83,18 +84,24 @@ class MinNormOGConfig(MethodConfig):
 
 def minnorm_projection_step(model: torch.nn.Module, batch: Batch, score_fn, strata, coef: float,
                             n_pert: int, generator: torch.Generator, jacobian: str = "per_sample",
-                            implementation: str = "fast") -> None:
-    """One step ``theta <- theta - coef * P_{G^perp}(theta)`` in place on ``model``'s trainable parameters."""
+                            implementation: str = "fast", with_targets: bool = False) -> float:
+    """One step ``theta <- theta - coef * P_{G^perp}(theta)`` in place on ``model``'s trainable parameters.
+
+    ``score_fn(outputs)`` gives the scores; with ``with_targets``, ``score_fn(outputs, targets)``
+    (a language model's token log-probabilities need the labels). Returns the fraction of the
+    trainable parameters' norm the step removed, ``||theta_new - theta|| / ||theta||``.
+    """
     idx = sample_indices(len(batch), n_pert, generator, strata)
-    x = batch.inputs[idx.to(batch.inputs.device)]
+    sub = batch.select(idx)
+    x, y = sub.inputs, (sub.targets if with_targets else None)
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         theta = torch.cat([p.detach().reshape(-1) for p in params])
     if implementation == "fast":
-        # linear layers in factored form, the rest through the torch.func Jacobian (linalg/projection.py)
-        in_span = project_model_onto_span(model, x, score_fn, theta, mode=jacobian)
+        # per-layer hooks where they apply, the rest through the torch.func Jacobian (linalg/projection.py)
+        in_span = project_model_onto_span(model, x, score_fn, theta, mode=jacobian, targets=y)
     else:
-        jac = output_jacobian_reference(model, x, score_fn, mode=jacobian)  # type: ignore[arg-type]
+        jac = output_jacobian_reference(model, x, score_fn, mode=jacobian, targets=y)  # type: ignore[arg-type]
         if not torch.isfinite(jac).all():
             raise FloatingPointError("the output Jacobian contains NaN or infinite values")
         in_span = project_onto_span_qr(jac, theta)
@@ -106,6 +113,8 @@ def minnorm_projection_step(model: torch.nn.Module, batch: Batch, score_fn, stra
             n = p.numel()
             p.mul_(1.0 - coef).add_(in_span[offset : offset + n].view_as(p), alpha=coef)
             offset += n
+        norm = float(theta.norm())
+        return coef * float((theta - in_span).norm()) / norm if norm > 0 else 0.0
 
 
 @register_method("minnorm_og")
@@ -114,10 +123,14 @@ class MinNormOG(Method):
 
     Config = MinNormOGConfig
 
+    #: warn when one projection removes more than this fraction of the trainable parameters' norm
+    LARGE_SHRINK = 0.2
+
     def setup(self, ctx):  # type: ignore[override]
         if self.config.num_gd_epochs > 0:
             ctx.require_planned_epochs(self.name)
         self.projections = 0
+        self.warned = False
 
     def should_project(self, epoch: int, planned: int | None) -> bool:
         limit = float("inf") if planned is None else planned - self.config.num_gd_epochs
@@ -131,9 +144,10 @@ class MinNormOG(Method):
             return
         task = ctx.problem.task
         try:
-            minnorm_projection_step(
+            removed = minnorm_projection_step(
                 ctx.model, retain, task.scores, task.strata(retain.targets), self.coefficient(self.projections),
                 self.config.grad_sample_size, ctx.generator, self.config.jacobian, self.config.implementation,
+                with_targets=True,
             )
         except NonFiniteLossError:
             raise
@@ -141,6 +155,13 @@ class MinNormOG(Method):
             raise NonFiniteLossError(
                 f"{self.name}: {exc} at step {info.step} (epoch {info.epoch}), i.e. the model's outputs "
                 "diverged; lower the learning rate", step=info.step, method=self.name) from None
+        if removed > self.LARGE_SHRINK and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"minnorm_og: projection {self.projections} removed {removed:.0%} of the trainable parameters' norm "
+                f"(reg_coef={self.config.reg_coef}, {self.config.grad_sample_size} samples): with far fewer samples "
+                "than parameters almost every weight lies outside their gradients' span and is shrunk by about "
+                "reg_coef; if the model degrades, lower reg_coef (the paper uses 0.01-0.1)", stacklevel=2)
         self.projections += 1
 
     def before_step(self, ctx, info, retain):  # type: ignore[override]

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from overunlearn.batching import forget_epoch
-from overunlearn.methods.base import Method, MethodConfig, check_range, require_classifier
+from overunlearn.methods.base import CATEGORICAL_TASKS, Method, MethodConfig, check_range, require_categorical
 from overunlearn.methods.registry import register_method
-from overunlearn.problem import Batch, as_heads
+from overunlearn.problem import Batch
 
 
 @dataclass(frozen=True)
@@ -31,25 +31,31 @@ class SalUn(Method):
     """SalUn. Before the loop (timed, not counted in epochs) the gradient ``g = sum_batches grad J(theta*; B_f)``
     over all forget batches gives a saliency mask ``|g| >= quantile(|g|, sparsity)`` (the median by default).
     Each step minimises ``J(theta; B_r) + ga_coef * J(theta; B_f')`` where ``B_f'`` relabels every head with a
-    uniformly random *incorrect* class, and gradients outside the mask are zeroed. The mask is applied to
+    uniformly random *incorrect* class (for a language model: every scored token replaced by a random
+    other token), and gradients outside the mask are zeroed. The mask is applied to
     ``.grad`` directly, so nothing is attached to the model (AdamW's decoupled weight decay still touches
-    frozen entries, as in the reference)."""
+    frozen entries, as in the reference). The saliency pass runs in train mode, as the reference does,
+    but leaves no trace: BatchNorm running statistics are restored afterwards."""
 
     Config = SalUnConfig
     uses_forget = True
-    tasks = frozenset({"classification"})
+    tasks = CATEGORICAL_TASKS
 
     def setup(self, ctx):  # type: ignore[override]
-        require_classifier(self, ctx)
+        require_categorical(self, ctx)
         params = ctx.trainable()
         grads = [torch.zeros_like(p) for p in params]
         gen = torch.Generator().manual_seed(ctx.seed)
-        for fb in forget_epoch(ctx.problem.forget, ctx.problem.batch_size, gen):
+        buffers = [(b, b.detach().clone()) for b in ctx.model.buffers()]
+        for fb in forget_epoch(ctx.problem.forget, ctx.problem.batch_size, gen, ctx.problem.collate):
             fb = fb.to(ctx.device)
             loss = ctx.batch_loss(fb)
             for acc, g in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
                 if g is not None:
                     acc.add_(g)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
         mags = torch.cat([g.abs().reshape(-1) for g in grads])
         # freeze the k smallest |g| entries: keep those >= the (k+1)-th smallest value
         k = int(round(self.config.sparsity * mags.numel()))
@@ -63,18 +69,10 @@ class SalUn(Method):
             threshold = mags.median()
         self.masks = [(g.abs() >= threshold).to(g.dtype) for g in grads]
 
-    def relabel(self, ctx, forget: Batch, n_classes: list[int]) -> Batch:
-        new = []
-        for y, c in zip(as_heads(forget.targets), n_classes):
-            shift = torch.randint(1, c, y.shape, generator=ctx.generator).to(y.device) if c > 1 else 0
-            new.append((y.long() + shift) % c)
-        targets = new[0] if len(new) == 1 else tuple(new)
-        return Batch(forget.inputs, targets, forget.weights)
-
     def loss(self, ctx, info, retain, forget):  # type: ignore[override]
-        task = require_classifier(self, ctx)
+        task = require_categorical(self, ctx)
         out_f = ctx.forward(forget)
-        relabelled = self.relabel(ctx, forget, [h.shape[1] for h in task.logits(out_f)])
+        relabelled = Batch(forget.inputs, task.random_labels(out_f, forget.targets, ctx.generator), forget.weights)
         return ctx.batch_loss(retain) + self.config.ga_coef * ctx.data_loss(out_f, relabelled)
 
     def on_gradients(self, ctx, info):  # type: ignore[override]

@@ -9,7 +9,14 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-from overunlearn.methods.base import Method, MethodConfig, check_range, require_classifier
+from overunlearn.methods.base import (
+    CATEGORICAL_TASKS,
+    Method,
+    MethodConfig,
+    check_range,
+    mean_over_examples,
+    require_categorical,
+)
 from overunlearn.methods.registry import register_method
 
 Direction = Literal["model_to_uniform", "uniform_to_model"]
@@ -44,13 +51,14 @@ def kl_to_uniform(logits: torch.Tensor, direction: Direction) -> torch.Tensor:
 @register_method("kl_unif")
 class KLUnif(Method):
     """KL-Unif (from the paper's rebuttal): ``J(theta; B_r) + kl_coef * sum_heads mean_{x_f} KL(...)``.
-    Classification only."""
+    Classification and language models (the KL at every scored token, averaged per example)."""
 
     Config = KLUnifConfig
     uses_forget = True
-    tasks = frozenset({"classification"})
+    tasks = CATEGORICAL_TASKS
 
     def loss(self, ctx, info, retain, forget):  # type: ignore[override]
-        task = require_classifier(self, ctx)
-        kl = sum(kl_to_uniform(h, self.config.direction).mean() for h in task.logits(ctx.forward(forget)))
+        task = require_categorical(self, ctx)
+        cats = task.categorical(ctx.forward(forget), forget.targets)
+        kl = sum(mean_over_examples(c, kl_to_uniform(c.logits, self.config.direction)) for c in cats)
         return ctx.batch_loss(retain) + self.config.kl_coef * kl
