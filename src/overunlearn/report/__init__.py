@@ -19,6 +19,7 @@ arrays under ``privacy/``): the selected hyperparameters evaluated by MIA, U-LiR
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from overunlearn.report.aggregate import SettingResult, SweepReport, load
@@ -38,14 +39,21 @@ __all__ = ["build_report", "load", "frontier_plot", "SettingResult", "SweepRepor
 
 
 def _slug(text: str) -> str:
+    """A file-name-safe version of ``text`` that stays inside the folder it is joined to (never ``.``/``..``)."""
     s = re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("_")
+    if not s.strip("."):
+        s = s.replace(".", "_")
     return s or "default"
 
 
 def build_report(journal: str | Path, out_dir: str | Path | None = None, *, allow_partial: bool = False,
                  sweeps: list[str] | None = None, figures: bool = True,
-                 privacy: PrivacyOptions | None = None, select_seeds: list[int] | None = None) -> list[Path]:
+                 privacy: PrivacyOptions | None = None, select_seeds: list[int] | None = None,
+                 warn: Callable[[str], None] | None = None) -> list[Path]:
     """Write tables and figures for every sweep in ``journal``; return the files written.
+
+    ``warn`` receives every journal warning (skipped lines, conflicting duplicates, mixed provenance);
+    they are also listed in ``index.md``.
 
     ``select_seeds``: pick hyperparameters on these seeds, report on the others (see :func:`load`).
     ``privacy``: also evaluate each method's selected hyperparameters for privacy (trains models;
@@ -57,11 +65,15 @@ def build_report(journal: str | Path, out_dir: str | Path | None = None, *, allo
         raise FileNotFoundError(f"journal {str(journal)!r} does not exist; run `overunlearn sweep SPEC` first")
     out = Path(out_dir) if out_dir is not None else journal.with_name(journal.stem + "_report")
     reports, contents = load(journal, allow_partial=allow_partial, sweeps=sweeps, select_seeds=select_seeds)
+    if warn is not None:
+        for msg in contents.warnings() + [n for rep in reports for n in rep.notes if n.startswith("mixed provenance")]:
+            warn(msg)
     written: list[Path] = []
     privacy_failures: list[str] = []
     index = [f"# Report for `{journal}`", ""]
-    if contents.bad_lines:
-        index.append(f"Ignored {contents.bad_lines} unreadable journal line(s).\n")
+    if contents.warnings():
+        index.append(f"Journal warnings ({len(contents.warnings())}):\n")
+        index += [f"- {w}" for w in contents.warnings()[:50]] + [""]
     if not reports:
         index.append("The journal holds no trials yet.")
     for rep in reports:

@@ -96,7 +96,7 @@ def load(path: str | Path, allow_partial: bool = False, sweeps: list[str] | None
     """
     contents = read_journal(path)
     headers = contents.sweeps()
-    latest = contents.latest_trials()
+    latest = _reportable(contents)
     refs = contents.references()
     by_sweep: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for rec in latest.values():
@@ -113,6 +113,11 @@ def load(path: str | Path, allow_partial: bool = False, sweeps: list[str] | None
         sweep_notes: list[str] = []
         if contents.bad_lines:
             sweep_notes.append(f"{contents.bad_lines} unreadable journal line(s) ignored")
+        sweep_notes += [f"{len(contents.conflicts)} trial(s) recorded twice with different metrics "
+                        "(the first line is used)"] if contents.conflicts else []
+        mixed = mixed_provenance([r for r in latest.values() if r.get("sweep", "?") == name])
+        if mixed:
+            sweep_notes.append(mixed)
         results = []
         for sname in setting_names:
             shdr = setting_hdrs.get(sname)
@@ -125,6 +130,45 @@ def load(path: str | Path, allow_partial: bool = False, sweeps: list[str] | None
         out.append(SweepReport(name=name, title=header.get("title", name), paper=header.get("paper", ""),
                                settings=results, notes=sweep_notes + list(header.get("notes", []))))
     return out, contents
+
+
+#: fields a trial record needs to be placed in a report
+_REPORT_FIELDS = ("method", "config_key", "seed")
+
+
+def _reportable(contents: JournalContents) -> dict[str, dict[str, Any]]:
+    """The latest record of every trial that has what a report needs; each one without it is named in
+    ``contents.problems`` (with its line) and left out."""
+    out: dict[str, dict[str, Any]] = {}
+    for rid, rec in contents.latest_trials().items():
+        missing = [k for k in _REPORT_FIELDS if k not in rec]
+        if missing:
+            contents.problems.append(f"journal {contents.path} line {contents.line_of(rec)}: trial {rid} left out of "
+                                     f"the report: it has no {', '.join(repr(k) for k in missing)}")
+            continue
+        out[rid] = rec
+    return out
+
+
+def provenance_of(rec: dict[str, Any]) -> str:
+    """Which code computed a record: its source fingerprint and torch version."""
+    torch_version = (rec.get("versions") or {}).get("torch", "?") if isinstance(rec.get("versions"), dict) else "?"
+    return f"code {rec.get('code') or 'unknown'} (torch {torch_version})"
+
+
+def mixed_provenance(records: list[dict[str, Any]]) -> str | None:
+    """A note when the finished ``records`` were computed by more than one version of the code, else ``None``."""
+    counts: dict[str, int] = {}
+    for r in records:
+        if r.get("status") == FINISHED:
+            key = provenance_of(r)
+            counts[key] = counts.get(key, 0) + 1
+    if len(counts) < 2:
+        return None
+    parts = ", ".join(f"{n} by {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return (f"mixed provenance: the finished trials were computed by {len(counts)} versions of the code ({parts}); "
+            "numbers of different versions may not be comparable: rerun the sweep with --rerun-stale to recompute "
+            "the older ones")
 
 
 def _members(shdr: dict[str, Any], header: dict[str, Any], records: Any) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -10,7 +11,18 @@ from typing import Any
 
 from overunlearn.errors import OverunlearnError
 from overunlearn.sweep.executors import Executor, SequentialExecutor
-from overunlearn.sweep.journal import FINISHED, JournalWriter, environment, git_revision, package_versions, read_journal
+from overunlearn.sweep.journal import (
+    DETERMINISTIC_ERRORS,
+    FINISHED,
+    JournalWriter,
+    code_fingerprint,
+    describe_stale,
+    environment,
+    git_revision,
+    package_versions,
+    read_journal,
+    stale_trials,
+)
 from overunlearn.sweep.spec import SweepSpec, Trial, benchmark_key, check_benchmark
 
 #: failures in these phases are not about the trial: the same error would hit every trial
@@ -28,6 +40,8 @@ class SweepResult:
     skipped: int
     finished: int = 0
     failed: int = 0
+    #: of ``failed``, the trials that diverged (a non-finite loss: a result of the hyperparameters, not retried)
+    diverged: int = 0
     references: int = 0
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -129,6 +143,7 @@ def _record(rec: dict[str, Any], writer: JournalWriter, spec: SweepSpec, provena
     else:
         result.finished += ok
         result.failed += not ok
+        result.diverged += not ok and rec.get("error_type") in DETERMINISTIC_ERRORS
         hyper = " ".join(f"{k}={v}" for k, v in rec.get("hyper", {}).items())
         what = f"{rec.get('setting') or ''} {rec['method']} seed={rec['seed']} {hyper}".strip()
     if ok:
@@ -147,14 +162,49 @@ def _record(rec: dict[str, Any], writer: JournalWriter, spec: SweepSpec, provena
     return None
 
 
+#: most warnings printed one by one; the rest are counted
+MAX_WARNINGS = 20
+
+
+def emit_warnings(messages: list[str], warn: Callable[[str], None]) -> None:
+    """Hand every message to ``warn``, at most :data:`MAX_WARNINGS` of them, then how many more there were."""
+    for msg in messages[:MAX_WARNINGS]:
+        warn(msg)
+    if len(messages) > MAX_WARNINGS:
+        warn(f"... and {len(messages) - MAX_WARNINGS} more journal warning(s) like these")
+
+
+def _stderr(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def reference_tasks(spec: SweepSpec, done: set[tuple[str, int]], device: str,
+                    threads: int | None) -> list[dict[str, Any]]:
+    """One task per (benchmark configuration, seed) of the spec whose reference is not in ``done``."""
+    tasks: list[dict[str, Any]] = []
+    seen: set[tuple[str, int]] = set(done)
+    for s in spec.settings:
+        bkey = benchmark_key(spec.benchmark, s.benchmark_options)
+        for seed in s.seeds:
+            if (bkey, seed) in seen:
+                continue
+            seen.add((bkey, seed))
+            tasks.append({"kind": "reference", "benchmark": {"name": spec.benchmark, "options": s.benchmark_options},
+                          "benchmark_key": bkey, "seed": seed, "imports": list(spec.imports), "device": device,
+                          "threads": threads})
+    return tasks
+
+
 def run_sweep(spec: SweepSpec, journal: str | Path, executor: Executor | None = None, *,
               device: str | None = None, threads: int | None = None, retry_failed: bool = False,
               references: bool = True, max_trials: int | None = None, check: bool = True,
-              batch: int | None = None, log: Callable[[str], None] | None = None) -> SweepResult:
+              batch: int | None = None, log: Callable[[str], None] | None = None,
+              warn: Callable[[str], None] | None = None, rerun_stale: bool = False) -> SweepResult:
     """Run every trial of ``spec`` that ``journal`` does not already hold as done.
 
     Safe to kill at any moment and run again: finished trials are skipped, and a trial is
-    marked finished only by its own fsynced journal line.
+    marked finished only by its own fsynced journal line. The journal is locked before it is
+    read, so two sweeps on one journal cannot both decide to run the same trial.
 
     Args:
         spec: a loaded spec.
@@ -169,52 +219,55 @@ def run_sweep(spec: SweepSpec, journal: str | Path, executor: Executor | None = 
             or metrics that disagree with the spec's ``[metrics]``.
         batch: most trials per vectorised batch task (default: the spec's ``[engine].batch``; 0 or 1:
             one trial per task). Every trial still gets its own journal line.
-        log: receives one line per completed task.
+        log: receives one line per completed task (progress).
+        warn: receives every warning (skipped journal lines, conflicting duplicates, reused results of
+            other code); default: printed on stderr. Warnings are not progress: pass them on also when
+            ``log`` is silenced.
+        rerun_stale: rerun finished trials recorded by other code (another source fingerprint or torch
+            version) instead of reusing them.
+
+    Raises:
+        JournalLockedError: another sweep is writing ``journal``.
+        SweepAborted: a setup step failed in a way every trial would repeat.
     """
     journal = Path(journal)
     log = log or (lambda _msg: None)
+    warn = warn or _stderr
     if check:
         problems = check_benchmark(spec)
         if problems:
             raise SweepAborted(f"{spec.path}: " + "; ".join(problems))
     executor = executor or SequentialExecutor(threads=threads)
-    contents = read_journal(journal)
-    if contents.bad_lines:
-        log(f"journal: ignored {contents.bad_lines} unreadable line(s) (a torn line from an interrupted run)")
-    done = contents.done_ids(retry_failed=retry_failed)
-    todo = pending_trials(spec, done)
-    if max_trials is not None:
-        todo = todo[:max_trials]
-    distinct = len({t.id for t in spec.trials})
-    result = SweepResult(journal=journal, total=distinct, skipped=distinct - len(pending_trials(spec, done)))
     dev = device or spec.device
-
-    refs_done = {k for k, r in contents.references().items() if r.get("status") == FINISHED}
-    ref_tasks: list[dict[str, Any]] = []
-    if references:
-        for s in spec.settings:
-            bkey = benchmark_key(spec.benchmark, s.benchmark_options)
-            for seed in s.seeds:
-                if (bkey, seed) not in refs_done and not any(
-                        t["benchmark_key"] == bkey and t["seed"] == seed for t in ref_tasks):
-                    ref_tasks.append({"kind": "reference", "benchmark": {"name": spec.benchmark,
-                                                                         "options": s.benchmark_options},
-                                      "benchmark_key": bkey, "seed": seed, "imports": list(spec.imports),
-                                      "device": dev, "threads": threads})
-    t_start = time.perf_counter()
     batch = spec.batch if batch is None else int(batch)
-    run_info = {"executor": getattr(executor, "name", type(executor).__name__), "device": dev, "threads": threads,
-                "pending": len(todo), "references": len(ref_tasks), "batch": batch}
-
-    n_total = len(todo) + len(ref_tasks)
-    counter = {"i": 0}
     abort: str | None = None
-    with JournalWriter(journal) as writer:
+    t_start = time.perf_counter()
+    with JournalWriter(journal) as writer:  # the lock first, then what the journal holds
+        contents = read_journal(journal)
+        emit_warnings(contents.warnings(), warn)
+        code = code_fingerprint()
+        done = contents.done_ids(retry_failed=retry_failed)
+        stale = stale_trials(contents, {t.id for t in spec.trials} & done, code)
+        if stale:
+            emit_warnings([describe_stale(stale, code, journal, rerun_stale)], warn)
+            if rerun_stale:
+                done -= set(stale)
+        todo = pending_trials(spec, done)
+        distinct = len({t.id for t in spec.trials})
+        result = SweepResult(journal=journal, total=distinct, skipped=distinct - len(todo))
+        if max_trials is not None:
+            todo = todo[:max_trials]
+        refs_done = {k for k, r in contents.references().items() if r.get("status") == FINISHED}
+        ref_tasks = reference_tasks(spec, refs_done, dev, threads) if references else []
+        run_info = {"executor": getattr(executor, "name", type(executor).__name__), "device": dev,
+                    "threads": threads, "pending": len(todo), "references": len(ref_tasks), "batch": batch}
+        n_total = len(todo) + len(ref_tasks)
+        counter = {"i": 0}
         git = git_revision()
         versions = package_versions()
         writer.append({"kind": "sweep", "spec": spec.header(), "run": run_info, "versions": versions, "git": git,
-                       "env": environment()})
-        provenance = {"versions": versions, "git": git, "executor": run_info["executor"]}
+                       "env": environment(), "code": code})
+        provenance = {"versions": versions, "git": git, "executor": run_info["executor"], "code": code}
         if not todo and not ref_tasks:
             log(f"nothing to do: all {distinct} trials are in {journal}")
         # references first, as a barrier: they usually train (and cache) the original models, which the
