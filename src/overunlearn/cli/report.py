@@ -75,7 +75,14 @@ def report_cmd(
             raise typer.BadParameter(str(exc)) from None
     try:
         files = build_report(journal, out, allow_partial=allow_partial, sweeps=sweep or None,
-                             figures=not no_figures, privacy=options, select_seeds=chosen)
+                             figures=not no_figures, privacy=options, select_seeds=chosen,
+                             warn=lambda m: typer.echo(f"warning: {m}", err=True))
+    except OSError as exc:
+        typer.echo(f"error: cannot read the journal or write the report: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except MemoryError:
+        typer.echo(f"error: out of memory while building the report of {journal}", err=True)
+        raise typer.Exit(1) from None
     except SeedSplitError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--select-seeds'") from None
     except PrivacyColumnsError as exc:

@@ -85,6 +85,20 @@ class SpecError(OverunlearnError, ValueError):
     """A sweep spec is malformed; the message names the file and the offending entry."""
 
 
+#: most trials a spec may expand to unless the caller raises the limit (``overunlearn sweep --limit``)
+DEFAULT_TRIAL_LIMIT = 200_000
+
+
+def valid_device(value: Any) -> bool:
+    """Whether ``value`` names a device a sweep can run on: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if not isinstance(value, str):
+        return False
+    if value in ("auto", "cpu", "cuda"):
+        return True
+    head, _, index = value.partition(":")
+    return head == "cuda" and index.isdigit()
+
+
 @dataclass(frozen=True)
 class Trial:
     """One unit of work: a method with a full config, on one seed of one benchmark, within a budget."""
@@ -213,14 +227,18 @@ class SweepSpec:
 # loading
 
 
-def load_spec(path: str | Path) -> SweepSpec:
-    """Read and validate a TOML spec file (see the module docstring for the format)."""
+def load_spec(path: str | Path, limit: int | None = DEFAULT_TRIAL_LIMIT) -> SweepSpec:
+    """Read and validate a TOML spec file (see the module docstring for the format); ``limit``: see
+    :func:`parse_spec`."""
     path = Path(path)
     if not path.exists():
         raise SpecError(f"spec file {str(path)!r} does not exist")
     if path.suffix.lower() not in (".toml", ".json"):
         raise SpecError(f"{path}: a sweep spec is a .toml (or .json) file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot read the spec: {exc}") from None
     if tomllib is None and path.suffix.lower() == ".toml":
         raise SpecError(f"{path}: reading TOML on Python < 3.11 needs the tomli package: pip install tomli")
     try:
@@ -232,11 +250,15 @@ def load_spec(path: str | Path) -> SweepSpec:
             raw = tomllib.loads(text)
     except ValueError as exc:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
         raise SpecError(f"{path}: cannot parse the spec: {exc}") from exc
-    return parse_spec(raw, source=str(path), default_name=path.stem)
+    return parse_spec(raw, source=str(path), default_name=path.stem, limit=limit)
 
 
-def parse_spec(raw: dict[str, Any], source: str = "<spec>", default_name: str = "sweep") -> SweepSpec:
-    """Validate a spec given as a dict (the parsed TOML) and expand its trials."""
+def parse_spec(raw: dict[str, Any], source: str = "<spec>", default_name: str = "sweep",
+               limit: int | None = DEFAULT_TRIAL_LIMIT) -> SweepSpec:
+    """Validate a spec given as a dict (the parsed TOML) and expand its trials.
+
+    ``limit``: most trials the spec may expand to (``None``: no limit); the count is taken from the
+    grid sizes before any trial is formed, so an absurd grid is refused at once."""
     from overunlearn.methods import get_method  # noqa: F401  (registers the methods)
 
     where = source
@@ -249,9 +271,10 @@ def parse_spec(raw: dict[str, Any], source: str = "<spec>", default_name: str = 
     unknown = set(raw) - _TOP_KEYS
     if unknown:
         fail(f"unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
-    name = str(raw.get("name", default_name))
-    if not name or any(c in name for c in "/\\\n"):
-        fail(f"name={name!r} must be a non-empty string without slashes")
+    name = raw.get("name", default_name)
+    if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\n\0"):
+        fail(f"name={name!r} must be a non-empty string without slashes, and not '.' or '..' (it names the "
+             "journal and the report folder)")
 
     bench = raw.get("benchmark")
     if not isinstance(bench, dict) or "name" not in bench:
@@ -276,6 +299,9 @@ def parse_spec(raw: dict[str, Any], source: str = "<spec>", default_name: str = 
     if "forget_bn_stats" in engine and not isinstance(engine["forget_bn_stats"], bool):
         fail("[engine].forget_bn_stats must be true or false")
     engine.setdefault("forget_bn_stats", False)
+    if "device" in engine and not valid_device(engine["device"]):
+        fail(f"[engine].device = {engine['device']!r} is not a device: use \"auto\", \"cpu\", \"cuda\" or "
+             "\"cuda:N\"")
     if "batch" in engine and (isinstance(engine["batch"], bool) or not isinstance(engine["batch"], int)
                               or engine["batch"] < 0):
         fail("[engine].batch must be a whole number >= 0 (0: one trial at a time)")
@@ -312,6 +338,8 @@ def parse_spec(raw: dict[str, Any], source: str = "<spec>", default_name: str = 
     notes: list[str] = []
     settings: list[Setting] = []
     seen_names: set[str] = set()
+    plans = []
+    n_trials = 0
     for i, st in enumerate(settings_raw):
         if not isinstance(st, dict):
             fail(f"settings[{i}] must be a table")
@@ -336,7 +364,14 @@ def parse_spec(raw: dict[str, Any], source: str = "<spec>", default_name: str = 
         per_method = {m: dict(v) for m, v in base_overrides.items()}
         for m, tab in s_per.items():
             per_method.setdefault(m, {}).update(tab)
-        grids, snotes = _expand_grids(methods, grid, per_method, budget, f"{source} {swhere}".strip(), fail)
+        values, snotes = _grid_values(methods, grid, per_method, budget, f"{source} {swhere}".strip(), fail)
+        n_trials += len(seeds) * sum(_n_combinations(v) for _, v in values.values())
+        plans.append((st, sname, seeds, budget, opts, methods, values, snotes))
+    if limit is not None and n_trials > limit:
+        fail(f"the spec expands to {n_trials:,} trials (seeds x grid combinations over all settings), more than the "
+             f"limit of {limit:,}; shrink the grid or the seeds, or raise the limit (overunlearn sweep --limit N)")
+    for st, sname, seeds, budget, opts, methods, values, snotes in plans:
+        grids = {m: _combinations(m, cls, vals, snotes, fail) for m, (cls, vals) in values.items()}
         notes.extend(f"[{sname}] {n}" if sname else n for n in snotes)
         trials = []
         for seed in seeds:
@@ -413,18 +448,34 @@ def _table(value: Any, what: str, fail) -> dict[str, Any]:
     return dict(value)
 
 
+#: most seeds a spec may list or a range may span (a typo such as ``stop = 1e9`` is refused, not expanded)
+MAX_SEEDS = 100_000
+
+
 def _seeds(value: Any, what: str, fail) -> list[int]:
     if value is None:
         fail(f"{what}: 'seeds' is required, e.g. seeds = [1, 2, 3] or seeds = {{start = 1, stop = 10}}")
     if isinstance(value, dict):
         if set(value) != {"start", "stop"}:
             fail(f"{what}: a seed range is {{start = A, stop = B}} (inclusive)")
-        value = list(range(int(value["start"]), int(value["stop"]) + 1))
+        for end in ("start", "stop"):
+            v = value[end]
+            if isinstance(v, bool) or not isinstance(v, int):
+                fail(f"{what}: {end} = {v!r} must be a whole number (e.g. {end} = 10)")
+        start, stop = value["start"], value["stop"]
+        if stop < start:
+            fail(f"{what}: stop = {stop} is below start = {start} (the range is inclusive)")
+        if stop - start + 1 > MAX_SEEDS:
+            fail(f"{what}: the range {start}..{stop} holds {stop - start + 1} seeds, more than {MAX_SEEDS}; "
+                 "is stop a typo?")
+        value = list(range(start, stop + 1))
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool)
                                                             for s in value):
         fail(f"{what}: seeds must be a non-empty list of integers")
+    if len(value) > MAX_SEEDS:
+        fail(f"{what}: {len(value)} seeds are more than {MAX_SEEDS}")
     if len(set(value)) != len(value):
         fail(f"{what}: seeds contain duplicates")
     return list(value)
@@ -490,12 +541,15 @@ def _as_list(v: Any) -> list[Any]:
     return list(v) if isinstance(v, list) else [v]
 
 
-def _expand_grids(methods: list[str], grid: dict[str, Any], per_method: dict[str, dict[str, Any]],
-                  budget: dict[str, Any], where: str, fail):
+def _grid_values(methods: list[str], grid: dict[str, Any], per_method: dict[str, dict[str, Any]],
+                 budget: dict[str, Any], where: str, fail) -> tuple[dict[str, tuple[Any, dict[str, list[Any]]]],
+                                                                    list[str]]:
+    """Per method, its config class and the validated values of every key its grid varies (no
+    combinations are formed here, so counting them is cheap)."""
     from overunlearn.methods import get_method
 
     notes: list[str] = []
-    out: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    out: dict[str, tuple[Any, dict[str, list[Any]]]] = {}
     if len(set(methods)) != len(methods):
         fail("a method is listed twice")
     classes = {}
@@ -546,20 +600,38 @@ def _expand_grids(methods: list[str], grid: dict[str, Any], per_method: dict[str
                 fail(f"method {m!r}: no valid value left for {key}: all of {raw_vals} are rejected "
                      f"({'; '.join(reasons)})")
             values[key] = kept
-        combos: list[tuple[dict[str, Any], dict[str, Any]]] = []
-        keys = list(values)
-        for prod in itertools.product(*(values[k] for k in keys)):
-            hyper = dict(zip(keys, prod, strict=True))
-            try:
-                cfg = cfg_cls(**hyper)
-            except (ValueError, TypeError) as exc:
-                notes.append(f"{m}: combination {hyper} dropped ({exc})")
-                continue
-            combos.append((hyper, dataclasses.asdict(cfg)))
-        if not combos:
-            fail(f"method {m!r}: every combination of its grid is invalid")
-        out[m] = combos
+        out[m] = (cfg_cls, values)
     return out, notes
+
+
+def _n_combinations(values: dict[str, list[Any]]) -> int:
+    """How many combinations a method's grid has (before invalid ones are dropped)."""
+    return math.prod(len(v) for v in values.values())
+
+
+def _combinations(m: str, cfg_cls: Any, values: dict[str, list[Any]], notes: list[str],
+                  fail) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Every valid combination of a method's grid as ``(hyperparameters, full config)``."""
+    combos: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    keys = list(values)
+    for prod in itertools.product(*(values[k] for k in keys)):
+        hyper = dict(zip(keys, prod, strict=True))
+        try:
+            cfg = cfg_cls(**hyper)
+        except (ValueError, TypeError) as exc:
+            notes.append(f"{m}: combination {hyper} dropped ({exc})")
+            continue
+        combos.append((hyper, dataclasses.asdict(cfg)))
+    if not combos:
+        fail(f"method {m!r}: every combination of its grid is invalid")
+    return combos
+
+
+def _expand_grids(methods: list[str], grid: dict[str, Any], per_method: dict[str, dict[str, Any]],
+                  budget: dict[str, Any], where: str, fail):
+    """Per method, every valid ``(hyperparameters, config)`` combination of its grid; and notes."""
+    values, notes = _grid_values(methods, grid, per_method, budget, where, fail)
+    return {m: _combinations(m, cls, vals, notes, fail) for m, (cls, vals) in values.items()}, notes
 
 
 def _grid_lists(hypers: list[dict[str, Any]]) -> dict[str, list[Any]]:
