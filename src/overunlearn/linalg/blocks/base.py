@@ -1,0 +1,195 @@
+"""The block interface and its registry.
+
+A *block* is one call of one layer during the hooked forward pass of
+:func:`overunlearn.linalg.projection.project_model_onto_span`. It is built by a forward hook from
+the call's inputs and output, is then given the gradients of the scores with respect to that output
+(one per score head), and from those gives, for each of the layer's trainable parameters:
+
+* its rows of the Jacobian ``J`` (``rows``), for a subset of the parameter's first dimension, or,
+  where that is cheaper, its Gram contribution and ``J v`` directly in factored ("ghost") form
+  (``ghost``), without forming rows;
+* its part of ``J^T alpha`` (``back``).
+
+Rows are ordered head-major: row ``r = h n + i`` is sample ``i``'s score ``h``. Blocks are
+registered by module type with :func:`register_block`; a module whose type (or a base class of it)
+has a block is hooked, provided ``Block.accepts(module)``. Whatever the blocks compute is checked
+against autograd once per model (``projection._verify``), so a wrong block costs time, not results.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+class Decline(Exception):
+    """This call of the layer cannot be handled by its block: its parameters take the fallback."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a block needs to choose between the ghost form and formed rows.
+
+    ``positional(n, heads, out, patch, t)``: whether a linear map applied at ``t`` positions (``out``
+    outputs, ``patch`` inputs) is cheaper in ghost form for ``n`` samples and ``heads`` scores each;
+    ``max_ghost_entries``: the most entries of one ``(k t) x (k t)`` float64 matrix a ghost form may hold.
+    """
+
+    positional: Callable[[int, int, int, int, int], bool]
+    max_ghost_entries: int
+
+
+class Block:
+    """One call of a registered layer; subclasses implement the capture and the algebra.
+
+    Subclasses set, in ``__init__``, ``self.output`` (the output tensor whose gradient is needed) and
+    ``self.batch`` (the number of rows of the call's input, which must equal the number of samples),
+    and keep what they need of the inputs (detached). ``saved`` lists the kept input tensors, so
+    that the engine can check no in-place operation changed them after the call.
+    """
+
+    #: the parameter attributes this block computes, in the module's ``parameters()`` order
+    param_names: ClassVar[tuple[str, ...]] = ("weight", "bias")
+
+    def __init__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        self.module = module
+        self.output: Tensor | None = None
+        self.batch = -1
+        self.saved: list[Tensor] = []
+        self.n = self.heads = self.k = 0
+        self.idx: Tensor | None = None
+        self.deltas: Tensor | None = None
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        """Whether this block describes ``module`` at all (e.g. its class's own ``forward``)."""
+        return True
+
+    def parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of the trainable parameters this block computes."""
+        out = []
+        for name in self.param_names:
+            p = self.module._parameters.get(name)
+            if isinstance(p, nn.Parameter) and p.requires_grad:
+                out.append((name, p))
+        return out
+
+    def bind(self, deltas: Tensor, n: int, heads: int) -> None:
+        """Attach the output gradients ``(heads * n, *output.shape[1:])``, head-major."""
+        self.deltas, self.n, self.heads, self.k = deltas, n, heads, n * heads
+        self.idx = torch.arange(self.k, device=deltas.device) % n
+
+    def per_row(self, x: Tensor) -> Tensor:
+        """``x`` (one entry per sample) repeated for every head: one entry per Jacobian row."""
+        return x if self.heads == 1 else x[self.idx]
+
+    # ---- the algebra ----------------------------------------------------------------------------
+
+    def ghost_cheaper(self, name: str, budget: Budget) -> bool:
+        """Whether to take the ghost form for parameter ``name`` (default: no ghost form)."""
+        return False
+
+    def ghost(self, name: str, v: Tensor) -> tuple[Tensor, Tensor]:
+        """``(J_p J_p^T, J_p v)`` in float64 for parameter ``name`` and its part ``v`` of the vector."""
+        raise NotImplementedError
+
+    def support(self, name: str) -> Tensor | None:
+        """Indices along the parameter's first dimension outside which its rows are zero (``None``: any)."""
+        return None
+
+    def rows(self, name: str, index: Tensor) -> Tensor:
+        """The Jacobian rows ``(k, len(index) * inner)`` of the parameter's first-dimension slices ``index``."""
+        raise NotImplementedError
+
+    def back(self, name: str, alpha: Tensor) -> Tensor:
+        """``J_p^T alpha`` in the parameter's shape and dtype (``alpha``: ``(k,)`` float64)."""
+        raise NotImplementedError
+
+
+class RowsBlock(Block):
+    """A block whose rows are small (per-channel affine parameters): it forms them all at once.
+
+    Subclasses implement :meth:`all_rows`, returning ``(k, numel)`` rows of one parameter.
+    """
+
+    def all_rows(self, name: str) -> Tensor:
+        raise NotImplementedError
+
+    def _cached(self, name: str) -> Tensor:
+        cache = self.__dict__.setdefault("_rows_cache", {})
+        if name not in cache:
+            cache[name] = self.all_rows(name)
+        return cache[name]
+
+    def rows(self, name: str, index: Tensor) -> Tensor:
+        p = self.module._parameters[name]
+        r = self._cached(name)
+        return r.view(self.k, p.shape[0] if p.dim() else 1, -1)[:, index].reshape(self.k, -1)
+
+    def back(self, name: str, alpha: Tensor) -> Tensor:
+        p = self.module._parameters[name]
+        return (self._cached(name).double().T @ alpha).reshape(p.shape).to(p.dtype)
+
+
+_REGISTRY: dict[type, type[Block]] = {}
+_LAZY: dict[str, type[Block]] = {}
+
+
+def register_block(*types: type | str) -> Callable[[type[Block]], type[Block]]:
+    """Class decorator: use this block for modules of these types (and their subclasses that the
+    block ``accepts``). A type may be given as a dotted name (``"transformers.pytorch_utils.Conv1D"``):
+    it is looked up only once its module has been imported by someone else, so registering a block
+    for an optional library never imports it. A later registration for the same type wins."""
+
+    def deco(cls: type[Block]) -> type[Block]:
+        for t in types:
+            if isinstance(t, str):
+                _LAZY[t] = cls
+            else:
+                _REGISTRY[t] = cls
+        return cls
+
+    return deco
+
+
+def _resolve_lazy() -> None:
+    for name, cls in list(_LAZY.items()):
+        mod, _, attr = name.rpartition(".")
+        t = getattr(sys.modules.get(mod), attr, None)
+        if isinstance(t, type):
+            _REGISTRY[t] = cls
+            del _LAZY[name]
+
+
+def block_for(module: nn.Module) -> type[Block] | None:
+    """The block registered for ``module``'s type or its nearest base class, if it accepts ``module``."""
+    _resolve_lazy()
+    for t in type(module).__mro__:
+        cls = _REGISTRY.get(t)
+        if cls is not None:
+            return cls if cls.accepts(module) else None
+    return None
+
+
+def stock(module: nn.Module, base: type) -> bool:
+    """``module`` computes what ``base`` says: ``base``'s own ``forward``, a plain ``weight`` parameter
+    (not parametrized, pruned or weight-normed; or none) and no hooks of its own."""
+    from torch.nn.utils import parametrize
+
+    w = module._parameters.get("weight", None)
+    return (type(module).forward is base.forward and not parametrize.is_parametrized(module)
+            and (w is None or isinstance(w, nn.Parameter)) and "weight" not in module.__dict__
+            and not module._forward_hooks and not module._forward_pre_hooks)
+
+
+def first_input(args: tuple, kwargs: dict[str, Any], *names: str) -> Tensor:
+    """The call's first positional input, or the first of the keyword inputs ``names``."""
+    x = args[0] if args else next((kwargs[k] for k in names if k in kwargs), None)
+    if not isinstance(x, Tensor):
+        raise Decline
+    return x

@@ -1,0 +1,83 @@
+"""``nn.Embedding``: sample ``i``'s weight row is the scatter of its output gradients onto its token ids.
+
+* Formed rows, restricted to the ids present in the batch (``support``): ``k T E`` to scatter,
+  ``k^2 |ids| E`` for their Gram;
+* ghost form: ``G_rs = sum_{t,t'} [id_{i,t} = id_{j,t'}] (d_{r,t} . d_{s,t'})``: ``(k T)^2 E``.
+
+``padding_idx`` receives no gradient (as in PyTorch's backward); ``max_norm`` (renormalises the
+weight in place) and ``scale_grad_by_freq`` (couples the samples) are declined.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from overunlearn.linalg.blocks.base import Block, Budget, Decline, first_input, register_block, stock
+
+
+@register_block(nn.Embedding)
+class EmbeddingBlock(Block):
+    param_names = ("weight",)
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        return stock(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq
+
+    def __init__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        super().__init__(module, args, kwargs, output)
+        ids = first_input(args, kwargs, "input")
+        if ids.dim() < 1 or ids.is_floating_point() or not isinstance(output, Tensor):
+            raise Decline
+        self.ids = ids.detach().reshape(ids.shape[0], -1)  # (n, T)
+        self.valid = (self.ids != module.padding_idx) if module.padding_idx is not None else None
+        self.output, self.batch, self.saved = output, ids.shape[0], [ids]
+
+    def bind(self, deltas: Tensor, n: int, heads: int) -> None:
+        super().bind(deltas, n, heads)
+        d = deltas.reshape(deltas.shape[0], -1, deltas.shape[-1])
+        if self.valid is not None:
+            d = d * self.per_row(self.valid).unsqueeze(-1).to(d.dtype)
+        self.d = d  # (k, T, E)
+
+    def support(self, name: str) -> Tensor | None:
+        ids = self.ids if self.valid is None else self.ids[self.valid]
+        return torch.unique(ids)
+
+    def ghost_cheaper(self, name: str, budget: Budget) -> bool:
+        k, t, e = self.d.shape
+        if (k * t) ** 2 > budget.max_ghost_entries:
+            return False
+        ghost = (k * t) ** 2 * e + (self.n * t) ** 2
+        rows = k * t * e + k * k * int(self.support(name).numel()) * e
+        return ghost < rows
+
+    def ghost(self, name: str, v: Tensor) -> tuple[Tensor, Tensor]:
+        k, t, e = self.d.shape
+        dd = self.d.reshape(k * t, e).double()
+        ids = self.per_row(self.ids).reshape(-1)
+        same = (ids[:, None] == ids[None, :]).to(torch.float64)
+        gram = ((dd @ dd.T) * same).view(k, t, k, t).sum(dim=(1, 3))
+        rhs = (self.d.double() * v.double()[self.per_row(self.ids)]).sum(dim=(1, 2))
+        return gram, rhs
+
+    def rows(self, name: str, index: Tensor) -> Tensor:
+        k, t, e = self.d.shape
+        vocab = self.module.weight.shape[0]
+        where = torch.full((vocab,), -1, dtype=torch.long, device=index.device)
+        where[index] = torch.arange(index.numel(), device=index.device)
+        pos = self.per_row(where[self.ids])  # (k, T): column slot of each token, -1 if not in index
+        keep = pos >= 0
+        slot = (torch.arange(k, device=pos.device)[:, None] * index.numel() + pos)[keep]
+        out = torch.zeros(k * index.numel(), e, dtype=self.d.dtype, device=self.d.device)
+        out.index_add_(0, slot, self.d[keep])
+        return out.view(k, index.numel() * e)
+
+    def back(self, name: str, alpha: Tensor) -> Tensor:
+        w = self.module.weight
+        scaled = self.d * alpha.to(self.d.dtype)[:, None, None]
+        out = torch.zeros_like(w)
+        out.index_add_(0, self.per_row(self.ids).reshape(-1), scaled.reshape(-1, scaled.shape[-1]))
+        return out
