@@ -62,8 +62,21 @@ def _per_sample_jacobian(model: nn.Module, params: dict[str, Tensor], rest: dict
 
     with _mode(model, train=False):
         # (on a copy: a model that works in place on its input must not change the caller's tensor)
-        return vmap(jacrev(f_one), in_dims=(None, 0, None if targets is None else 0))(
-            params, structure.clone(inputs), targets)
+        try:
+            return vmap(jacrev(f_one), in_dims=(None, 0, None if targets is None else 0))(
+                params, structure.clone(inputs), targets)
+        except RuntimeError as exc:
+            if "vmap" not in str(exc):
+                raise
+        # the model branches on its inputs' values (e.g. Hugging Face's attention-mask preparation), which
+        # vmap cannot trace: one jacrev per example instead (its vmap runs over output directions only)
+        n = structure.batch_len(inputs)
+        per = []
+        for i in range(n):
+            x = structure.clone(structure.index(inputs, slice(i, i + 1)))
+            y = None if targets is None else structure.index(targets, slice(i, i + 1))
+            per.append(jacrev(lambda p, x=x, y=y: call_scores(score_fn, _functional(model, (p, rest), x), y)[0])(params))
+        return {k: torch.stack([j[k] for j in per]) for k in params}
 
 
 @contextmanager
