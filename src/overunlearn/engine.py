@@ -23,10 +23,10 @@ final descent-only epochs, L1-Sparse's decay) use ``Budget.epochs`` as the plann
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import numbers
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -238,18 +238,21 @@ def _reinitialise(problem: UnlearningProblem, model: nn.Module, seed: int) -> nn
         covered: set[int] = set()
         with torch.no_grad():
             for m in work.modules():
-                own = [p for p in m.parameters(recurse=False) if p.requires_grad]
+                # (parameters already reset with their owner, e.g. a LoRA layer's adapters, stay as they are)
+                own = [p for p in m.parameters(recurse=False) if p.requires_grad and id(p) not in covered]
                 if _reset_lora(m):
                     covered.update(id(p) for p in m.parameters())
                     continue
                 if not own:
                     continue
                 if hf_init is not None:
-                    before = [p.detach().clone() for p in own]
+                    for p in own:  # Hugging Face's init functions skip tensors flagged as initialised
+                        p._is_hf_initialized = False
+                    versions = [p._version for p in own]
                     hf_init(m)
-                    changed = [id(p) for p, b in zip(own, before) if not torch.equal(p, b)]
-                    if len(changed) == len(own):
-                        covered.update(changed)
+                    written = [id(p) for p, v in zip(own, versions) if p._version != v]
+                    covered.update(written)
+                    if len(written) == len(own):
                         continue
                 reset = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)
                 if callable(reset):
@@ -306,6 +309,30 @@ def _check_lengths(name: str, model: nn.Module, inputs) -> None:
                         f"{limit} positions (config.max_position_embeddings / n_positions); truncate them")
 
 
+def _check_keywords(name: str, model: nn.Module, inputs) -> None:
+    """A dict of inputs is passed as keyword arguments: every required argument of ``forward`` must be a key,
+    and every key an argument (unless ``forward`` takes ``**kwargs``)."""
+    if not isinstance(inputs, dict):
+        return
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return
+    kinds = {p.kind for p in params.values()}
+    required = [n for n, p in params.items() if p.default is inspect.Parameter.empty
+                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    missing = [n for n in required if n not in inputs]
+    if missing:
+        raise DataError(f"{name} set: the model's forward needs {', '.join(map(repr, missing))}, but the inputs dict "
+                        f"has no such key (it has {', '.join(map(repr, inputs))}); inputs dicts are passed as "
+                        "model(**inputs)")
+    if inspect.Parameter.VAR_KEYWORD not in kinds:
+        unknown = [k for k in inputs if k not in params]
+        if unknown:
+            raise DataError(f"{name} set: the inputs dict has key(s) {', '.join(map(repr, unknown))} that the model's "
+                            f"forward does not take (it takes {', '.join(map(repr, params))})")
+
+
 def _check_data(problem: UnlearningProblem, model: nn.Module, dev: torch.device) -> None:
     """Check outputs against targets on the first batch of the retain *and* the forget set.
 
@@ -319,6 +346,7 @@ def _check_data(problem: UnlearningProblem, model: nn.Module, dev: torch.device)
             for name, data in (("retain", problem.retain), ("forget", problem.forget)):
                 b = _first_batch(data, problem.batch_size, problem.collate).to(dev)
                 _check_lengths(name, model, b.inputs)
+                _check_keywords(name, model, b.inputs)
                 try:
                     out = structure.call_model(model, b.inputs)
                 except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
@@ -473,48 +501,52 @@ def unlearn(problem: UnlearningProblem, method: Method, budget: Budget, *, seed:
         bar = tqdm(total=None if math.isinf(max_steps) else int(max_steps), desc=method.name, unit="step",
                    leave=False)
 
-    synchronize(dev)
-    t0 = time.perf_counter()
-    try:
-        if getattr(method, "reinitialise", False):
-            _reinitialise(problem, model, seed)
-        method.setup(ctx)
-        ctx.optimizer = _make_optimizer(method.config, ctx.trainable())
+    # dropout and anything else drawing from torch's global generator: a function of the seed, and the
+    # caller's generator state is restored afterwards
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
         synchronize(dev)
-        record.setup_seconds = time.perf_counter() - t0
-        step, epoch, stopped = 0, 0, ""
-        while not stopped:
-            if step >= max_steps:
-                by_epochs = budget.epochs is not None and step >= budget.epochs * steps_per_epoch
-                stopped = "epochs" if by_epochs else "steps"
-                break
-            losses: list[float] = []
-            for j, forget_b in enumerate(forget_epoch(problem.forget, problem.batch_size, data_gen, problem.collate)):
+        t0 = time.perf_counter()
+        try:
+            if getattr(method, "reinitialise", False):
+                _reinitialise(problem, model, seed)
+            method.setup(ctx)
+            ctx.optimizer = _make_optimizer(method.config, ctx.trainable())
+            synchronize(dev)
+            record.setup_seconds = time.perf_counter() - t0
+            step, epoch, stopped = 0, 0, ""
+            while not stopped:
                 if step >= max_steps:
+                    by_epochs = budget.epochs is not None and step >= budget.epochs * steps_per_epoch
+                    stopped = "epochs" if by_epochs else "steps"
                     break
-                if budget.seconds is not None:
-                    synchronize(dev)
-                    if time.perf_counter() - t0 >= budget.seconds:
-                        stopped = "seconds"
+                losses: list[float] = []
+                for j, forget_b in enumerate(forget_epoch(problem.forget, problem.batch_size, data_gen, problem.collate)):
+                    if step >= max_steps:
                         break
-                info = StepInfo(step, epoch, j, steps_per_epoch, planned)
-                losses.append(_one_step(ctx, method, info, next(retain_iter).to(dev), forget_b, forget_bn_stats))
-                step += 1
-                if bar is not None:
-                    bar.update(1)
-                if on_step is not None:
-                    on_step(info, losses[-1])
-            if losses:
-                record.epoch_losses.append(sum(losses) / len(losses))
-            if len(losses) == steps_per_epoch:
-                epoch += 1
-                record.epochs_completed = epoch
-        synchronize(dev)
-        record.seconds = time.perf_counter() - t0
-        record.steps = step
-        record.stopped_by = stopped
-    finally:
-        method.teardown(ctx)
-        if bar is not None:
-            bar.close()
+                    if budget.seconds is not None:
+                        synchronize(dev)
+                        if time.perf_counter() - t0 >= budget.seconds:
+                            stopped = "seconds"
+                            break
+                    info = StepInfo(step, epoch, j, steps_per_epoch, planned)
+                    losses.append(_one_step(ctx, method, info, next(retain_iter).to(dev), forget_b, forget_bn_stats))
+                    step += 1
+                    if bar is not None:
+                        bar.update(1)
+                    if on_step is not None:
+                        on_step(info, losses[-1])
+                if losses:
+                    record.epoch_losses.append(sum(losses) / len(losses))
+                if len(losses) == steps_per_epoch:
+                    epoch += 1
+                    record.epochs_completed = epoch
+            synchronize(dev)
+            record.seconds = time.perf_counter() - t0
+            record.steps = step
+            record.stopped_by = stopped
+        finally:
+            method.teardown(ctx)
+            if bar is not None:
+                bar.close()
     return UnlearnResult(model=model, record=record)

@@ -22,7 +22,6 @@ import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
 from torch import Tensor, nn
 
 from overunlearn.problem import Batch, Categorical, Task

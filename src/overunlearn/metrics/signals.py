@@ -42,7 +42,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from overunlearn.problem import Batch, ClassificationTask, RegressionTask, Task, TensorData, as_heads, batch_from_items
+from overunlearn import structure
+from overunlearn.problem import (
+    Batch,
+    CausalLMTask,
+    ClassificationTask,
+    RegressionTask,
+    Task,
+    TensorData,
+    as_heads,
+    batch_from_items,
+)
 
 SIGNAL_NAMES: tuple[str, ...] = (
     "loss", "total_loss", "confidence", "entropy", "modified_entropy", "correct", "scaled_confidence", "margin",
@@ -146,6 +156,35 @@ def _regression_signals(out: Tensor, target: Tensor) -> dict[str, Tensor]:
             "correct": nan, "scaled_confidence": nan, "margin": e.mean(dim=1)}
 
 
+def _sequence_signals(task: Task, outputs, labels: Tensor) -> dict[str, Tensor]:
+    """A language model's per-example signals: the mean over its scored tokens of each token's
+    classification signal (``log(1 - p)`` taken elementwise, not through the ``C x C`` form, so that
+    a vocabulary of any size fits), and ``correct`` = every scored token is the argmax (exact match)."""
+    cat = task.categorical(outputs, labels)[0]
+    z = cat.logits.double()
+    y = cat.labels
+    rows = torch.arange(z.shape[0], device=z.device)
+    logp = torch.log_softmax(z, dim=1)
+    p = logp.exp()
+    log1m = torch.log1p(-p.clamp(max=1.0 - 1e-15))
+    logp_y, log1m_y = logp[rows, y], log1m[rows, y]
+    other = p * log1m
+    other[rows, y] = 0.0
+    margin = logp_y - log1m_y
+    per_row = {
+        "loss": -logp_y,
+        "confidence": p[rows, y],
+        "entropy": -(p * logp).sum(dim=1),
+        "modified_entropy": -log1m_y.exp() * logp_y - other.sum(dim=1),
+        "scaled_confidence": margin,
+        "margin": margin,
+    }
+    sig = {k: cat.per_example_mean(v) for k, v in per_row.items()}
+    wrong = cat.per_example_sum((z.argmax(dim=1) != y).double())
+    sig["correct"] = (wrong == 0).double()
+    return sig
+
+
 def _infer_task(outputs, targets) -> Task:
     tg = as_heads(targets)[0]
     return RegressionTask() if tg.dtype.is_floating_point else ClassificationTask()
@@ -163,7 +202,12 @@ def signals_from_outputs(outputs, targets, task: Task | None = None, head: int =
             always sums the task loss over every head).
     """
     task = task if task is not None else _infer_task(outputs, targets)
-    outs, tgts = as_heads(outputs), as_heads(targets)
+    if isinstance(task, CausalLMTask):
+        with torch.no_grad():
+            sig = _sequence_signals(task, outputs, targets)  # type: ignore[arg-type]
+            sig["total_loss"] = task.per_sample_loss(outputs, targets).double()
+        return Signals(**{k: v.detach().cpu().numpy().astype(np.float64) for k, v in sig.items()})
+    outs, tgts = as_heads(task.select(outputs)), as_heads(targets)
     if not 0 <= head < len(outs):
         raise ValueError(f"head={head} is out of range: the model has {len(outs)} head(s)")
     with torch.no_grad():
@@ -230,7 +274,7 @@ def compute_signals(model: nn.Module, data, task: Task | None = None, *, head: i
         with torch.no_grad():
             for b in _batches(data, batch_size):
                 b = b.to(dev)
-                parts.append(signals_from_outputs(model(b.inputs), b.targets, task, head))
+                parts.append(signals_from_outputs(structure.call_model(model, b.inputs), b.targets, task, head))
     finally:
         model.train(was_training)
     if not parts:

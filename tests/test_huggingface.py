@@ -1,0 +1,381 @@
+"""Hugging Face models end to end: structured inputs and outputs, causal-LM and sequence tasks, LoRA, the Trainer.
+
+Every model is built from a config with random weights (no downloads). Skipped without the ``hf`` extra.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from overunlearn import (  # noqa: E402
+    Budget,
+    ClassificationTask,
+    DataError,
+    NonFiniteLossError,
+    TensorData,
+    UnlearningProblem,
+    create,
+    list_methods,
+    unlearn,
+)
+from overunlearn.methods.minnorm_og import minnorm_projection_step, vmappable  # noqa: E402
+from overunlearn.problem import CausalLMTask, PadCollate, SequenceClassificationTask  # noqa: E402
+
+VOCAB, T = 40, 12
+
+
+def _tokens(n: int, seed: int, prompt: int = 4, min_len: int = 8) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Right-padded token batches: ids, attention mask, and labels with -100 on the prompt and the padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, T), generator=g)
+    mask = torch.ones(n, T, dtype=torch.long)
+    lengths = torch.randint(min_len, T + 1, (n,), generator=g)
+    for i, length in enumerate(lengths):
+        ids[i, length:] = 0
+        mask[i, length:] = 0
+    labels = ids.clone()
+    labels[:, :prompt] = -100
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask}, labels
+
+
+def gpt2(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32, bos_token_id=0,
+                                  eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def bert(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=32, num_labels=3,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def lora_llama(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    base = transformers.LlamaForCausalLM(cfg)
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                           task_type="CAUSAL_LM")
+    model = peft.get_peft_model(base, lora)
+    with torch.no_grad():  # trained adapters: B is zero at peft's initialisation
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def lm_problem(model: nn.Module, batch_size: int = 8) -> UnlearningProblem:
+    x, y = _tokens(24, seed=1)
+    data = TensorData(x, y)
+    return UnlearningProblem(model, data.subset(range(16)), data.subset(range(16, 24)), CausalLMTask(),
+                             batch_size=batch_size)
+
+
+def cls_problem(model: nn.Module) -> UnlearningProblem:
+    x, _ = _tokens(24, seed=2)
+    y = torch.randint(0, 3, (24,), generator=torch.Generator().manual_seed(3))
+    data = TensorData(x, y)
+    return UnlearningProblem(model, data.subset(range(16)), data.subset(range(16, 24)), SequenceClassificationTask(),
+                             batch_size=8)
+
+
+CASES = {"gpt2_causal_lm": lambda: lm_problem(gpt2()), "bert_sequence_classifier": lambda: cls_problem(bert()),
+         "lora_llama": lambda: lm_problem(lora_llama())}
+HYPER = {"minnorm_og": {"reg_coef": 0.05, "grad_sample_size": 6}, "salun": {}, "scrub": {}, "npo": {}}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("method", list_methods())
+def test_every_method_runs_and_changes_only_trainable_parameters(case, method):
+    problem = CASES[case]()
+    before = {n: p.detach().clone() for n, p in problem.model.named_parameters()}
+    trainable = {n for n, p in problem.model.named_parameters() if p.requires_grad}
+    res = unlearn(problem, create(method, lr=1e-2, **HYPER.get(method, {})), Budget(steps=3), device="cpu", seed=1)
+    assert res.record.steps == 3
+    assert all(torch.isfinite(torch.tensor(v)) for v in res.record.epoch_losses)
+    after = dict(res.model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed, "nothing was trained"
+    assert changed <= trainable, f"frozen parameters changed: {sorted(changed - trainable)[:3]}"
+    assert all(torch.equal(before[n], p.detach()) for n, p in problem.model.named_parameters())  # caller's model
+
+
+def _projection(problem: UnlearningProblem, implementation: str) -> dict[str, torch.Tensor]:
+    model = copy.deepcopy(problem.model).double()
+    batch = problem.retain.take(torch.arange(len(problem.retain)))
+    with vmappable(model):
+        minnorm_projection_step(model, batch, problem.task.scores, problem.task.strata(batch.targets), 0.7, 6,
+                                torch.Generator().manual_seed(0), implementation=implementation, with_targets=True)
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fast_projection_equals_the_reference(case):
+    problem = CASES[case]()
+    fast, ref = _projection(problem, "fast"), _projection(problem, "reference")
+    num = sum(float((fast[n] - ref[n]).pow(2).sum()) for n in fast)
+    den = sum(float(ref[n].pow(2).sum()) for n in ref)
+    assert (num / den) ** 0.5 <= 1e-5
+
+
+def test_extra_padding_does_not_change_the_projection():
+    problem = lm_problem(gpt2())
+    x, y = problem.retain.inputs, problem.retain.targets
+    pad = 5
+    wide = {"input_ids": torch.cat([x["input_ids"], torch.zeros(len(y), pad, dtype=torch.long)], 1),
+            "attention_mask": torch.cat([x["attention_mask"], torch.zeros(len(y), pad, dtype=torch.long)], 1)}
+    padded = UnlearningProblem(problem.model, TensorData(wide, torch.cat([y, torch.full((len(y), pad), -100)], 1)),
+                               problem.forget, problem.task)
+    a, b = _projection(problem, "fast"), _projection(padded, "fast")
+    assert all(torch.allclose(a[n], b[n], rtol=1e-9, atol=1e-12) for n in a)
+
+
+def test_token_scores_cap_rows_and_keep_the_scored_log_probabilities():
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, 3, 4, -100, -100], [-100, -100, 1, 2, 6]])
+    task = CausalLMTask(scores_per="token", max_score_tokens=2)
+    logp = torch.log_softmax(logits, -1)
+    s = task.scores(logits, labels)
+    # position t predicts label t + 1
+    assert torch.allclose(s[0], torch.stack([logp[0, 0, 3], logp[0, 1, 4]]))
+    assert torch.allclose(s[1], torch.stack([logp[1, 1, 1], logp[1, 2, 2]]))
+    seq = CausalLMTask().scores(logits, labels)
+    assert torch.allclose(seq[1, 0], logp[1, 1, 1] + logp[1, 2, 2] + logp[1, 3, 6])
+    loss = CausalLMTask().per_sample_loss(logits, labels)
+    assert torch.allclose(loss[0], -(logp[0, 0, 3] + logp[0, 1, 4]) / 2)
+    assert torch.allclose(CausalLMTask(reduction="sum").per_sample_loss(logits, labels)[1], -seq[1, 0])
+
+
+def test_structured_inputs_tuple_and_dataset_of_dicts_with_padding():
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(2, 4)
+
+        def forward(self, x, z):
+            return {"logits": self.a(x) + self.b(z)}
+
+    torch.manual_seed(0)
+    x, z, y = torch.randn(12, 3), torch.randn(12, 2), torch.randint(0, 4, (12,))
+    data = TensorData((x, z), y)
+    p = UnlearningProblem(TwoInputs(), data.subset(range(8)), data.subset(range(8, 12)), ClassificationTask())
+    for m in ("minnorm_og", "scrub", "salun"):
+        unlearn(p, create(m), Budget(steps=2), device="cpu")
+
+    class Seqs(torch.utils.data.Dataset):
+        def __init__(self, n: int) -> None:
+            g = torch.Generator().manual_seed(n)
+            self.items = [torch.randint(1, VOCAB, (int(torch.randint(5, 10, (1,), generator=g)),), generator=g)
+                          for _ in range(n)]
+
+        def __len__(self) -> int:
+            return len(self.items)
+
+        def __getitem__(self, i):
+            ids = self.items[i]
+            labels = ids.clone()
+            labels[:2] = -100
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels
+
+    p2 = UnlearningProblem(gpt2(), Seqs(10), Seqs(4), CausalLMTask(), batch_size=4, collate=PadCollate())
+    for m in ("gd", "minnorm_og", "npo"):
+        res = unlearn(p2, create(m, **HYPER.get(m, {})), Budget(steps=2), device="cpu")
+        assert res.record.steps == 2
+
+
+def test_pad_collate_pads_inputs_and_labels():
+    items = [({"input_ids": torch.tensor([5, 6, 7])}, torch.tensor([-100, 6, 7])),
+             ({"input_ids": torch.tensor([8])}, torch.tensor([8]))]
+    b = PadCollate(pad={"input_ids": 0})(items)
+    assert b.inputs["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b.targets.tolist() == [[-100, 6, 7], [8, -100, -100]]
+    left = PadCollate(side="left")(items)
+    assert left.inputs["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+
+
+def test_retrain_resets_multihead_attention_and_lora_adapters():
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0),
+                                              1, enable_nested_tensor=False), nn.Flatten(), nn.Linear(8 * 3, 2))
+    x, y = torch.randn(10, 3, 8), torch.randint(0, 2, (10,))
+    data = TensorData(x, y)
+    p = UnlearningProblem(enc, data.subset(range(6)), data.subset(range(6, 10)), ClassificationTask())
+    res = unlearn(p, create("retrain"), Budget(steps=0), device="cpu")
+    attn_before = enc[0].layers[0].self_attn.in_proj_weight
+    assert not torch.equal(res.model[0].layers[0].self_attn.in_proj_weight, attn_before)
+
+    lp = lm_problem(lora_llama())
+    res = unlearn(lp, create("retrain"), Budget(steps=0), device="cpu")
+    for name, q in res.model.named_parameters():
+        orig = dict(lp.model.named_parameters())[name]
+        if "lora_B" in name:
+            assert bool((q == 0).all()), "peft initialises B at zero"
+        elif not q.requires_grad:
+            assert torch.equal(q, orig), f"frozen {name} changed"
+
+    g = lm_problem(gpt2())
+    res = unlearn(g, create("retrain"), Budget(steps=0), device="cpu")
+    changed = [n for n, q in res.model.named_parameters() if not torch.equal(q, dict(g.model.named_parameters())[n])]
+    weights = [n for n, q in g.model.named_parameters() if q.dim() > 1]
+    assert set(weights) <= set(changed)  # every weight matrix (GPT-2's Conv1D included) is re-drawn
+
+
+def test_salun_saliency_pass_leaves_batchnorm_statistics_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    model.train()
+    model(torch.randn(64, 4) * 3 + 1)  # non-trivial running statistics
+    x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    p = UnlearningProblem(model, TensorData(x[:12], y[:12]), TensorData(x[12:], y[12:]), ClassificationTask())
+    res = unlearn(p, create("salun"), Budget(steps=0), device="cpu")
+    assert torch.equal(res.model[1].running_mean, model[1].running_mean)
+    assert torch.equal(res.model[1].running_var, model[1].running_var)
+
+
+def test_sgd_with_momentum_is_offered():
+    p = cls_problem(bert())
+    a = unlearn(p, create("gd", optimizer="sgd", lr=0.1), Budget(steps=3), device="cpu").model
+    b = unlearn(p, create("gd", optimizer="sgd_momentum", lr=0.1), Budget(steps=3), device="cpu").model
+    assert any(not torch.equal(q, r) for q, r in zip(a.parameters(), b.parameters()))
+
+
+def test_minnorm_warns_once_when_a_projection_removes_most_of_the_norm():
+    p = lm_problem(gpt2())
+    with pytest.warns(UserWarning, match="lower reg_coef") as rec:
+        unlearn(p, create("minnorm_og", reg_coef=0.5, grad_sample_size=4), Budget(steps=3), device="cpu")
+    assert sum("lower reg_coef" in str(w.message) for w in rec) == 1
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+def test_a_dict_missing_a_key_the_model_needs_names_the_key():
+    class Needs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x, scale):
+            return self.lin(x) * scale
+
+    data = TensorData({"x": torch.randn(6, 3)}, torch.randint(0, 2, (6,)))
+    p = UnlearningProblem(Needs(), data.subset(range(4)), data.subset(range(4, 6)), ClassificationTask())
+    with pytest.raises(DataError, match=r"retain set: the model's forward needs 'scale'"):
+        unlearn(p, create("gd"), Budget(steps=1), device="cpu")
+    hf = cls_problem(bert())
+    no_ids = TensorData({"attention_mask": hf.retain.inputs["attention_mask"]}, hf.retain.targets)
+    with pytest.raises(DataError, match="input_ids"):
+        unlearn(UnlearningProblem(hf.model, no_ids, no_ids, hf.task), create("gd"), Budget(steps=1), device="cpu")
+
+
+def test_all_labels_ignored_is_a_clear_error():
+    p = lm_problem(gpt2())
+    blank = TensorData(p.forget.inputs, torch.full_like(p.forget.targets, -100))
+    with pytest.raises(DataError, match="forget set: every label of the batch is -100"):
+        unlearn(UnlearningProblem(p.model, p.retain, blank, p.task), create("ga"), Budget(steps=1), device="cpu")
+
+
+def test_sequences_longer_than_the_model_positions_fail_before_any_work():
+    model = gpt2()
+    ids = torch.randint(1, VOCAB, (4, 40))  # n_positions = 32
+    data = TensorData({"input_ids": ids}, ids)
+    with pytest.raises(DataError, match="40 tokens are longer than the model's 32 positions"):
+        unlearn(UnlearningProblem(model, data, data, CausalLMTask()), create("gd"), Budget(steps=1), device="cpu")
+
+
+def test_nan_outputs_on_the_fast_projection_are_a_non_finite_loss_error():
+    class NaNOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(x) * float("nan")
+
+    data = TensorData(torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    p = UnlearningProblem(NaNOut(), data.subset(range(6)), data.subset(range(6, 8)), ClassificationTask())
+    with pytest.raises(NonFiniteLossError) as exc:
+        unlearn(p, create("minnorm_og"), Budget(steps=1), device="cpu")
+    assert exc.value.step == 0
+
+
+def test_a_model_returning_a_dict_without_the_entry_says_which_to_name():
+    class Named(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return {"scores": self.lin(x)}
+
+    data = TensorData(torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    p = UnlearningProblem(Named(), data.subset(range(6)), data.subset(range(6, 8)), ClassificationTask())
+    with pytest.raises(DataError, match=r"without 'logits' \(it has 'scores'\)"):
+        unlearn(p, create("gd"), Budget(steps=1), device="cpu")
+    ok = UnlearningProblem(Named(), p.retain, p.forget, ClassificationTask(output="scores"))
+    assert unlearn(ok, create("minnorm_og"), Budget(steps=1), device="cpu").record.steps == 1
+
+
+# ---- the Trainer ------------------------------------------------------------------------------
+
+SCRIPT = Path(__file__).with_name("hf_trainer_script.py")
+
+
+def _run_script(method: str, out: Path, ddp: bool) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPT.parent)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"] \
+        if ddp else [sys.executable]
+    done = subprocess.run([*launch, str(SCRIPT), method, str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_trainer_two_cpu_processes_match_one_process(tmp_path):
+    _run_script("minnorm_og", tmp_path / "one.pt", ddp=False)
+    _run_script("minnorm_og", tmp_path / "two.pt", ddp=True)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) <= 1e-6
+
+
+def test_trainer_runs_methods_end_to_end_with_evaluation(tmp_path):
+    from overunlearn.integrations.huggingface import UnlearningTrainer
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from hf_trainer_script import Dicts
+
+    x, y = _tokens(20, seed=4)
+    for method in ("npo", "minnorm_og"):
+        model = gpt2()
+        before = copy.deepcopy(model)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3,
+                                              learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no",
+                                              logging_steps=1, disable_tqdm=True)
+        retain, forget = Dicts(x["input_ids"][:14], y[:14]), Dicts(x["input_ids"][14:], y[14:])
+        trainer = UnlearningTrainer(model, args, method=method, method_kwargs=HYPER.get(method), retain_dataset=retain,
+                                    forget_dataset=forget, task=CausalLMTask(), eval_dataset=forget)
+        out = trainer.train()
+        assert out.global_step == 3
+        assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters()))
+        assert "eval_loss" in trainer.evaluate()
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
+        UnlearningTrainer(gpt2(), transformers.TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=2,
+                                                                 use_cpu=True, report_to=[]),
+                          method="gd", retain_dataset=retain, forget_dataset=forget, task=CausalLMTask())
