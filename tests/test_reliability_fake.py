@@ -57,3 +57,55 @@ class FlakyReference(FakeBenchmark):
 
 
 register_benchmark("rel_flaky_ref")(FlakyReference)
+
+
+class SiluRegression:
+    """A 1-24-24-1 SiLU MLP fitting sin x from 12 points plus 3 poisoned ones, one full batch per step:
+    small enough for tests, and batchable (``overunlearn.ensemble_unlearn.batchable``)."""
+
+    name = "rel_silu"
+
+    def __init__(self, hidden: int = 24) -> None:
+        from overunlearn.benchmarks import MetricSpec
+
+        self.hidden = int(hidden)
+        self.metrics = (MetricSpec("sup_error", "min", "sup-norm error vs sin x"),)
+
+    def _data(self, seed: int):
+        import torch
+
+        g = torch.Generator().manual_seed(500 + seed)
+        xr = torch.rand(12, 1, generator=g) * 6 - 3
+        xf = torch.rand(3, 1, generator=g) * 6 - 3
+        return xr, torch.sin(xr), xf, torch.full((3, 1), 1.5)
+
+    def problem(self, seed: int):
+        import torch
+
+        from overunlearn import RegressionTask, TensorData, UnlearningProblem
+        from overunlearn.models.mlp import MLP
+
+        xr, yr, xf, yf = self._data(seed)
+        model = MLP(1, (self.hidden, self.hidden), 1, "silu", generator=torch.Generator().manual_seed(seed))
+        opt = torch.optim.Adam(model.parameters(), lr=0.02)
+        x, y = torch.cat([xr, xf]), torch.cat([yr, yf])
+        for _ in range(40):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+        return UnlearningProblem(model, TensorData(xr, yr), TensorData(xf, yf), RegressionTask(), batch_size=15,
+                                 make_model=lambda: MLP(1, (self.hidden, self.hidden), 1, "silu",
+                                                        generator=torch.Generator().manual_seed(99)))
+
+    def evaluate(self, model, seed: int) -> dict[str, float]:
+        import torch
+
+        x = torch.linspace(-3, 3, 200).reshape(-1, 1)
+        with torch.no_grad():
+            return {"sup_error": float((model.cpu()(x) - torch.sin(x)).abs().max())}
+
+    def reference(self, seed: int) -> dict[str, dict[str, float]]:
+        return {"original": self.evaluate(self.problem(seed).model, seed)}
+
+
+register_benchmark("rel_silu")(SiluRegression)

@@ -45,13 +45,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from overunlearn.engine import Budget, UnlearnRecord, _reinitialise
 from overunlearn.linalg.jacobian import sample_indices
@@ -184,6 +184,62 @@ def _member(run: BatchedRun) -> _Member:
     return m
 
 
+# ---- per-member kernels ----------------------------------------------------------------------------------
+# A member's numbers must not depend on which other members share its batch (or how many). Batched
+# kernels do not guarantee that: a batched matrix product takes another code path for one matrix than
+# for several (MKL gemm vs gemm_batch), and an elementwise kernel over the stacked tensor handles the
+# elements at its very end (the last member's) or at a thread's split point in a scalar loop whose
+# exp (SiLU) or fused multiply-add (AdamW) rounds differently from the vectorised body. So every
+# matrix product, SiLU, row sum and eigen-solve below runs once per member, on that member's slice as
+# a tensor of its own, and AdamW steps each member's slices as separate tensors of one fused call:
+# the same kernel calls on the same shapes as a run alone. Exact elementwise arithmetic (+, *, where)
+# stays batched: IEEE rounding of one operation does not depend on the code path.
+
+
+def _mm(a: Tensor, b: Tensor, bias: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """``a[i] @ b[i] (+ bias[i])`` for every member ``i``, one matrix product per member."""
+    if out is None:
+        out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=a.dtype, device=a.device)
+    for i in range(a.shape[0]):
+        if bias is None:
+            torch.mm(a[i], b[i], out=out[i])
+        else:
+            torch.addmm(bias[i], a[i], b[i], out=out[i])
+    return out
+
+
+def _silu(z: Tensor) -> Tensor:
+    """SiLU of every member's slice, one kernel call per member."""
+    out = torch.empty_like(z)
+    for i in range(z.shape[0]):
+        torch.ops.aten.silu.out(z[i], out=out[i])
+    return out
+
+
+def _silu_backward(grad: Tensor, z: Tensor) -> Tensor:
+    """The gradient through SiLU of every member's slice, one kernel call per member."""
+    out = torch.empty_like(z)
+    for i in range(z.shape[0]):
+        torch.ops.aten.silu_backward.grad_input(grad[i], z[i], grad_input=out[i])
+    return out
+
+
+def _row_sum(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """``x[i].sum(0, keepdim=True)`` for every member (the sum over the rows), one reduction per member."""
+    if out is None:
+        out = torch.empty(x.shape[0], 1, *x.shape[2:], dtype=x.dtype, device=x.device)
+    for i in range(x.shape[0]):
+        torch.sum(x[i], dim=0, keepdim=True, out=out[i])
+    return out
+
+
+def _eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues and eigenvectors of every member's Gram matrix, one solve per member."""
+    pairs = [torch.linalg.eigh(g) for g in gram]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+
 # ---- the stacked ensemble -----------------------------------------------------------------------------
 class _Stack:
     """Stacked parameters ``W_l: (E, in, out)``, ``b_l: (E, 1, out)``, data and one AdamW."""
@@ -239,14 +295,12 @@ class _Stack:
             W, b = params[2 * li], params[2 * li + 1]
             if W.shape[1] == 1:
                 z = torch.addcmul(b, a, W)  # fan_in 1: an outer product
-            elif W.shape[2] == 1:
-                z = torch.bmm(W.transpose(1, 2), a.transpose(1, 2)).transpose(1, 2) + b  # fan_out 1
             else:
-                z = torch.baddbmm(b, a, W)
+                z = _mm(a, W, bias=b)
             acts.append((a, z))
             if li == n_layers - 1:
                 return z, acts
-            a = F.silu(z)
+            a = _silu(z)
         raise AssertionError("unreachable")
 
     def backward(self, dz: Tensor, acts: list[tuple[Tensor, Tensor]], params: list[Tensor],
@@ -261,15 +315,13 @@ class _Stack:
             if grads is not None:
                 gW, gb = grads[2 * li], grads[2 * li + 1]
                 if W.shape[1] == 1:
-                    torch.sum(a * dz, dim=1, keepdim=True, out=gW)
-                elif W.shape[2] == 1:
-                    gW.copy_(torch.bmm(dz.transpose(1, 2), a).transpose(1, 2))
+                    _row_sum(a * dz, out=gW)
                 else:
-                    torch.bmm(a.transpose(1, 2), dz, out=gW)
-                torch.sum(dz, dim=1, keepdim=True, out=gb)
+                    _mm(a.transpose(1, 2), dz, out=gW)
+                _row_sum(dz, out=gb)
             if li:
-                da = dz * W.transpose(1, 2) if W.shape[2] == 1 else torch.bmm(dz, W.transpose(1, 2))
-                dz = torch.ops.aten.silu_backward(da, acts[li - 1][1])
+                da = dz * W.transpose(1, 2) if W.shape[2] == 1 else _mm(dz, W.transpose(1, 2))
+                dz = _silu_backward(da, acts[li - 1][1])
         return deltas
 
     def state_dict_of(self, i: int) -> dict[str, Tensor]:
@@ -316,10 +368,10 @@ def _project_same_size(stack: _Stack, idx: list[int], coefs: list[float], x: Ten
     rhs = torch.zeros(e, k, dtype=torch.float64, device=dev)
     for li, ((a, _), d) in enumerate(zip(acts, deltas, strict=True)):
         a64, d64 = a.double(), d.double()
-        gram += (torch.bmm(a64, a64.transpose(1, 2)) + 1.0) * torch.bmm(d64, d64.transpose(1, 2))
+        gram += (_mm(a64, a64.transpose(1, 2)) + 1.0) * _mm(d64, d64.transpose(1, 2))
         # J_i . theta = sum_l delta_i^l . (a_i^l W_l + b_l), in float64 like the Gram: the solve is
         # ill-conditioned, and float32 pre-activations would perturb it visibly
-        z64 = torch.baddbmm(params[2 * li + 1].double(), a64, params[2 * li].double())
+        z64 = _mm(a64, params[2 * li].double(), bias=params[2 * li + 1].double())
         rhs += (d64 * z64).sum(-1)
     finite = torch.isfinite(gram).all(dim=(1, 2)) & torch.isfinite(rhs).all(dim=1)
     bad = [idx[j] for j in range(e) if not bool(finite[j])]
@@ -334,17 +386,17 @@ def _project_same_size(stack: _Stack, idx: list[int], coefs: list[float], x: Ten
         coefs = [coefs[j] for j in keep]
         ii = torch.tensor(idx, device=dev)
         params = [p.index_select(0, ii) for p in stack.params]
-    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = _eigh(gram)
     top = evals.max(dim=1, keepdim=True).values.clamp_min(0.0)
     keep_ev = evals > rcond * top
     inv = torch.where(keep_ev, 1.0 / torch.where(keep_ev, evals, torch.ones_like(evals)), torch.zeros_like(evals))
-    alpha = torch.bmm(evecs, (inv * torch.bmm(evecs.transpose(1, 2), rhs.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1))
+    alpha = _mm(evecs, (inv * _mm(evecs.transpose(1, 2), rhs.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1))
     c = stack.col(coefs)
     for li, ((a, _), d) in enumerate(zip(acts, deltas, strict=True)):
         W, b = params[2 * li], params[2 * li + 1]
         ad = d.double() * alpha  # (e, k, out)
-        pw = torch.bmm(a.double().transpose(1, 2), ad).to(W.dtype)  # (e, in, out)
-        pb = ad.sum(dim=1, keepdim=True).to(b.dtype)  # (e, 1, out)
+        pw = _mm(a.double().transpose(1, 2), ad).to(W.dtype)  # (e, in, out)
+        pb = _row_sum(ad).to(b.dtype)  # (e, 1, out)
         W.mul_(1.0 - c).add_(c * pw)
         b.mul_(1.0 - c).add_(c * pb)
         stack.params[2 * li].index_copy_(0, ii, W)
@@ -382,8 +434,11 @@ def _row_slice(rows: list[int]) -> slice | None:
 
 
 def _adamw(params: list[Tensor], lr: float, weight_decay: float) -> FusedAdamW:
-    """The engine's AdamW (same defaults and update; PyTorch's fused kernel, called directly)."""
-    return FusedAdamW(params, [p.grad for p in params], lr, weight_decay)  # type: ignore[misc]
+    """The engine's AdamW (same defaults and update; PyTorch's fused kernel, called directly), stepping every
+    member's slice of every stacked parameter as a tensor of its own (see the per-member kernels above)."""
+    views = [p[i] for p in params for i in range(p.shape[0])]
+    grads = [p.grad[i] for p in params for i in range(p.shape[0])]  # type: ignore[index]
+    return FusedAdamW(views, grads, lr, weight_decay)
 
 
 def _run_group(members: list[_Member], device: torch.device, lr: float, weight_decay: float,
@@ -452,20 +507,14 @@ def _run_group(members: list[_Member], device: torch.device, lr: float, weight_d
                 m.losses.append(v)
         stack.backward(2.0 * wr, acts, stack.params, [p.grad for p in stack.params])  # type: ignore[misc]
         for rows, coef, kind in penalties:
-            # d/dq of coef |q|^2 is 2 coef q; of coef |q|_1, coef sign(q)
-            sl = _row_slice(rows)
-            idx = torch.tensor(rows, device=stack.device)
-            for p in stack.params:
-                g = p.grad
-                assert g is not None
-                if sl is not None:  # consecutive rows: update the gradient's rows in place
+            # d/dq of c |q|^2 is 2 c q; of c |q|_1, c sign(q); member by member (see the per-member kernels)
+            for i, c in zip(rows, coef.reshape(-1).tolist(), strict=True):
+                for p in stack.params:
+                    g = p.grad[i]  # type: ignore[index]
                     if kind == "ridge":
-                        g[sl].addcmul_(coef, p[sl], value=2.0)
+                        g.add_(p[i], alpha=2.0 * c)
                     else:
-                        g[sl].addcmul_(coef, torch.sign(p[sl]))
-                else:
-                    q = p.index_select(0, idx)
-                    g.index_add_(0, idx, coef * (2.0 * q if kind == "ridge" else torch.sign(q)))
+                        g.add_(torch.sign(p[i]), alpha=c)
         if stack.has_noise:
             for i in live:
                 m = members[i]
@@ -489,12 +538,31 @@ def _run_group(members: list[_Member], device: torch.device, lr: float, weight_d
     return finals
 
 
+@contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """On a CPU, one intra-op thread while the block runs: how a matrix product splits its sums over
+    threads changes its rounding (a float64 Gram of MinNorm-OG differs between 1 and 2 threads), so the
+    numbers of a run must not depend on the thread count of the process that happens to run it.
+    Parallelism comes from worker processes (``sweep --jobs``, ``bench poison --threads``)."""
+    if device.type != "cpu":
+        yield
+        return
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 def unlearn_batched(runs: Sequence[BatchedRun], device: str | torch.device = "cpu",
                     progress: Callable[[int], None] | None = None) -> list[BatchedOutcome]:
     """Run every run of ``runs`` (each must pass :func:`batchable`) and return their outcomes in order.
 
     Runs with the same learning rate, weight decay, architecture and number of epochs share one
-    stacked ensemble; groups run one after another on ``device`` with torch's current thread count.
+    stacked ensemble; groups run one after another on ``device`` (on a CPU with one intra-op thread).
+    A run's numbers do not depend on the other runs, their number, its position or the process's thread
+    count: they are those of the same run alone (see the per-member kernels).
 
     Args:
         runs: the runs; the problems' models are not modified.
@@ -522,7 +590,7 @@ def unlearn_batched(runs: Sequence[BatchedRun], device: str | torch.device = "cp
     for (lr, wd, _widths, _epochs), pos in groups.items():
         members = [_member(runs[j]) for j in pos]
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), _one_thread(dev):
             finals = _run_group(members, dev, lr, wd, progress)
         seconds = time.perf_counter() - t0
         for local, j in enumerate(pos):

@@ -49,6 +49,25 @@ def can_start_processes() -> bool:
     return start_method() == "fork" and not mp.current_process().daemon
 
 
+def exit_with_parent(parent_pid: int | None = None) -> None:
+    """Make this (worker) process die with its parent: on Linux the kernel sends it SIGTERM when the parent
+    exits (``prctl(PR_SET_PDEATHSIG)``), so a sweep killed by the OOM killer leaves no orphan running.
+    ``parent_pid``: exit at once if the parent is already gone (it may have died before the call)."""
+    import signal
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1
+            libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - no libc prctl: workers only notice at a send
+            pass
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
+
+
 class Channel:
     """A worker's end of its pipe: ``send(kind, payload)`` messages to the parent."""
 
@@ -65,7 +84,9 @@ class Channel:
         self._conn.send((kind, payload))
 
 
-def _child(target: Callable[[Any, Channel], None], shard: Any, conn: Any) -> None:  # pragma: no cover - child
+def _child(target: Callable[[Any, Channel], None], shard: Any, conn: Any,
+           parent: int | None = None) -> None:  # pragma: no cover - child
+    exit_with_parent(parent)  # a parent killed (OOM killer) takes its workers with it
     chan = Channel(conn, os.getppid())
     torch.set_num_threads(1)
     try:
@@ -109,7 +130,7 @@ def run_in_processes(target: Callable[[Any, Channel], None], shards: Sequence[An
     try:
         for w, shard in enumerate(shards):
             r, wconn = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_child, daemon=True, name=f"overunlearn-{name}-{w}", args=(target, shard, wconn))
+            p = ctx.Process(target=_child, daemon=True, name=f"overunlearn-{name}-{w}", args=(target, shard, wconn, os.getpid()))
             p.start()
             wconn.close()  # the child holds the write end; a dead child then reads as EOF here
             procs.append(p)
@@ -252,5 +273,5 @@ def run_in_threads(target: Callable[[Any], None], shards: Sequence[Any]) -> None
         raise errors[0]
 
 
-__all__ = ["Channel", "TaskCounter", "WORKER_START_TIMEOUT_S", "can_start_processes", "run_in_processes", "run_in_threads",
+__all__ = ["Channel", "TaskCounter", "WORKER_START_TIMEOUT_S", "can_start_processes", "exit_with_parent", "run_in_processes", "run_in_threads",
            "start_method"]

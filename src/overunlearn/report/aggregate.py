@@ -151,9 +151,10 @@ def _reportable(contents: JournalContents) -> dict[str, dict[str, Any]]:
 
 
 def provenance_of(rec: dict[str, Any]) -> str:
-    """Which code computed a record: its source fingerprint and torch version."""
+    """Which code computed a record: its source fingerprint, torch version and arithmetic (engine or vectorised)."""
     torch_version = (rec.get("versions") or {}).get("torch", "?") if isinstance(rec.get("versions"), dict) else "?"
-    return f"code {rec.get('code') or 'unknown'} (torch {torch_version})"
+    arithmetic = f", {rec['arithmetic']} arithmetic" if isinstance(rec.get("arithmetic"), str) else ""
+    return f"code {rec.get('code') or 'unknown'} (torch {torch_version}{arithmetic})"
 
 
 def mixed_provenance(records: list[dict[str, Any]]) -> str | None:

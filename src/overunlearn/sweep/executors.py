@@ -21,9 +21,14 @@ import concurrent.futures as cf
 import multiprocessing as mp
 import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Protocol
 
-from overunlearn.sweep.worker import configure_process, run_task
+from overunlearn.sweep.worker import WORKER_DIED, configure_process, failure_records, run_task
+
+#: how often a task is started again in a fresh pool after a worker died while it was in flight (the task
+#: that killed its worker cannot be told from the others that were in flight with it)
+WORKER_DEATH_RETRIES = 1
 
 
 class Executor(Protocol):
@@ -79,7 +84,10 @@ def _gpu_count() -> int:
         return 0
 
 
-def _pool_init(threads: int | None, devices: Any) -> None:
+def _pool_init(threads: int | None, devices: Any, parent_pid: int | None = None) -> None:
+    from overunlearn.workers import exit_with_parent
+
+    exit_with_parent(parent_pid)
     dev = None
     if devices is not None:
         dev = devices.get()
@@ -119,25 +127,62 @@ class ProcessPoolExecutor(_Base):
                 for i in range(self.jobs):
                     devices.put(ids[i % len(ids)])
             self._pool = cf.ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx, initializer=_pool_init,
-                                                initargs=(self.threads, devices))
+                                                initargs=(self.threads, devices, os.getpid()))
         return self._pool
 
     def run(self, tasks: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        pool = self._start()
+        """Yield each task's record(s). A worker that dies (killed, out of memory) breaks the pool: the
+        tasks in flight are started again in a fresh pool, and one whose worker dies again is recorded
+        as failed (``error_type`` ``"WorkerDied"``; a rerun of the sweep retries it)."""
         it = iter(tasks)
-        pending: set[cf.Future] = set()
+        pending: dict[cf.Future, dict[str, Any]] = {}
+        retry: list[dict[str, Any]] = []
+        deaths: dict[int, int] = {}  # id(task) -> worker deaths while it was in flight
         exhausted = False
         while True:
-            while not exhausted and len(pending) < self.max_in_flight:
-                try:
-                    pending.add(pool.submit(run_task, next(it)))
-                except StopIteration:
-                    exhausted = True
+            pool = self._start()
+            while len(pending) < self.max_in_flight and (retry or not exhausted):
+                if retry:
+                    task = retry.pop(0)
+                else:
+                    try:
+                        task = next(it)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                pending[pool.submit(run_task, task)] = task
             if not pending:
                 return
-            done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            broken = False
             for fut in done:
-                yield fut.result()
+                task = pending.pop(fut)
+                try:
+                    rec = fut.result()
+                except BrokenProcessPool:
+                    broken = True
+                    retry.append(task)
+                    continue
+                yield rec
+            if broken:
+                # every future of a broken pool fails: start all in-flight tasks again in a fresh pool
+                retry += list(pending.values())
+                pending.clear()
+                self._discard_pool()
+                for task in list(retry):
+                    deaths[id(task)] = deaths.get(id(task), 0) + 1
+                    if deaths[id(task)] > WORKER_DEATH_RETRIES:
+                        retry.remove(task)
+                        yield failure_records(task, WORKER_DIED, (
+                            "a worker process died (killed, or out of memory) while running this task, twice; it "
+                            "is not counted as done: rerun the sweep to retry it (with fewer --jobs if memory is "
+                            "short)"))
+
+    def _discard_pool(self) -> None:
+        """Forget a broken pool (its processes are gone or being shut down)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def close(self) -> None:
         if self._pool is not None:

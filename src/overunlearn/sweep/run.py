@@ -14,6 +14,7 @@ from overunlearn.sweep.executors import Executor, SequentialExecutor
 from overunlearn.sweep.journal import (
     DETERMINISTIC_ERRORS,
     FINISHED,
+    JournalContents,
     JournalWriter,
     code_fingerprint,
     describe_stale,
@@ -24,6 +25,7 @@ from overunlearn.sweep.journal import (
     stale_trials,
 )
 from overunlearn.sweep.spec import SweepSpec, Trial, benchmark_key, check_benchmark
+from overunlearn.sweep.worker import ENGINE, VECTORISED
 
 #: failures in these phases are not about the trial: the same error would hit every trial
 SETUP_PHASES = ("benchmark", "problem")
@@ -84,12 +86,12 @@ def make_tasks(trials: list[Trial], device: str, threads: int | None = None, bat
             groups.setdefault(key, []).append(t)
     for members in groups.values():
         for i in range(0, len(members), batch):
+            # a chunk of one is a batch task too: a batchable trial then always runs vectorised, whatever
+            # else is pending (a resumed sweep may leave one trial of a group); its numbers do not depend
+            # on its batch (ensemble_unlearn.py runs every member's arithmetic as it would run alone)
             chunk = members[i : i + batch]
-            if len(chunk) == 1:
-                tasks.append(trial_task(chunk[0], device, threads))
-            else:
-                tasks.append({"kind": "batch", "tasks": [trial_task(t, device, threads) for t in chunk],
-                              "device": device, "threads": threads})
+            tasks.append({"kind": "batch", "tasks": [trial_task(t, device, threads) for t in chunk],
+                          "device": device, "threads": threads})
     return tasks
 
 
@@ -178,6 +180,26 @@ def _stderr(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
 
 
+def mixed_arithmetic(contents: JournalContents, spec: SweepSpec, todo: list[Trial], batch: int) -> str | None:
+    """A warning when this run would compute pending epoch-budget trials with the other arithmetic (engine or
+    vectorised, ``--batch``) than finished ones in the journal, else ``None``."""
+    ids = {t.id for t in spec.trials if batch_key(t) is not None}
+    counts: dict[str, int] = {}
+    for rid, rec in contents.latest_trials().items():
+        if rid in ids and rec.get("status") == FINISHED and rec.get("arithmetic") in (ENGINE, VECTORISED):
+            counts[rec["arithmetic"]] = counts.get(rec["arithmetic"], 0) + 1
+    pending = sum(1 for t in todo if t.id in ids)
+    planned = VECTORISED if batch > 1 else ENGINE
+    other = ENGINE if planned == VECTORISED else VECTORISED
+    if not pending or not counts.get(other):
+        return None
+    how = "--batch 0" if other == ENGINE else f"--batch {max(2, spec.batch)}"
+    return (f"{counts[other]} finished trial(s) were computed by the {other} arithmetic and this run computes "
+            f"{pending} with the {planned} one where the model allows (batch = {batch}); the two agree to float32 "
+            f"rounding only, which long or ill-conditioned runs amplify. Use {how} to keep one arithmetic in this "
+            "journal")
+
+
 def reference_tasks(spec: SweepSpec, done: set[tuple[str, int]], device: str,
                     threads: int | None) -> list[dict[str, Any]]:
     """One task per (benchmark configuration, seed) of the spec whose reference is not in ``done``."""
@@ -253,6 +275,9 @@ def run_sweep(spec: SweepSpec, journal: str | Path, executor: Executor | None = 
             if rerun_stale:
                 done -= set(stale)
         todo = pending_trials(spec, done)
+        mixed = mixed_arithmetic(contents, spec, todo, batch)
+        if mixed:
+            emit_warnings([f"journal {journal}: {mixed}"], warn)
         distinct = len({t.id for t in spec.trials})
         result = SweepResult(journal=journal, total=distinct, skipped=distinct - len(todo))
         if max_trials is not None:

@@ -104,6 +104,27 @@ def _error_fields(exc: BaseException) -> dict[str, Any]:
     return out
 
 
+#: ``"arithmetic"`` of a trial record: which code computed it. The two agree to float32 rounding, which
+#: long or ill-conditioned runs amplify (docs/reliability.md); within one, numbers do not depend on scheduling
+ENGINE = "engine"
+VECTORISED = "vectorised"
+
+#: ``error_type`` of a task whose worker process died (killed, out of memory): not deterministic, retried
+WORKER_DIED = "WorkerDied"
+
+
+def failure_records(task: dict[str, Any], error_type: str, message: str) -> dict[str, Any]:
+    """The record(s) of a task that produced none of its own (its worker died): each trial of it, or the
+    reference, as ``failed`` with ``error_type`` and ``message``, in the shape :func:`run_task` returns."""
+    if task["kind"] == "batch":
+        return {"kind": "batch", "records": [failure_records(sub, error_type, message) for sub in task["tasks"]]}
+    err = {"status": "failed", "error_type": error_type, "error": f"{error_type}: {message}", "phase": "worker"}
+    if task["kind"] == "reference":
+        return {"kind": "reference", "benchmark": task["benchmark"], "benchmark_key": task["benchmark_key"],
+                "seed": task["seed"], **err}
+    return {"kind": "trial", "id": task["id"], "config_key": task["config_key"], **task["trial"], **err}
+
+
 def run_task(task: dict[str, Any]) -> dict[str, Any]:
     """Run one task and return its record; exceptions are caught and recorded, never raised."""
     if task.get("threads") and _CONFIGURED["threads"] != task["threads"]:
@@ -159,7 +180,7 @@ def _run_trial(task: dict[str, Any]) -> dict[str, Any]:
         r = result.record
         rec.update(steps=r.steps, epochs_completed=r.epochs_completed, steps_per_epoch=r.steps_per_epoch,
                    seconds=r.seconds, setup_seconds=r.setup_seconds, stopped_by=r.stopped_by,
-                   epoch_losses=r.epoch_losses)
+                   epoch_losses=r.epoch_losses, arithmetic=ENGINE)
         phase = "evaluate"
         metrics = bench.evaluate(result.model, t["seed"])
         rec["metrics"] = {k: float(v) for k, v in metrics.items()}
@@ -216,7 +237,8 @@ def _run_batch(task: dict[str, Any]) -> dict[str, Any]:
         r = out.record
         rec.update(steps=r.steps, epochs_completed=r.epochs_completed, steps_per_epoch=r.steps_per_epoch,
                    seconds=r.seconds, setup_seconds=r.setup_seconds, stopped_by=r.stopped_by,
-                   epoch_losses=r.epoch_losses, batch={"size": out.batch_size, "seconds": out.batch_seconds})
+                   epoch_losses=r.epoch_losses, batch={"size": out.batch_size, "seconds": out.batch_seconds},
+                   arithmetic=VECTORISED)
         t0 = time.perf_counter()
         if out.model is None:
             rec.update(status="failed", phase="unlearn", error=out.error, error_type=out.error_type)
