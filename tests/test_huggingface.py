@@ -379,3 +379,28 @@ def test_trainer_runs_methods_end_to_end_with_evaluation(tmp_path):
         UnlearningTrainer(gpt2(), transformers.TrainingArguments(output_dir=str(tmp_path), gradient_accumulation_steps=2,
                                                                  use_cpu=True, report_to=[]),
                           method="gd", retain_dataset=retain, forget_dataset=forget, task=CausalLMTask())
+
+
+def test_transformer_encoder_projection_raises_no_torch_batching_warnings():
+    import warnings
+
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0),
+                                              1, enable_nested_tensor=False), nn.Flatten(), nn.Linear(8 * 3, 2))
+    data = TensorData(torch.randn(10, 3, 8), torch.randint(0, 2, (10,)))
+    p = UnlearningProblem(enc, data.subset(range(6)), data.subset(range(6, 10)), ClassificationTask())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unlearn(p, create("minnorm_og", reg_coef=0.05), Budget(steps=2), device="cpu")
+
+
+def test_privacy_signals_of_a_language_model():
+    from overunlearn.metrics.signals import compute_signals
+
+    p = lm_problem(gpt2())
+    sig = compute_signals(p.model, p.forget, p.task, batch_size=3)
+    assert sig.loss.shape == (len(p.forget),)
+    with torch.no_grad():
+        expected = p.task.per_sample_loss(p.model.eval()(**p.forget.inputs), p.forget.targets).double().numpy()
+    assert abs(sig.loss - expected).max() < 1e-6  # mean token NLL per example
+    assert set(sig.correct.tolist()) <= {0.0, 1.0}
