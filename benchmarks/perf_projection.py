@@ -26,8 +26,23 @@ Cases ((a) and (c) are models of the paper's experiments, Appendices F.2 and F.3
   scores. On CPU the batch and k are reduced (``--cpu-resnet-batch``, ``--cpu-resnet-k``)
   and labelled in the output.
 
+* (d) GPT-2-shaped causal LM built from config (4 layers, width 256, 4 heads, vocabulary 512, tied
+  embeddings, 3.3M parameters), 64 tokens, batch 64, k = 50 sequences (one sequence score each:
+  the log-likelihood of tokens 9-64; the first 8 are an unscored prompt);
+* (e) GPT-2 small shape (12 layers, width 768, vocabulary 50257, 124M parameters), 512 tokens,
+  batch 8, k = 50 sequences: a GPU case, skipped without CUDA unless ``--cpu-gpt2-small`` (then
+  a labelled smaller run: ``--cpu-gpt2-tokens`` tokens, batch and k ``--cpu-gpt2-k``);
+* (f) ViT-Tiny-shaped image transformer (12 layers, width 192, 3 heads, MLP 768, patch 16,
+  10 classes): 224x224 images (197 tokens), batch 64, k = 50 on a GPU; on CPU 112x112 images
+  (50 tokens, ``--cpu-vit-image``), labelled.
+
+Transformers are built from configs with random weights (no downloads) and eager attention, for
+the GD step and the projection alike (MinNorm-OG's step switches Hugging Face models to eager
+attention anyway).
+
 Targets: (b) fast projection <= 3x a GD step on CPU and >= 8x faster than the reference;
-(c) fast projection <= 3x a GD step on GPU.
+(c) fast projection <= 3x a GD step on GPU (issue 16: <= 1.5x); (d) fast <= 1.5x GD and
+reference / fast >= 20x on CPU; (e) fast <= 1.5x GD on a GPU; (f) fast <= 2x GD.
 
 Timing: device synchronised before and after every call, ``--warmup`` untimed calls, median
 of ``--repeats`` timed calls. On a shared machine the absolute times are noisy; the ratios,
@@ -43,6 +58,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -57,8 +73,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from overunlearn import structure
 from overunlearn.methods.minnorm_og import minnorm_projection_step
-from overunlearn.problem import Batch, ClassificationTask, RegressionTask, Task
+from overunlearn.problem import Batch, CausalLMTask, ClassificationTask, RegressionTask, Task
 
 # ---- models ----------------------------------------------------------------------------------
 
@@ -79,6 +96,30 @@ def resnet18_two_head() -> nn.Module:
     from overunlearn.models.resnet import two_head_resnet18
 
     return two_head_resnet18(num_classes=10, color_classes=3)
+
+
+def gpt2_lm(layers: int, width: int, heads: int, vocab: int, positions: int) -> nn.Module:
+    import transformers
+
+    cfg = transformers.GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=vocab, n_positions=positions,
+                                  bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def vit_tiny(image: int, classes: int = 10) -> nn.Module:
+    import transformers
+
+    cfg = transformers.ViTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
+                                 image_size=image, patch_size=16, num_channels=3, num_labels=classes,
+                                 attn_implementation="eager")
+    return transformers.ViTForImageClassification(cfg)
+
+
+def lm_batch(n: int, tokens: int, vocab: int, prompt: int, g: torch.Generator) -> Batch:
+    ids = torch.randint(0, vocab, (n, tokens), generator=g)
+    labels = ids.clone()
+    labels[:, :prompt] = -100
+    return Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels)
 
 
 class _FallbackCNN(nn.Module):  # pragma: no cover
@@ -117,9 +158,15 @@ class Case:
         return self
 
     @property
+    def with_targets(self) -> bool:
+        return isinstance(self.task, CausalLMTask)
+
+    @property
     def heads(self) -> int:
-        out = self.model(self.batch.inputs[:2])
-        return len(out) if isinstance(out, tuple) else 1
+        two = self.batch.select(torch.arange(2))
+        with torch.no_grad():
+            out = structure.call_model(self.model, two.inputs)
+            return int(self.task.scores(out, two.targets if self.with_targets else None).shape[1])
 
 
 def build_case(key: str, device: torch.device, args: argparse.Namespace) -> Case:
@@ -143,6 +190,26 @@ def build_case(key: str, device: torch.device, args: argparse.Namespace) -> Case
                       (torch.randint(0, 10, (n,), generator=g), torch.randint(0, 3, (n,), generator=g)))
         return Case("c", "two-head ResNet-18 (CIFAR stem) 3x32x32", resnet18_two_head(), batch,
                     ClassificationTask(), k, note).to(device)
+    if key == "d":
+        return Case("d", "GPT-2-shaped causal LM, 4 layers x 256, vocabulary 512, 64 tokens",
+                    gpt2_lm(4, 256, 4, 512, 64), lm_batch(64, 64, 512, 8, g), CausalLMTask(), 50).to(device)
+    if key == "e":
+        tokens, n, k, note = 512, 8, 50, ""
+        if device.type == "cpu":
+            tokens, n, k = args.cpu_gpt2_tokens, args.cpu_gpt2_k, args.cpu_gpt2_k
+            note = f"CPU: {tokens} tokens, batch {n}, k={k} instead of 512 / 8 / 50"
+        return Case("e", f"GPT-2 small shape (12 x 768, vocabulary 50257), {tokens} tokens",
+                    gpt2_lm(12, 768, 12, 50257, 1024), lm_batch(n, tokens, 50257, 8, g), CausalLMTask(), k,
+                    note).to(device)
+    if key == "f":
+        image, note = 224, ""
+        if device.type == "cpu":
+            image = args.cpu_vit_image
+            note = f"CPU: {image}x{image} images ({(image // 16) ** 2 + 1} tokens) instead of 224x224 (197 tokens)"
+        n = 64
+        batch = Batch(torch.randn(n, 3, image, image, generator=g), torch.randint(0, 10, (n,), generator=g))
+        return Case("f", f"ViT-Tiny shape (12 x 192, patch 16), {image}x{image}", vit_tiny(image), batch,
+                    ClassificationTask(), 50, note).to(device)
     raise ValueError(f"unknown case {key!r}")
 
 
@@ -174,7 +241,7 @@ def gd_step(case: Case) -> Callable[[], None]:
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        task.per_sample_loss(model(batch.inputs), batch.targets).mean().backward()
+        task.per_sample_loss(structure.call_model(model, batch.inputs), batch.targets).mean().backward()
         opt.step()
 
     return step
@@ -186,7 +253,7 @@ def projection(case: Case, implementation: str) -> Callable[[], None]:
 
     def step() -> None:
         minnorm_projection_step(case.model, case.batch, case.task.scores, strata, 0.01, case.n_pert, gen,
-                                "per_sample", implementation)
+                                "per_sample", implementation, with_targets=case.with_targets)
 
     return step
 
@@ -218,7 +285,9 @@ def _maxrss_bytes() -> float:
 def cpu_peak_in_child(key: str, what: str, args: argparse.Namespace) -> float | None:
     """Growth of a fresh process's peak RSS while it runs ``what`` once (``fast``, ``reference`` or ``gd``)."""
     cmd = [sys.executable, __file__, "--_probe", key, what, "--cpu-resnet-batch", str(args.cpu_resnet_batch),
-           "--cpu-resnet-k", str(args.cpu_resnet_k), "--threads", str(args.threads)]
+           "--cpu-resnet-k", str(args.cpu_resnet_k), "--threads", str(args.threads),
+           "--cpu-gpt2-tokens", str(args.cpu_gpt2_tokens), "--cpu-gpt2-k", str(args.cpu_gpt2_k),
+           "--cpu-vit-image", str(args.cpu_vit_image)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.probe_timeout, check=True)
         return float(json.loads(out.stdout.strip().splitlines()[-1])["rss_growth_bytes"])
@@ -266,6 +335,9 @@ def run_case(key: str, device: torch.device, args: argparse.Namespace) -> dict:
                  "repeats": repeats, "jacobian_mib_fp32": rows * case.d * 4 / 2**20}
     gd = timed(gd_step(case), device, repeats, warmup)
     fast = timed(projection(case, "fast"), device, repeats, warmup)
+    from overunlearn.linalg import projection as lp
+
+    res["route"] = dataclasses.asdict(lp.last_route)
     ref = None
     if not args.skip_reference:
         ref_repeats = repeats if not (key == "c" and device.type == "cpu") else 1
@@ -293,11 +365,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median reported)")
     ap.add_argument("--quick", action="store_true", help="3 repeats, ResNet-18 on CPU at batch 16 / k=4")
-    ap.add_argument("--cases", default="a,b,c", help="comma-separated subset of a,b,c")
+    ap.add_argument("--cases", default="a,b,c,d,e,f", help="comma-separated subset of a,b,c,d,e,f")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--cpu-resnet-batch", type=int, default=32)
     ap.add_argument("--cpu-resnet-k", type=int, default=10, help="samples per head for ResNet-18 on CPU")
     ap.add_argument("--cpu-resnet-repeats", type=int, default=2)
+    ap.add_argument("--cpu-gpt2-small", action="store_true", help="run case (e) on CPU (reduced, labelled)")
+    ap.add_argument("--cpu-gpt2-tokens", type=int, default=64)
+    ap.add_argument("--cpu-gpt2-k", type=int, default=4, help="batch and k of case (e) on CPU")
+    ap.add_argument("--cpu-vit-image", type=int, default=112, help="image size of case (f) on CPU")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory child processes")
     ap.add_argument("--probe-timeout", type=float, default=900.0)
@@ -325,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# command: {' '.join([sys.executable.split('/')[-1], *sys.argv])}")
     results = []
     for key in [c.strip() for c in args.cases.split(",") if c.strip()]:
+        if key == "e" and device.type == "cpu" and not args.cpu_gpt2_small:
+            print("\n(e) GPT-2 small shape: skipped (a GPU case; --cpu-gpt2-small runs a reduced CPU version)")
+            continue
         r = run_case(key, device, args)
         results.append(r)
         print(f"\n({key}) {r['label']}: d={r['d']:,}, batch {r['batch']}, k={r['k_samples']} samples "
@@ -333,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    GD step (fwd+bwd+AdamW)     {fmt_s(r['gd_s'])}   peak mem {fmt_b(r.get('mem_gd'))}")
         print(f"    projection, fast            {fmt_s(r['fast_s'])}   peak mem {fmt_b(r.get('mem_fast'))}"
               f"   = {r['fast_over_gd']:.2f} x GD")
+        rt = r["route"]
+        print(f"      route: {rt['path']}" + (f" ({rt['reason']})" if rt["reason"] else
+                                             f", parameters ghost {rt['ghost']} / rows {rt['rows']} / torch.func {rt['dense']}"))
         if r["ref_s"] is not None:
             print(f"    projection, reference       {fmt_s(r['ref_s'])}   peak mem {fmt_b(r.get('mem_ref'))}"
                   f"   = {r['ref_s'] / r['gd_s']:.2f} x GD; fast is {r['ref_over_fast']:.2f} x faster")
@@ -343,7 +425,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    target (b, CPU): fast <= 3 x GD: {'MET' if ok1 else 'MISSED'}; "
                   f"fast >= 8 x faster than reference: {'MET' if ok2 else 'MISSED'}")
         if key == "c" and device.type == "cuda":
-            print(f"    target (c, GPU): fast <= 3 x GD: {'MET' if r['fast_over_gd'] <= 3 else 'MISSED'}")
+            print(f"    target (c, GPU): fast <= 1.5 x GD: {'MET' if r['fast_over_gd'] <= 1.5 else 'MISSED'}")
+        if key == "d" and device.type == "cpu":
+            ok1, ok2 = r["fast_over_gd"] <= 1.5, r["ref_over_fast"] is not None and r["ref_over_fast"] >= 20
+            print(f"    target (d, CPU): fast <= 1.5 x GD: {'MET' if ok1 else 'MISSED'}; "
+                  f"reference / fast >= 20: {'MET' if ok2 else 'MISSED' if r['ref_over_fast'] else 'not measured'}")
+        if key == "e" and device.type == "cuda":
+            print(f"    target (e, GPU): fast <= 1.5 x GD: {'MET' if r['fast_over_gd'] <= 1.5 else 'MISSED'}")
+        if key == "f":
+            print(f"    target (f): fast <= 2 x GD: {'MET' if r['fast_over_gd'] <= 2 else 'MISSED'}"
+                  + (" (reduced CPU shape)" if r["note"] else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "device": str(device), "device_name": name,

@@ -117,7 +117,7 @@ _MIN_FACTORED_FRACTION = 0.25
 _MAX_GHOST_ENTRIES = 1 << 23
 
 #: bytes of one float64 slice of formed rows (``k x columns``) in the Gram accumulation
-_ROWS_BYTES = 1 << 24
+_ROWS_BYTES = 1 << 22
 
 
 def _conv_factored_cheaper(n: int, heads: int, c_out: int, patch: int, t: int) -> bool:
@@ -319,6 +319,18 @@ def _route(path: str, reason: str = "", **counts: int) -> None:
     last_route = Route(path=path, reason=reason, **counts)
 
 
+def _hook_target(out: Tensor) -> Tensor | None:
+    """The tensor to hook for ``out``'s gradient before later in-place ops: ``out`` itself, or the
+    base of a view that covers the whole base (``None``: another kind of view)."""
+    base = out._base
+    if base is None:
+        return out
+    if (base.numel() == out.numel() and out.is_contiguous() and base.is_contiguous()
+            and out.storage_offset() == base.storage_offset()):
+        return base
+    return None
+
+
 def _non_finite() -> FloatingPointError:
     return FloatingPointError("the output Jacobian contains NaN or infinite values")
 
@@ -357,6 +369,7 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
     blocks: list[Block] = []
     grads: dict[int, Tensor] = {}
     versions: dict[int, tuple[list[int], int]] = {}
+    hookable: dict[int, bool] = {}
 
     n_in = structure.batch_len(inputs)
     expanded: list[nn.Module] = []
@@ -382,9 +395,15 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
         blocks.append(blk)
         calls[m].append(blk)
         versions[slot] = ([t._version for t in blk.saved], blk.output._version)
-        # a tensor hook sees the gradient w.r.t. the layer's output even if a following in-place op
-        # (ReLU(inplace=True)) overwrites it
-        blk.output.register_hook(lambda g, s=slot: grads.__setitem__(s, g.detach()))
+        # for an output that a later in-place op (ReLU(inplace=True)) overwrites: a tensor hook sees
+        # the gradient w.r.t. the value before that op. On a view (a linear layer on a sequence
+        # returns its matrix product reshaped), the hook goes on the base tensor: a view's hook is
+        # lost when the view is modified in place
+        target = _hook_target(blk.output)
+        if target is not None:
+            shape = blk.output.shape
+            target.register_hook(lambda g, s=slot, shape=shape: grads.__setitem__(s, g.detach().reshape(shape)))
+        hookable[slot] = target is not None
         return out if expanded and expanded[-1] is m else None
 
     # (a copy: the model may work in place on its input)
@@ -412,7 +431,11 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
     slot_of = {id(b): s for s, b in enumerate(blocks)}
     for m, cs in calls.items():
         for j, blk in enumerate(cs):
-            if blk is not None and (blk.batch != n or [t._version for t in blk.saved] != versions[slot_of[id(blk)]][0]):
+            if blk is None:
+                continue
+            s = slot_of[id(blk)]
+            changed = blk.output._version != versions[s][1]
+            if blk.batch != n or [t._version for t in blk.saved] != versions[s][0] or (changed and not hookable[s]):
                 cs[j] = None
     owners = _owners(model)
     uses = _Uses()
@@ -445,14 +468,18 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
             below = below if below is not None else next(q for _, q in blk.parameters())
             wanted[id(below)] = below
     per_head: dict[int, list[Tensor]] = {slot_of[id(b)]: [] for b in needed}
+    order = list(wanted)
     for h in range(heads):
         grads.clear()
         with record_function("overunlearn::head_backward"):
-            torch.autograd.grad(scores[:, h].sum(), list(wanted.values()), retain_graph=True, allow_unused=True)
+            got = torch.autograd.grad(scores[:, h].sum(), list(wanted.values()), retain_graph=True, allow_unused=True)
+        returned = dict(zip(order, got))
         for blk in needed:
             s = slot_of[id(blk)]
             out_m = blk.output
-            per_head[s].append(grads.get(s, torch.zeros(out_m.shape, dtype=out_m.dtype, device=out_m.device)))
+            # an unchanged output: the gradient autograd returned for it; else the tensor hook's
+            g = returned.get(id(out_m)) if out_m._version == versions[s][1] else grads.get(s)
+            per_head[s].append(g if g is not None else torch.zeros(out_m.shape, dtype=out_m.dtype, device=out_m.device))
     try:
         with record_function("overunlearn::blocks"):
             for blk in needed:
@@ -534,14 +561,13 @@ def _rows_gram(p: Tensor, us: list[tuple[Block, str]], vp: Tensor, gram: Tensor,
     first = p.shape[0] if p.dim() else 1
     inner = max(1, p.numel() // max(first, 1))
     supports = [blk.support(name) for blk, name in us]
-    if any(s is None for s in supports):
-        index = torch.arange(first, device=p.device)
-    else:
-        index = torch.unique(torch.cat([s for s in supports if s is not None]))
+    index = None if any(s is None for s in supports) else torch.unique(torch.cat([s for s in supports if s is not None]))
+    count = first if index is None else index.numel()
     per = max(1, _ROWS_BYTES // (8 * k * inner))
     v2 = vp.reshape(first, inner)
-    for s in range(0, index.numel(), per):
-        ix = index[s : s + per]
+    for s in range(0, count, per):
+        # (a slice where every index is wanted: the blocks then work on views, not gathered copies)
+        ix = slice(s, min(s + per, count)) if index is None else index[s : s + per]
         rows = None
         for blk, name in us:
             r = blk.rows(name, ix)

@@ -102,8 +102,9 @@ class Block:
         """Indices along the parameter's first dimension outside which its rows are zero (``None``: any)."""
         return None
 
-    def rows(self, name: str, index: Tensor) -> Tensor:
-        """The Jacobian rows ``(k, len(index) * inner)`` of the parameter's first-dimension slices ``index``."""
+    def rows(self, name: str, index: Tensor | slice) -> Tensor:
+        """The Jacobian rows ``(k, len(index) * inner)`` of the parameter's first-dimension slices ``index``
+        (a sorted tensor of indices, or a ``slice`` with step 1)."""
         raise NotImplementedError
 
     def back(self, name: str, alpha: Tensor) -> Tensor:
@@ -126,7 +127,7 @@ class RowsBlock(Block):
             cache[name] = self.all_rows(name)
         return cache[name]
 
-    def rows(self, name: str, index: Tensor) -> Tensor:
+    def rows(self, name: str, index: Tensor | slice) -> Tensor:
         p = self.module._parameters[name]
         r = self._cached(name)
         return r.view(self.k, p.shape[0] if p.dim() else 1, -1)[:, index].reshape(self.k, -1)
@@ -185,6 +186,11 @@ def stock(module: nn.Module, base: type) -> bool:
     return (type(module).forward is base.forward and not parametrize.is_parametrized(module)
             and (w is None or isinstance(w, nn.Parameter)) and "weight" not in module.__dict__
             and not module._forward_hooks and not module._forward_pre_hooks)
+
+
+def count(index: Tensor | slice, size: int) -> int:
+    """How many indices ``index`` (a tensor, or a slice of a dimension of length ``size``) selects."""
+    return index.numel() if isinstance(index, Tensor) else len(range(*index.indices(size)))
 
 
 def first_input(args: tuple, kwargs: dict[str, Any], *names: str) -> Tensor:

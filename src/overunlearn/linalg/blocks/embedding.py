@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from overunlearn.linalg.blocks.base import Block, Budget, Decline, first_input, register_block, stock
+from overunlearn.linalg.blocks.base import Block, Budget, Decline, count, first_input, register_block, stock
 
 
 @register_block(nn.Embedding)
@@ -63,17 +63,18 @@ class EmbeddingBlock(Block):
         rhs = (self.d.double() * v.double()[self.per_row(self.ids)]).sum(dim=(1, 2))
         return gram, rhs
 
-    def rows(self, name: str, index: Tensor) -> Tensor:
+    def rows(self, name: str, index: Tensor | slice) -> Tensor:
         k, t, e = self.d.shape
         vocab = self.module.weight.shape[0]
-        where = torch.full((vocab,), -1, dtype=torch.long, device=index.device)
-        where[index] = torch.arange(index.numel(), device=index.device)
+        c = count(index, vocab)
+        where = torch.full((vocab,), -1, dtype=torch.long, device=self.ids.device)
+        where[index] = torch.arange(c, device=self.ids.device)
         pos = self.per_row(where[self.ids])  # (k, T): column slot of each token, -1 if not in index
         keep = pos >= 0
-        slot = (torch.arange(k, device=pos.device)[:, None] * index.numel() + pos)[keep]
-        out = torch.zeros(k * index.numel(), e, dtype=self.d.dtype, device=self.d.device)
+        slot = (torch.arange(k, device=pos.device)[:, None] * c + pos)[keep]
+        out = torch.zeros(k * c, e, dtype=self.d.dtype, device=self.d.device)
         out.index_add_(0, slot, self.d[keep])
-        return out.view(k, index.numel() * e)
+        return out.view(k, c * e)
 
     def back(self, name: str, alpha: Tensor) -> Tensor:
         w = self.module.weight

@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from overunlearn.linalg.blocks.base import Block, Budget
+from overunlearn.linalg.blocks.base import Block, Budget, count
 
 
 class PositionalBlock(Block):
@@ -83,7 +83,7 @@ class PositionalBlock(Block):
         n, k = self.n, self.k
         if name == "bias":
             return self.d[:, :, index].sum(1)
-        c = index.numel()
+        c = count(index, self.d.shape[2] if self.layout == "op" else self.a.shape[2])
         if self.layout == "op":
             left, right = self.d[:, :, index].transpose(1, 2), self.a  # (k, c, T), (n, T, p)
         else:

@@ -1,0 +1,454 @@
+"""Per-layer blocks of the hooked projection (``linalg/blocks``), held to the vmapped Jacobian and to
+the float64 QR reference.
+
+Every block kind on small random models of its layer (ghost form and formed rows both forced), with
+padding, tied weights, a module called twice, in-place operations and frozen parameters;
+hypothesis-generated shapes for the sequence linear layer; a user-registered block (right: used;
+wrong: caught by the check); layers that are declined still give the right projection; tiny
+GPT-2 / Llama / BERT / ViT models built from configs and a LoRA adapter. ``last_route`` says which
+path a call took, so each test also checks that the blocks, not the fallback, did the work.
+
+Tolerances: float64 models <= 1e-9 relative (against the vmapped Jacobian's projection) and
+<= 1e-8 (against QR, where the Jacobian has full row rank); float32 models <= 1e-4.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import overunlearn.linalg.projection as P
+from overunlearn.linalg.blocks import RowsBlock, register_block
+from overunlearn.linalg.blocks.base import _REGISTRY
+from overunlearn.linalg.blocks.embedding import EmbeddingBlock
+from overunlearn.linalg.jacobian import call_scores, output_jacobian, output_jacobian_reference
+from overunlearn.linalg.projection import project_model_onto_span, project_onto_span, project_onto_span_qr
+from overunlearn.problem import CausalLMTask, ClassificationTask
+
+F64 = torch.float64
+
+
+def flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
+def relerr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+def identity(out):
+    return out if out.dim() == 2 else out.reshape(out.shape[0], -1)
+
+
+def check(model, x, score=identity, targets=None, v=None, tol=1e-9, qr=True, dense=0, path="hooked"):
+    """The hooked projection equals the vmapped one (and QR); returns the projection."""
+    v = flat(model) if v is None else v
+    got = project_model_onto_span(model, x, score, v, targets=targets)
+    route = P.last_route
+    ref = project_onto_span(output_jacobian(model, x, score, targets=targets), v)
+    assert relerr(got, ref) <= tol, (relerr(got, ref), route)
+    if qr:
+        jr = output_jacobian_reference(model, x, score, targets=targets)
+        sv = torch.linalg.svdvals(jr.double())
+        if jr.shape[0] < jr.shape[1] and float(sv[-1] / sv[0]) > 1e-4:
+            assert relerr(got, project_onto_span_qr(jr, v)) <= max(tol, 1e-8)
+    assert route.path == path, route
+    if path == "hooked":
+        assert route.dense == dense, route
+    assert float(got.norm()) > 1e-6 * float(v.norm())
+    return got
+
+
+@pytest.fixture(params=[True, False], ids=["ghost", "rows"])
+def ghost(request, monkeypatch):
+    """Force every layer with a ghost form into it (or out of it)."""
+    monkeypatch.setattr(P, "_conv_factored_cheaper", lambda *a: request.param)
+    monkeypatch.setattr(EmbeddingBlock, "ghost_cheaper", lambda self, name, budget: request.param)
+    return request.param
+
+
+# ---------------------------------------------------------------- one model per layer kind
+
+class SeqLinear(nn.Module):
+    """Linear layers on (n, T, in) and (n, T, S, in) inputs, bias and no bias, two heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 6)
+        self.b = nn.Linear(6, 4, bias=False)
+        self.h1, self.h2 = nn.Linear(4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.b(torch.tanh(self.a(x))))  # (n, T, S, 4)
+        z = h.mean(dim=(1, 2))
+        return self.h1(z), self.h2(z)
+
+
+class Tokens(nn.Module):
+    """Embedding (with a padding index) -> LayerNorm -> sequence Linear -> RMSNorm -> pooled head."""
+
+    def __init__(self, vocab: int = 11, width: int = 6) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width, padding_idx=0)
+        self.ln = nn.LayerNorm(width)
+        self.lin = nn.Linear(width, width)
+        self.rms = nn.RMSNorm(width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, ids):
+        h = torch.tanh(self.lin(self.ln(self.emb(ids))))
+        return self.head(self.rms(h).mean(1))
+
+
+class Convs1d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 4, 3, padding=1)
+        self.c2 = nn.Conv1d(4, 3, 2, stride=2, dilation=2, bias=False)
+        self.bn = nn.BatchNorm1d(3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.bn(self.c2(torch.tanh(self.c1(x))))
+        return self.head(torch.tanh(h).mean(-1))
+
+
+class Norms2d(nn.Module):
+    """LayerNorm over two trailing dimensions, LayerNorm without bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.ln2 = nn.LayerNorm((3, 4))
+        self.ln = nn.LayerNorm(4, bias=False)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):  # (n, 3, 4)
+        return self.head(self.ln(torch.tanh(self.ln2(self.lin(x)))).sum(1))
+
+
+def _gpt2_conv1d_model():
+    from transformers.pytorch_utils import Conv1D
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = Conv1D(6, 4)  # nf=6 outputs, nx=4 inputs
+            self.head = Conv1D(2, 6)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.c(x))).sum(1)
+
+    return M()
+
+
+def _randomise_bn(model: nn.Module) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+
+
+CASES = {
+    "linear_3d_4d": (SeqLinear, lambda: torch.randn(4, 3, 2, 5, dtype=F64)),
+    "embedding_norms": (Tokens, lambda: torch.randint(0, 11, (5, 7))),
+    "conv1d_batchnorm": (Convs1d, lambda: torch.randn(4, 2, 9, dtype=F64)),
+    "layernorm_2d": (Norms2d, lambda: torch.randn(5, 3, 4, dtype=F64)),
+    "gpt2_conv1d": (_gpt2_conv1d_model, lambda: torch.randn(4, 3, 4, dtype=F64)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_block_equals_vmapped_jacobian_and_qr(name, ghost):
+    torch.manual_seed(0)
+    make, inputs = CASES[name]
+    model = make().to(F64)
+    _randomise_bn(model)
+    model.train()  # the projection runs in eval mode and restores the flags
+    score = (lambda out: torch.cat([identity(o) for o in out], 1)) if name == "linear_3d_4d" else identity
+    check(model, inputs(), score)
+    assert model.training
+
+
+def test_float32_model_within_float32_tolerance():
+    torch.manual_seed(1)
+    model = Tokens()
+    x = torch.randint(0, 11, (6, 8))
+    check(model, x, tol=1e-4, qr=False)
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 5), t=st.integers(1, 6), i=st.integers(1, 5), o=st.integers(1, 5), heads=st.integers(1, 3),
+       bias=st.booleans(), ghost=st.booleans(), seed=st.integers(0, 2**16))
+def test_sequence_linear_random_shapes(n, t, i, o, heads, bias, ghost, seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(i, o, bias=bias), nn.Tanh(), nn.Flatten(), nn.Linear(t * o, heads)).to(F64)
+    x = torch.randn(n, t, i, dtype=F64)
+    saved = P._conv_factored_cheaper
+    P._conv_factored_cheaper = lambda *a: ghost
+    try:
+        check(model, x, qr=False)
+    finally:
+        P._conv_factored_cheaper = saved
+
+
+# ---------------------------------------------------------------- padding, tying, reuse, in-place
+
+def _tiny_gpt2(vocab: int = 23, dtype=F64):
+    import transformers
+
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=vocab, n_positions=32, bos_token_id=0,
+                                  eos_token_id=0, attn_implementation="eager")
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+def test_padding_does_not_change_the_projection():
+    """Right padding (attention mask 0, labels -100) adds positions whose output gradients are zero:
+    the projection is that of the unpadded batch."""
+    model = _tiny_gpt2()
+    torch.manual_seed(3)
+    ids = torch.randint(1, 23, (4, 9))
+    labels = ids.clone()
+    labels[:, :2] = -100
+    task = CausalLMTask()
+    short = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    pad = 5
+    long = {"input_ids": torch.cat([ids, torch.zeros(4, pad, dtype=ids.dtype)], 1),
+            "attention_mask": torch.cat([torch.ones_like(ids), torch.zeros(4, pad, dtype=ids.dtype)], 1)}
+    long_labels = torch.cat([labels, torch.full((4, pad), -100)], 1)
+    v = flat(model)
+    a = project_model_onto_span(model, short, task.scores, v, targets=labels)
+    assert P.last_route.path == "hooked" and P.last_route.dense == 0
+    b = project_model_onto_span(model, long, task.scores, v, targets=long_labels)
+    assert P.last_route.path == "hooked" and P.last_route.dense == 0
+    assert relerr(b, a) <= 1e-10
+
+
+class TiedLM(nn.Module):
+    """An embedding whose weight is also the output layer's (as GPT-2's), a layer called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(13, 6)
+        self.mix = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 13, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = torch.tanh(self.mix(torch.tanh(self.mix(self.emb(ids)))))  # mix called twice
+        return self.out(h).logsumexp(-1)  # (n, T): one score per position
+
+
+def test_tied_weights_and_a_module_called_twice_sum_their_rows(ghost):
+    torch.manual_seed(4)
+    model = TiedLM().to(F64)
+    ids = torch.randint(0, 13, (3, 4))
+    check(model, ids)
+
+
+class InPlace(nn.Module):
+    """In-place operations on the input and on layers' outputs (a layer's output gradient is then taken
+    before the in-place operation, by a tensor hook)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        x.mul_(2.0)
+        h = self.a(x).relu_()
+        g = self.b(h)
+        g.add_(1.0).mul_(0.5)
+        return self.c(torch.tanh(g))
+
+
+def test_in_place_operations():
+    torch.manual_seed(5)
+    model = InPlace().to(F64)
+    x = torch.randn(2, 3, 4, dtype=F64)
+    before = x.clone()
+    check(model, x)
+    assert torch.equal(x, before)
+
+
+def test_frozen_parameters_are_not_part_of_the_jacobian():
+    torch.manual_seed(6)
+    model = Tokens().to(F64)
+    for p in [model.emb.weight, model.lin.bias, model.rms.weight]:
+        p.requires_grad_(False)
+    x = torch.randint(0, 11, (4, 5))
+    got = check(model, x)
+    assert got.numel() == flat(model).numel()
+
+
+def test_peft_lora_adapters_take_the_blocks():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(7)
+    base = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(F64)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["0", "2"], lora_dropout=0.1))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # lora_B starts at zero, which would make lora_A's rows zero
+    x = torch.randn(5, 3, 4, dtype=F64)
+    model.train()
+    check(model, x, tol=1e-7)  # (rank-deficient LoRA rows: the two Gram solves differ at ~1e-8)
+
+
+# ---------------------------------------------------------------- registration and declines
+
+class Gain(nn.Module):
+    """A user layer: a per-feature gain on tanh of the input."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x):
+        return self.gain * torch.tanh(x)
+
+
+class GainBlock(RowsBlock):
+    param_names = ("gain",)
+    factor = 1.0
+
+    def __init__(self, module, args, kwargs, output):
+        super().__init__(module, args, kwargs, output)
+        self.x = args[0].detach()
+        self.output, self.batch, self.saved = output, args[0].shape[0], [args[0]]
+
+    def all_rows(self, name):
+        d = self.deltas * self.per_row(torch.tanh(self.x)) * self.factor
+        return d.reshape(self.k, -1, d.shape[-1]).sum(1)
+
+
+class WrongGainBlock(GainBlock):
+    factor = 1.5
+
+
+@pytest.fixture
+def registry():
+    saved = dict(_REGISTRY)
+    yield
+    _REGISTRY.clear()
+    _REGISTRY.update(saved)
+
+
+@pytest.mark.parametrize("block, path", [(GainBlock, "hooked"), (WrongGainBlock, "materialised")])
+def test_user_registered_block_is_used_and_checked(registry, block, path):
+    register_block(Gain)(block)
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 4), Gain(4), nn.Linear(4, 2)).to(F64)
+    x = torch.randn(5, 2, 3, dtype=F64)
+    check(model, x, path=path)
+    if path == "hooked":
+        assert P.last_route.dense == 0
+
+
+def test_unregistered_layer_goes_through_torch_func():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 4), Gain(4), nn.Linear(4, 2)).to(F64)
+    check(model, torch.randn(5, 3, dtype=F64), dense=1)
+
+
+class MHA(nn.Module):
+    """nn.MultiheadAttention computes its projections with raw parameters, not as module calls: declined
+    (torch.func), while the layers around it take blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 8)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.wide = nn.Linear(8, 40)
+        self.head = nn.Linear(40, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        return self.head(torch.tanh(self.wide(self.att(h, h, h, need_weights=False)[0])).mean(1))
+
+
+def test_multihead_attention_is_declined_to_torch_func():
+    torch.manual_seed(9)
+    model = MHA().to(F64)
+    check(model, torch.randn(4, 5, 3, dtype=F64), dense=4)  # in_proj weight+bias, out_proj weight+bias
+
+
+def test_non_finite_scores_raise():
+    model = nn.Sequential(nn.Linear(3, 2)).to(F64)
+    x = torch.randn(4, 3, dtype=F64)
+    x[1, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        project_model_onto_span(model, x, identity, flat(model))
+
+
+# ---------------------------------------------------------------- Hugging Face models from configs
+
+def _hf(kind: str):
+    import transformers as T
+
+    torch.manual_seed(0)
+    common = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, attn_implementation="eager")
+    if kind == "gpt2":
+        return _tiny_gpt2(), "lm"
+    if kind == "llama":
+        cfg = T.LlamaConfig(hidden_size=16, num_key_value_heads=1, vocab_size=23, max_position_embeddings=32,
+                            bos_token_id=0, eos_token_id=0, **common)
+        return T.LlamaForCausalLM(cfg).to(F64), "lm"
+    if kind == "bert":
+        cfg = T.BertConfig(hidden_size=16, vocab_size=23, max_position_embeddings=32, num_labels=3, **common)
+        return T.BertForSequenceClassification(cfg).to(F64), "cls"
+    cfg = T.ViTConfig(hidden_size=16, image_size=8, patch_size=4, num_channels=3, num_labels=3, **common)
+    return T.ViTForImageClassification(cfg).to(F64), "image"
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert", "vit"])
+def test_tiny_transformers_equal_the_reference(kind):
+    pytest.importorskip("transformers")
+    model, what = _hf(kind)
+    torch.manual_seed(10)
+    if what == "image":
+        x, targets, score = torch.randn(4, 3, 8, 8, dtype=F64), None, ClassificationTask().scores
+    else:
+        ids = torch.randint(1, 23, (4, 6))
+        mask = torch.ones_like(ids)
+        mask[0, -2:] = 0  # a padded example
+        x = {"input_ids": ids, "attention_mask": mask}
+        if what == "lm":
+            targets = ids.masked_fill(mask == 0, -100)
+            targets[:, :2] = -100
+            score = CausalLMTask().scores
+        else:
+            targets, score = None, ClassificationTask().scores
+    check(model, x, score, targets=targets)
+
+
+def test_tiny_gpt2_in_float32():
+    pytest.importorskip("transformers")
+    model = _tiny_gpt2(dtype=torch.float32)
+    ids = torch.randint(1, 23, (5, 7))
+    labels = ids.clone()
+    labels[:, 0] = -100
+    check(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, CausalLMTask().scores, targets=labels,
+          tol=1e-4, qr=False)
+
+
+def test_scores_of_the_hooked_forward_are_those_of_the_model():
+    """The broadcast copy of a shared row (GPT-2's position embeddings) changes no score."""
+    pytest.importorskip("transformers")
+    model = _tiny_gpt2()
+    ids = torch.randint(1, 23, (3, 5))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    labels = ids.clone()
+    with torch.no_grad():
+        plain = call_scores(CausalLMTask().scores, model(**x), labels)
+    project_model_onto_span(model, x, CausalLMTask().scores, flat(model), targets=labels)
+    with torch.no_grad():
+        again = call_scores(CausalLMTask().scores, model(**x), labels)
+    assert torch.equal(plain, again)
