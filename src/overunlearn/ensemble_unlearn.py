@@ -189,22 +189,35 @@ def _member(run: BatchedRun) -> _Member:
 # kernels do not guarantee that: a batched matrix product takes another code path for one matrix than
 # for several (MKL gemm vs gemm_batch), and an elementwise kernel over the stacked tensor handles the
 # elements at its very end (the last member's) or at a thread's split point in a scalar loop whose
-# exp (SiLU) or fused multiply-add (AdamW) rounds differently from the vectorised body. So every
-# matrix product, SiLU, row sum and eigen-solve below runs once per member, on that member's slice as
-# a tensor of its own, and AdamW steps each member's slices as separate tensors of one fused call:
-# the same kernel calls on the same shapes as a run alone. Exact elementwise arithmetic (+, *, where)
+# exp (SiLU) or fused multiply-add (AdamW) rounds differently from the vectorised body; and a BLAS
+# product's rounding depends on its operands' memory alignment. So every matrix product (on aligned
+# operands), SiLU, row sum and eigen-solve below runs once per member, on that member's slice as a
+# tensor of its own, and AdamW steps each member's slices as separate tensors of one fused call: the
+# same kernel calls on the same shapes and alignments as a run alone. Exact elementwise arithmetic (+, *, where)
 # stays batched: IEEE rounding of one operation does not depend on the code path.
 
 
+#: byte alignment of every operand handed to a BLAS product (the CPU allocator's alignment): MKL's
+#: products round differently depending on where an operand starts (a (55, 21) x (21, 1) product differs
+#: in the 7th digit between 16-byte offsets), and a member's slice of a stacked tensor starts wherever its
+#: position puts it
+_ALIGN = 64
+
+
+def _aligned(t: Tensor) -> Tensor:
+    """``t``, or a copy of it (same strides) at an aligned address when ``t`` does not start at one."""
+    return t if t.device.type != "cpu" or t.data_ptr() % _ALIGN == 0 else t.clone()
+
+
 def _mm(a: Tensor, b: Tensor, bias: Tensor | None = None, out: Tensor | None = None) -> Tensor:
-    """``a[i] @ b[i] (+ bias[i])`` for every member ``i``, one matrix product per member."""
+    """``a[i] @ b[i] (+ bias[i])`` for every member ``i``: one matrix product per member, on operands and
+    into a result that start at aligned addresses, as they do in a run alone."""
     if out is None:
         out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=a.dtype, device=a.device)
     for i in range(a.shape[0]):
-        if bias is None:
-            torch.mm(a[i], b[i], out=out[i])
-        else:
-            torch.addmm(bias[i], a[i], b[i], out=out[i])
+        ai, bi = _aligned(a[i]), _aligned(b[i])
+        r = torch.mm(ai, bi) if bias is None else torch.addmm(_aligned(bias[i]), ai, bi)
+        out[i].copy_(r)
     return out
 
 

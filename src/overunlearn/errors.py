@@ -29,3 +29,15 @@ class UnknownMethodError(OverunlearnError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
+
+
+class CacheFileError(OverunlearnError, RuntimeError):
+    """A cached file is truncated, corrupt or holds something other than tensors; ``path`` names it."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class CacheRebuiltWarning(UserWarning):
+    """A cache entry could not be used (corrupt, of another format) and is rebuilt; the message names it."""

@@ -12,6 +12,8 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +58,46 @@ def atomic_torch_save(path: str | Path, obj: Any) -> Path:
 
 
 def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    return torch.load(Path(path), map_location=map_location, weights_only=True)
+    """Load tensors / a state dict with ``weights_only=True`` (no code in the file runs).
+
+    Raises:
+        CacheFileError: the file cannot be read as tensors (truncated, corrupt, or holding other Python
+            objects); the message names the file and says what to do, instead of torch's advice to
+            retry with ``weights_only=False``, which would run whatever the file holds.
+    """
+    from overunlearn.errors import CacheFileError
+
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (OSError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, ...
+        raise CacheFileError(f"cannot load {path}: the file is truncated, corrupt or holds something other than "
+                             f"tensors ({type(exc).__name__}); delete it and it is rebuilt", str(path)) from None
+
+
+@contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created if missing) while the block runs; blocks until
+    another process holding it releases it. Runs sharing a cache use it so that each model is trained
+    once and no update is lost. A no-op where ``fcntl`` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
 
 def stable_hash(obj: Any, length: int = 12) -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -39,12 +40,14 @@ import torch
 from torch import nn
 
 from overunlearn.benchmarks.base import MetricSpec, register_benchmark, retrain_seed
+from overunlearn.errors import CacheFileError, CacheRebuiltWarning
 from overunlearn.models.mlp import MLP
 from overunlearn.problem import RegressionTask, TensorData, UnlearningProblem
 from overunlearn.storage import (
     atomic_torch_save,
     atomic_write_json,
     default_cache_dir,
+    file_lock,
     safe_torch_load,
     source_fingerprint,
     stable_hash,
@@ -322,6 +325,15 @@ class PoisonBenchmark:
 
         Returns the number of models trained (0 when all were cached).
         """
+        seeds = list(seeds)
+        if not self.missing(seeds):
+            return 0
+        # runs sharing this cache train one after the other; the second finds the models the first saved
+        with file_lock(self.cache_dir / ".train.lock"):
+            return self._train_missing(seeds)
+
+    def _train_missing(self, seeds: list[int]) -> int:
+        """:meth:`prepare`'s work, with the cache's training lock held."""
         from overunlearn.training.ensemble import Member, train_ensemble
 
         todo = self.missing(seeds)
@@ -380,7 +392,16 @@ class PoisonBenchmark:
                 if not path.exists():
                     self.prepare([seed])
                 model = self.make_model()
-                model.load_state_dict(safe_torch_load(path))
+                try:
+                    model.load_state_dict(safe_torch_load(path))
+                except (CacheFileError, RuntimeError, KeyError) as exc:  # corrupt, or another architecture
+                    reason = str(exc) if isinstance(exc, CacheFileError) else f"cannot load {path}: {exc}"
+                    warnings.warn(f"{reason.split('; delete it')[0]}; rebuilding it (training the {kind} model of "
+                                  f"seed {seed} again)", CacheRebuiltWarning, stacklevel=2)
+                    for stale in (path, path.with_suffix(".json")):
+                        stale.unlink(missing_ok=True)
+                    self.prepare([seed])
+                    model.load_state_dict(safe_torch_load(path))
                 self._models[key] = model.to(self.device)
             return self._models[key]
 
@@ -511,12 +532,91 @@ def code_fingerprint() -> str:
                                "ensemble_unlearn.py", "methods/*.py", "linalg/*.py"])
 
 
+#: intra-op threads of every unlearning trial and its evaluation on a CPU, whatever ``--threads`` says
+#: (parallelism comes from worker processes): a product's rounding depends on how its sums are split over
+#: threads, so a trial's numbers would otherwise depend on how many cores the run that cached it had
+UNLEARN_THREADS = 1
+
+
 def _trial_key(method: str, epochs: int, seed: int, hyper: dict[str, Any], device: torch.device,
                batched: bool = False) -> str:
+    """The trial cache's key: everything that determines a trial's numbers besides the code (the file
+    name holds :func:`code_fingerprint`): method, T, seed, preset, device type, arithmetic and, on a
+    CPU, the intra-op thread count (pinned to :data:`UNLEARN_THREADS`: the same for any ``--threads``)."""
     key = {"m": method, "T": epochs, "s": seed, "h": hyper, "d": device.type}
     if batched:  # the vectorised path agrees with the engine to rounding, not bit for bit
         key["x"] = "batched"
+    if device.type == "cpu":
+        key["ti"] = UNLEARN_THREADS
     return stable_hash(key)
+
+
+def read_trial_cache(path: Path) -> dict[str, Any]:
+    """The cached trials of ``path``: key -> ``{"trial": Trial, "curve": list | None}``. A file that is not
+    a JSON object is ignored, and so is every entry that is not a valid trial, each with a
+    :class:`CacheRebuiltWarning` naming the file (and the entry): they are computed again."""
+    import json
+
+    if not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        warnings.warn(f"trial cache {path} is unreadable ({type(exc).__name__}: {exc}); its trials are computed "
+                      "again and the file is rewritten", CacheRebuiltWarning, stacklevel=2)
+        return {}
+    if not isinstance(raw, dict):
+        warnings.warn(f"trial cache {path} holds a JSON {type(raw).__name__}, not an object of trials; its trials "
+                      "are computed again and the file is rewritten", CacheRebuiltWarning, stacklevel=2)
+        return {}
+    out: dict[str, Any] = {}
+    bad: list[str] = []
+    for key, entry in raw.items():
+        trial = _valid_entry(entry)
+        if trial is None:
+            bad.append(str(key))
+            continue
+        curve = entry.get("curve")
+        out[key] = {"trial": trial, "curve": curve if isinstance(curve, list) else None}
+    if bad:
+        warnings.warn(f"trial cache {path}: {len(bad)} invalid entr{'y' if len(bad) == 1 else 'ies'} ignored "
+                      f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); they are computed again",
+                      CacheRebuiltWarning, stacklevel=2)
+    return out
+
+
+def _valid_entry(entry: Any) -> Trial | None:
+    """The :class:`Trial` of one cache entry, or ``None`` if it is not a complete, well-typed trial."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("trial"), dict):
+        return None
+    fields = {f.name for f in dataclasses.fields(Trial)}
+    data = entry["trial"]
+    if not set(data) <= fields or not {"method", "epochs", "seed", "sup_error", "status"} <= set(data):
+        return None
+    try:
+        trial = Trial(**{k: _unjson(v) for k, v in data.items()})
+    except (TypeError, ValueError):
+        return None
+    ok = (isinstance(trial.method, str) and isinstance(trial.epochs, int) and isinstance(trial.seed, int)
+          and isinstance(trial.sup_error, (int, float)) and trial.status in ("ok", "diverged")
+          and isinstance(trial.hyper, dict))
+    return trial if ok else None
+
+
+def merge_trial_cache(path: Path, computed: dict[str, Any]) -> None:
+    """Add ``computed`` (key -> ``{"trial": Trial or its dict, "curve": ...}``) to the cache file under a
+    lock, keeping what other runs sharing the cache wrote meanwhile (no lost updates)."""
+    with file_lock(path.with_name(path.name + ".lock")):
+        with warnings.catch_warnings():  # the reader already warned about this file
+            warnings.simplefilter("ignore", CacheRebuiltWarning)
+            current = read_trial_cache(path)
+        merged = {k: {"trial": _jsonable(dataclasses.asdict(v["trial"])), "curve": v["curve"]}
+                  for k, v in current.items()}
+        for k, v in computed.items():
+            trial = v["trial"]
+            merged[k] = {"trial": _jsonable(dataclasses.asdict(trial)) if isinstance(trial, Trial) else trial,
+                         "curve": v.get("curve")}
+        atomic_write_json(path, merged)
 
 
 def _run_trial(bench: PoisonBenchmark, method: str, epochs: int, seed: int, device: torch.device,
@@ -724,14 +824,7 @@ def run_poison(seeds: Sequence[int] = tuple(range(1, 11)), epochs: Sequence[int]
             curves[kind] = model(bench.grid().reshape(-1, 1).to(dev)).reshape(-1).cpu().tolist()
 
     trial_file = bench.cache_dir / "trials" / f"{code_fingerprint()}.json"
-    stored: dict[str, Any] = {}
-    if reuse_trials and trial_file.exists():
-        import json
-
-        try:
-            stored = json.loads(trial_file.read_text())
-        except ValueError:  # a corrupt file is ignored and rewritten
-            stored = {}
+    stored: dict[str, Any] = read_trial_cache(trial_file) if reuse_trials else {}
     trials: list[Trial] = []
     jobs = []
     for s in seeds:
@@ -739,12 +832,13 @@ def run_poison(seeds: Sequence[int] = tuple(range(1, 11)), epochs: Sequence[int]
             for m in methods:
                 hit = stored.get(_trial_key(m, T, s, preset(m, T).kwargs(), dev, batched))
                 if hit is not None and (s != fig_seed or hit.get("curve") is not None
-                                       or hit["trial"].get("status") != "ok"):
-                    trials.append(Trial(**{k: _unjson(v) for k, v in hit["trial"].items()}))
+                                       or hit["trial"].status != "ok"):
+                    trials.append(hit["trial"])
                     if hit.get("curve") is not None:
                         curves[f"{m}@{T}"] = hit["curve"]
                 else:
                     jobs.append((m, T, s))
+    stored = {}  # from here on: what this run computes (merged into the file at the end)
     reused = len(trials)
     # longest first for a better balance across threads
     jobs.sort(key=lambda j: -j[1])
@@ -759,8 +853,8 @@ def run_poison(seeds: Sequence[int] = tuple(range(1, 11)), epochs: Sequence[int]
 
     def work(job: tuple[str, int, int]) -> None:
         m, T, s = job
-        if n_workers > 1:
-            torch.set_num_threads(1)
+        if dev.type == "cpu":  # one intra-op thread, whatever --threads says (see UNLEARN_THREADS)
+            torch.set_num_threads(UNLEARN_THREADS)
         trial, curve = _run_trial(bench, m, T, s, dev, keep_curve=(s == fig_seed))
         with lock:
             trials.append(trial)
@@ -774,6 +868,8 @@ def run_poison(seeds: Sequence[int] = tuple(range(1, 11)), epochs: Sequence[int]
     for s in seeds:  # load the models before workers start
         bench.load_model(s, "original")
     prev = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(UNLEARN_THREADS)
     try:
         if batched and jobs:
             _run_batched(bench, jobs, fig_seed, n_workers, dev, trials, curves, stored, lock, bar, unlearn_group)
@@ -807,7 +903,7 @@ def run_poison(seeds: Sequence[int] = tuple(range(1, 11)), epochs: Sequence[int]
             bar.close()
         if jobs and reuse_trials:  # also keeps the trials that finished before an interruption
             with lock:
-                atomic_write_json(trial_file, stored)
+                merge_trial_cache(trial_file, stored)
     t_end = time.perf_counter()
     order = {(m, T, s): i for i, (m, T, s) in enumerate((m, T, s) for T in epochs for m in methods for s in seeds)}
     trials.sort(key=lambda t: order[(t.method, t.epochs, t.seed)])

@@ -112,9 +112,22 @@ def poison_cmd(
     typer.echo(f"Data Poisoning: recipe {recipe!r} ({r.original_steps} original / {r.ground_truth_steps} "
                f"ground-truth steps), seeds {seeds}, T {epoch_list}, {len(method_list)} methods, "
                f"{n_threads} CPU thread(s), device {device}")
-    run = run_poison(seed_list, epoch_list, method_list, recipe=recipe, cache_dir=cache, device=device,
-                     threads=n_threads, progress=progress, figure_seed=figure_seed, reuse_trials=reuse,
-                     batched=batched)
+    from overunlearn.errors import OverunlearnError
+
+    try:
+        run = run_poison(seed_list, epoch_list, method_list, recipe=recipe, cache_dir=cache, device=device,
+                         threads=n_threads, progress=progress, figure_seed=figure_seed, reuse_trials=reuse,
+                         batched=batched)
+    except OverunlearnError as exc:  # a cache file that cannot be used even after a rebuild, ...
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except MemoryError:
+        typer.echo("error: out of memory; run fewer seeds or methods at once, or lower --threads (finished trials "
+                   "are kept in the cache and reused)", err=True)
+        raise typer.Exit(1) from None
+    except OSError as exc:  # the cache or output folder cannot be written
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     typer.echo("")
     typer.echo(format_table(run))
     paths = write_outputs(run, out)
