@@ -81,7 +81,7 @@ def get_benchmark(name: str, **options: Any) -> Benchmark:
 def _load_builtin() -> None:
     import importlib
 
-    for mod in ("poison", "erase", "collapse"):
+    for mod in ("poison", "erase", "collapse", "facts"):
         try:
             importlib.import_module(f"overunlearn.benchmarks.{mod}")
         except ModuleNotFoundError as exc:  # a benchmark module not written yet

@@ -34,7 +34,7 @@ def methods_cmd(pattern: str = typer.Argument("*", help="shell-style filter, e.g
 
 def _register() -> None:
     # imported for their side effect of adding commands; each module owns its commands
-    from overunlearn.cli import bench_images, bench_poison, data, privacy, report, sweep  # noqa: F401
+    from overunlearn.cli import bench_facts, bench_images, bench_poison, data, privacy, report, sweep  # noqa: F401
 
 
 def main() -> None:

@@ -1,0 +1,151 @@
+"""``overunlearn bench facts``: fact unlearning in a GPT-2 language model with a retrained ground truth.
+
+The command builds a sweep in memory (every applicable method at its preset point of
+``FACTS_METHOD_POINTS``, the chosen seeds, ``T`` epochs) and runs it through the sweep runner and
+journal (``<out>/facts_<preset>.jsonl``), so a run is resumable, its trials are cached, and its numbers
+are those of ``overunlearn sweep`` on the same trials. It then prints one row per model (original,
+ground truth, each method: median and range over seeds) and writes the table (Markdown, CSV) and a
+figure of forget against retain exact match.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from overunlearn.cli import bench_app
+from overunlearn.cli.bench_images import parse_overrides, parse_seeds
+
+REF_LABELS = {"original": "original model", "ground_truth": "ground truth (retrained without the forget facts)"}
+
+
+def facts_spec(preset: str, seeds: list[int], epochs: int, methods: list[str], points: dict[str, dict[str, Any]],
+               options: dict[str, Any], device: str) -> dict[str, Any]:
+    """The sweep spec (as the parsed TOML would be) of one ``bench facts`` run."""
+    from overunlearn.benchmarks.facts import FACTS_METRICS
+
+    order = ["forget_em", "retain_em"] + [m.name for m in FACTS_METRICS if m.name not in ("forget_em", "retain_em")]
+    return {
+        "name": f"facts_{preset}", "title": f"Fact unlearning, GPT-2 ({preset} preset), T = {epochs}",
+        "seeds": seeds, "methods": methods,
+        "benchmark": {"name": "facts", "options": {"preset": preset, **options}},
+        "budget": {"epochs": epochs}, "engine": {"device": device},
+        "metrics": {m.name: m.direction for m in FACTS_METRICS},
+        "grid": {m: {k: [v] for k, v in points[m].items()} for m in methods},
+        "report": {"selection": "best_mean", "statistic": "median", "metrics": order},
+    }
+
+
+def method_table(setting: Any, metrics: list[str]) -> tuple[str, str]:
+    """Rows: the reference models, then every method; columns: metrics as median (range) over seeds."""
+    from overunlearn.report.tables import fmt_stat, markdown, to_csv
+
+    header = ["model", *metrics, "seconds"]
+    rows, csv_rows = [], []
+    for kind, stats in setting.reference.items():
+        rows.append([REF_LABELS.get(kind, kind), *[fmt_stat(stats[m], "median") if m in stats else "—"
+                                                  for m in metrics], ""])
+        csv_rows.extend([kind, m, stats[m].median, stats[m].lo, stats[m].hi] for m in metrics if m in stats)
+    for mr in setting.methods:
+        if not mr.selected:
+            rows.append([mr.method, *["failed" for _ in metrics], ""])
+            continue
+        g = mr.selected[0]
+        secs = sorted(g.seconds.values())
+        rows.append([f"**{mr.method}**" if mr.method == "minnorm_og" else mr.method,
+                     *[fmt_stat(g.stats(m), "median") for m in metrics],
+                     f"{secs[len(secs) // 2]:.1f}" if secs else ""])
+        csv_rows.extend([mr.method, m, g.stats(m).median, g.stats(m).lo, g.stats(m).hi] for m in metrics)
+    return markdown(header, rows), to_csv(["model", "metric", "median", "lo", "hi"], csv_rows)
+
+
+@bench_app.command("facts")
+def facts_cmd(
+    preset: str = typer.Option("cpu", "--preset", help="cpu | gpu | test"),
+    seeds: str = typer.Option("1-3", "--seeds", help="e.g. 1 or 1,2,3 or 1-5"),
+    epochs: int | None = typer.Option(None, "--epochs", "-T", min=1, help="unlearning epochs (default: the preset's)"),
+    methods: str | None = typer.Option(None, "--methods", help="comma-separated names (default: all)"),
+    forget_fraction: float | None = typer.Option(None, "--forget-fraction",
+                                                 help="fraction of the people whose facts are forgotten"),
+    p_retain: float | None = typer.Option(None, "--p-retain", help="accessible fraction of the retain sequences"),
+    people: int | None = typer.Option(None, "--people", help="people in the generated world"),
+    hp: list[str] = typer.Option([], "--hp", help="override a hyperparameter: METHOD.KEY=VALUE (repeatable)"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="worker processes"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads per worker"),
+    out: Path = typer.Option(Path("results/facts"), "--out", help="output folder (journal, table, figure)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+) -> None:
+    """Unlearn memorised facts from a GPT-2 built from a config; ground truth retrained without them."""
+    from overunlearn.benchmarks.facts import FACTS_METHOD_POINTS, FACTS_METRICS, get_preset
+    from overunlearn.errors import OverunlearnError
+    from overunlearn.methods import get_method
+    from overunlearn.report.aggregate import load
+    from overunlearn.report.figures import frontier_plot
+    from overunlearn.storage import atomic_write_text
+    from overunlearn.sweep.executors import make_executor
+    from overunlearn.sweep.run import run_sweep
+    from overunlearn.sweep.spec import parse_spec
+
+    # every option is checked before anything trains
+    try:
+        base = get_preset(preset)
+        options = {k: v for k, v in {"forget_fraction": forget_fraction, "p_retain": p_retain, "people": people}.items()
+                   if v is not None}
+        chosen = base.replace(**options)
+    except (ValueError, TypeError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    names = [m.strip().lower() for m in methods.split(",") if m.strip()] if methods else list(FACTS_METHOD_POINTS)
+    unknown = [m for m in names if m not in FACTS_METHOD_POINTS]
+    if unknown:
+        raise typer.BadParameter(f"unknown method(s) {unknown}; valid: {', '.join(FACTS_METHOD_POINTS)}",
+                                 param_hint="'--methods'")
+    points = {m: dict(FACTS_METHOD_POINTS[m]) for m in names}
+    for m, kv in parse_overrides(hp).items():
+        if m not in points:
+            raise typer.BadParameter(f"--hp names method {m!r}, which is not run", param_hint="'--hp'")
+        fields = set(get_method(m).Config.__dataclass_fields__)
+        bad = set(kv) - fields
+        if bad:
+            raise typer.BadParameter(f"{m} has no hyperparameter(s) {sorted(bad)}", param_hint="'--hp'")
+        points[m].update(kv)
+    T = epochs or chosen.epochs
+    seed_list = parse_seeds(seeds)
+    raw = facts_spec(preset, seed_list, T, names, points, options, device)
+    log = (lambda _m: None) if quiet else (lambda m: typer.echo(m, err=True))
+    try:
+        spec = parse_spec(raw, source="bench facts", default_name=raw["name"])
+        journal = out / f"{raw['name']}.jsonl"
+        out.mkdir(parents=True, exist_ok=True)
+        with make_executor("local", jobs=jobs, threads=threads) as executor:
+            result = run_sweep(spec, journal, executor, device=device, threads=threads, log=log)
+        reports, _ = load(journal, allow_partial=True, sweeps=[raw["name"]])
+    except OverunlearnError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    setting = reports[0].settings[0]
+    metrics = [m.name for m in FACTS_METRICS]
+    md, csv = method_table(setting, metrics)
+    prior = f"{math.nan:.3f}"
+    try:
+        from overunlearn.benchmarks.facts import FactsBenchmark
+
+        prior = f"{FactsBenchmark(chosen, use_cache=False, device='cpu').prior():.3f}"
+    except Exception:  # noqa: BLE001 - the prior is information only
+        pass
+    title = (f"facts ({preset} preset: {chosen.people} people x {chosen.attributes} attributes, forget "
+             f"{chosen.n_forget()} people; T = {T}; seeds {seed_list}; median (range) over seeds). Prior exact "
+             f"match (most frequent answer per attribute): {prior}")
+    typer.echo("")
+    typer.echo(title)
+    typer.echo(md)
+    atomic_write_text(out / f"{raw['name']}_table.md", f"{title}\n\n{md}\n")
+    atomic_write_text(out / f"{raw['name']}_table.csv", csv)
+    fig = frontier_plot(setting, out / f"{raw['name']}.png", title=f"facts ({preset}), T = {T}")
+    typer.echo(f"wrote {journal}, {out / (raw['name'] + '_table.md')}, {fig}")
+    if result.failed:
+        typer.echo(f"{result.failed} trial(s) failed; their errors are in {journal}", err=True)
+        raise typer.Exit(1)
