@@ -235,6 +235,24 @@ def timed(fn: Callable[[], None], device: torch.device, repeats: int, warmup: in
     return out
 
 
+def timed_interleaved(fns: dict[str, Callable[[], None]], device: torch.device, repeats: int,
+                      warmup: int) -> dict[str, list[float]]:
+    """Like :func:`timed` for several functions, called in turn (``a b a b ...``), so that a shared
+    machine's changing load falls on all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            out[k].append(time.perf_counter() - t)
+    return out
+
+
 def gd_step(case: Case) -> Callable[[], None]:
     model, batch, task = case.model, case.batch, case.task
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -333,8 +351,12 @@ def run_case(key: str, device: torch.device, args: argparse.Namespace) -> dict:
     res: dict = {"case": key, "label": case.label, "note": case.note, "device": str(device), "d": case.d,
                  "batch": len(case.batch), "k_samples": case.n_pert, "jacobian_rows": rows,
                  "repeats": repeats, "jacobian_mib_fp32": rows * case.d * 4 / 2**20}
-    gd = timed(gd_step(case), device, repeats, warmup)
-    fast = timed(projection(case, "fast"), device, repeats, warmup)
+    if args.interleave:
+        both = timed_interleaved({"gd": gd_step(case), "fast": projection(case, "fast")}, device, repeats, warmup)
+        gd, fast = both["gd"], both["fast"]
+    else:
+        gd = timed(gd_step(case), device, repeats, warmup)
+        fast = timed(projection(case, "fast"), device, repeats, warmup)
     from overunlearn.linalg import projection as lp
 
     res["route"] = dataclasses.asdict(lp.last_route)
@@ -375,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-gpt2-k", type=int, default=4, help="batch and k of case (e) on CPU")
     ap.add_argument("--cpu-vit-image", type=int, default=112, help="image size of case (f) on CPU")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--interleave", action="store_true",
+                    help="time GD and fast projection calls in turn (for a machine shared with other jobs)")
     ap.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory child processes")
     ap.add_argument("--probe-timeout", type=float, default=900.0)
     ap.add_argument("--json", help="also write the results to this file")

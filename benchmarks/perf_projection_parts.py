@@ -7,7 +7,8 @@ The whole step is the current fast path (``minnorm_projection_step``: per-layer 
 for comparison: the ``torch.func`` per-sample Jacobian (``output_jacobian``), the float64 Gram
 and right-hand side (``gram_and_rhs``), the eigen-solve (``solve_gram``) and the back-projection
 ``J^T alpha``; the Jacobian also with ``torch.backends.cudnn.benchmark`` on, and the GD step both
-ways. ``--profile`` adds a ``torch.profiler`` table of one fast step, whose phases are named
+ways; and the phases of the fast step (hooked forward, backward per head, Gram, back-projection)
+from a profile. ``--profile`` adds a ``torch.profiler`` table of one fast step, whose phases are named
 ``overunlearn::*``. Medians of ``--repeats`` synchronised calls after two warm-ups.
 
     python benchmarks/perf_projection_parts.py --device cuda --case c --repeats 5 --profile
@@ -33,22 +34,48 @@ def median_time(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(pp.timed(fn, device, repeats, 2))
 
 
+def phases(case: pp.Case, device: torch.device) -> None:
+    """The fast step's phases (``overunlearn::*`` ranges) from a profile of one call after a warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from overunlearn.linalg import projection as lp
+
+    step = pp.projection(case, "fast")
+    step()
+    pp.sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        pp.sync(device)
+    print(f"  (route of the fast step: {lp.last_route}; its phases under the profiler, CPU time:)")
+    for e in prof.key_averages():
+        if e.key.startswith("overunlearn::"):
+            print(f"    {e.key:44s} {e.cpu_time_total / 1e3:9.2f} ms")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--case", default="c", choices=["a", "b", "c"])
+    ap.add_argument("--case", default="c", choices=["a", "b", "c", "d", "e", "f"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cpu-resnet-batch", type=int, default=32)
     ap.add_argument("--cpu-resnet-k", type=int, default=10)
+    ap.add_argument("--cpu-gpt2-tokens", type=int, default=64)
+    ap.add_argument("--cpu-gpt2-k", type=int, default=4)
+    ap.add_argument("--cpu-vit-image", type=int, default=112)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--profile", action="store_true", help="also profile one fast step (torch.profiler): its "
                     "phases and top operators")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     case = pp.build_case(args.case, device, args)
     model, batch, task = case.model, case.batch, case.task
     gen = torch.Generator().manual_seed(0)
     idx = sample_indices(len(batch), case.n_pert, gen, task.strata(batch.targets))
-    x = batch.inputs[idx.to(batch.inputs.device)]
+    sub = batch.select(idx)
+    x, y = sub.inputs, (sub.targets if case.with_targets else None)
     params = [p for p in model.parameters() if p.requires_grad]
     theta = torch.cat([p.detach().reshape(-1) for p in params])
     rows: list[tuple[str, float]] = []
@@ -60,8 +87,9 @@ def main() -> int:
     print(f"# case ({args.case}) {case.label}, d={case.d:,}, k={case.n_pert} samples, device {device}")
     add("GD step (fwd+bwd+AdamW)", pp.gd_step(case))
     add("projection, fast (whole step)", pp.projection(case, "fast"))
-    add("  per-sample Jacobian (torch.func)", lambda: output_jacobian(model, x, task.scores))
-    jac = output_jacobian(model, x, task.scores)
+    phases(case, device)
+    add("  per-sample Jacobian (torch.func)", lambda: output_jacobian(model, x, task.scores, targets=y))
+    jac = output_jacobian(model, x, task.scores, targets=y)
     add("  Gram + rhs, float64 blocks", lambda: gram_and_rhs(jac, theta))
     gram, rhs = gram_and_rhs(jac, theta)
     add("  eigen-solve", lambda: solve_gram(gram, rhs))
@@ -91,7 +119,7 @@ def main() -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         add("GD step, cudnn.benchmark", pp.gd_step(case))
-        add("per-sample Jacobian, cudnn.benchmark", lambda: output_jacobian(model, x, task.scores))
+        add("per-sample Jacobian, cudnn.benchmark", lambda: output_jacobian(model, x, task.scores, targets=y))
         add("projection, fast, cudnn.benchmark", pp.projection(case, "fast"))
         torch.backends.cudnn.benchmark = False
     return 0

@@ -116,8 +116,9 @@ _MIN_FACTORED_FRACTION = 0.25
 #: largest ``(k T)^2`` (entries of one ghost Gram factor, float64) a ghost form may hold
 _MAX_GHOST_ENTRIES = 1 << 23
 
-#: bytes of one float64 slice of formed rows (``k x columns``) in the Gram accumulation
-_ROWS_BYTES = 1 << 22
+#: bytes of one slice of formed rows (``k x columns``, the model's dtype): large enough for efficient
+#: batched products; its float64 Gram is then taken in cache-sized blocks (``gram_and_rhs``)
+_ROWS_BYTES = 1 << 25
 
 
 def _conv_factored_cheaper(n: int, heads: int, c_out: int, patch: int, t: int) -> bool:
@@ -563,7 +564,7 @@ def _rows_gram(p: Tensor, us: list[tuple[Block, str]], vp: Tensor, gram: Tensor,
     supports = [blk.support(name) for blk, name in us]
     index = None if any(s is None for s in supports) else torch.unique(torch.cat([s for s in supports if s is not None]))
     count = first if index is None else index.numel()
-    per = max(1, _ROWS_BYTES // (8 * k * inner))
+    per = max(1, _ROWS_BYTES // (p.element_size() * k * inner))
     v2 = vp.reshape(first, inner)
     for s in range(0, count, per):
         # (a slice where every index is wanted: the blocks then work on views, not gathered copies)
@@ -573,6 +574,6 @@ def _rows_gram(p: Tensor, us: list[tuple[Block, str]], vp: Tensor, gram: Tensor,
             r = blk.rows(name, ix)
             rows = r if rows is None else rows + r
         assert rows is not None
-        r64 = rows.double()
-        gram.addmm_(r64, r64.T)
-        rhs.addmv_(r64, v2[ix].reshape(-1).double())
+        g, r = gram_and_rhs(rows, v2[ix].reshape(-1))
+        gram += g
+        rhs += r
