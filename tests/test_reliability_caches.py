@@ -159,3 +159,36 @@ def test_bench_poison_turns_a_truncated_model_into_a_warning_not_a_traceback(tmp
         res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "Traceback" not in res.output and "weights_only" not in res.output
+
+
+def test_image_model_cache_rebuilds_a_corrupt_model_from_its_initialisation(tmp_path):
+    from torch import nn
+
+    from overunlearn.benchmarks.training import ModelCache
+
+    cache = ModelCache(tmp_path)
+    path = cache.path("erase", "digits", "k", 1, "original")
+    calls: list[torch.Tensor] = []
+
+    def train_fn(model: nn.Module) -> dict:
+        calls.append(model.weight.detach().clone())  # what training starts from
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        return {"steps": 1}
+
+    def fresh() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Linear(3, 2)
+
+    _, _, hit = cache.load_or_train(path, fresh(), train_fn, {})
+    assert not hit and path.exists()
+    _, info, hit = cache.load_or_train(path, fresh(), train_fn, {})
+    assert hit and info["steps"] == 1 and len(calls) == 1
+    torch.save({"weight": torch.zeros(5, 5)}, path)  # another architecture: a partial load is undone
+    with pytest.warns(CacheRebuiltWarning, match="training it again"):
+        _, _, hit = cache.load_or_train(path, fresh(), train_fn, {})
+    assert not hit and len(calls) == 2 and torch.equal(calls[1], calls[0])
+    path.write_bytes(b"garbage")
+    with pytest.warns(CacheRebuiltWarning, match=str(path)):
+        _, _, hit = cache.load_or_train(path, fresh(), train_fn, {})
+    assert not hit and len(calls) == 3

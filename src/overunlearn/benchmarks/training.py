@@ -30,6 +30,7 @@ import json
 import math
 import platform
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +41,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from overunlearn.data.color import ColoredImages, colorize
+from overunlearn.errors import CacheFileError, CacheRebuiltWarning
 from overunlearn.problem import as_heads
-from overunlearn.storage import atomic_torch_save, atomic_write_json, safe_torch_load, stable_hash
+from overunlearn.storage import atomic_torch_save, atomic_write_json, file_lock, safe_torch_load, stable_hash
 
 
 @dataclass(frozen=True)
@@ -288,12 +290,48 @@ class ModelCache:
 
     def load_or_train(self, path: Path | None, model: nn.Module, train_fn: Callable[[nn.Module], dict[str, Any]],
                       meta: dict[str, Any]) -> tuple[nn.Module, dict[str, Any], bool]:
-        """Load ``model``'s state from ``path`` if present, else train it and save it. Returns ``(model, meta, hit)``."""
-        if path is not None and path.is_file():
+        """Load ``model``'s state from ``path`` if present, else train it and save it. Returns ``(model, meta, hit)``.
+
+        Runs sharing the cache take a lock per model, so each model is trained once (the second run
+        waits, then loads it). A cached file that cannot be loaded (truncated, corrupt, another
+        architecture) is named in a :class:`~overunlearn.errors.CacheRebuiltWarning`, deleted and trained
+        again."""
+        if path is None:
+            return self._train(None, model, train_fn, meta)
+        hit = self._load(path, model)
+        if hit is not None:
+            return model, hit, True
+        with file_lock(path.with_name(path.name + ".lock")):
+            hit = self._load(path, model)  # another run may have trained it meanwhile
+            if hit is not None:
+                return model, hit, True
+            return self._train(path, model, train_fn, meta)
+
+    @staticmethod
+    def _load(path: Path, model: nn.Module) -> dict[str, Any] | None:
+        """The metadata of the cached model at ``path`` after loading it into ``model``; ``None`` if there is
+        none, or it was unusable (then it is deleted, with a warning)."""
+        if not path.is_file():
+            return None
+        info_path = path.with_suffix(".json")
+        initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        try:
             model.load_state_dict(safe_torch_load(path))
-            info_path = path.with_suffix(".json")
             info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-            return model, info, True
+            if not isinstance(info, dict):
+                raise ValueError(f"{info_path} holds a JSON {type(info).__name__}, not an object")
+            return info
+        except (CacheFileError, RuntimeError, KeyError, ValueError, UnicodeDecodeError) as exc:
+            reason = str(exc).split("; delete it")[0] if isinstance(exc, CacheFileError) else f"{path}: {exc}"
+            warnings.warn(f"cached model unusable ({reason}); training it again", CacheRebuiltWarning, stacklevel=3)
+            for stale in (path, info_path):
+                stale.unlink(missing_ok=True)
+            model.load_state_dict(initial)  # a partial load must not become the starting point of training
+            return None
+
+    @staticmethod
+    def _train(path: Path | None, model: nn.Module, train_fn: Callable[[nn.Module], dict[str, Any]],
+               meta: dict[str, Any]) -> tuple[nn.Module, dict[str, Any], bool]:
         info = dict(meta)
         info.update(train_fn(model))
         info.update({"torch": torch.__version__, "python": platform.python_version()})
