@@ -151,7 +151,7 @@ def _dry_run(sp: SweepSpec, jpath: Path, batch: int | None, summary_only: bool) 
     n_batch = sp.batch if batch is None else batch
     if n_batch > 1:
         tasks = make_tasks(sp.trials, sp.device, batch=n_batch)
-        grouped = [t for t in tasks if t["kind"] == "batch"]
+        grouped = [t for t in tasks if t["kind"] == "batch" and len(t["tasks"]) > 1]
         typer.echo(f"batches: {len(grouped)} task(s) of up to {n_batch} epoch-budget trials "
                    f"({sum(len(t['tasks']) for t in grouped)} trials), {len(tasks) - len(grouped)} single "
                    "trial task(s); a worker runs a batch as one vectorised ensemble where the model allows")
