@@ -192,3 +192,19 @@ def test_image_model_cache_rebuilds_a_corrupt_model_from_its_initialisation(tmp_
     with pytest.warns(CacheRebuiltWarning, match=str(path)):
         _, _, hit = cache.load_or_train(path, fresh(), train_fn, {})
     assert not hit and len(calls) == 3
+
+
+def test_bench_poison_ctrl_c_says_what_is_kept(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from overunlearn.cli import _register, app
+
+    _register()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P, "run_poison", interrupted)
+    res = CliRunner().invoke(app, ["bench", "poison", "--recipe", "smoke", "--seeds", "1", "--epochs", "2",
+                                   "--cache", str(tmp_path), "--no-progress"])
+    assert res.exit_code == 130 and "kept in the cache" in res.output and "Traceback" not in res.output

@@ -121,6 +121,10 @@ def poison_cmd(
     except OverunlearnError as exc:  # a cache file that cannot be used even after a rebuild, ...
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted: the trained models and the finished trials are kept in the cache "
+                   f"({cache or 'the default cache'}); run the same command again to continue", err=True)
+        raise typer.Exit(130) from None
     except MemoryError:
         typer.echo("error: out of memory; run fewer seeds or methods at once, or lower --threads (finished trials "
                    "are kept in the cache and reused)", err=True)
