@@ -452,3 +452,20 @@ def test_scores_of_the_hooked_forward_are_those_of_the_model():
     with torch.no_grad():
         again = call_scores(CausalLMTask().scores, model(**x), labels)
     assert torch.equal(plain, again)
+
+
+@pytest.mark.parametrize("name", list(CASES) + ["tied"])
+def test_rows_kept_for_the_back_projection(name, monkeypatch):
+    """Formed rows kept for ``J^T alpha`` (forced for every parameter) give the same projection."""
+    monkeypatch.setattr(P, "_KEEP_FACTOR", -1)
+    monkeypatch.setattr(P, "_conv_factored_cheaper", lambda *a: False)
+    monkeypatch.setattr(EmbeddingBlock, "ghost_cheaper", lambda self, name, budget: False)
+    torch.manual_seed(11)
+    if name == "tied":
+        model, x, score = TiedLM().to(F64), torch.randint(0, 13, (3, 4)), identity
+    else:
+        make, inputs = CASES[name]
+        model, x = make().to(F64), inputs()
+        score = (lambda out: torch.cat([identity(o) for o in out], 1)) if name == "linear_3d_4d" else identity
+    _randomise_bn(model)
+    check(model, x, score, qr=False)

@@ -116,6 +116,12 @@ _MIN_FACTORED_FRACTION = 0.25
 #: largest ``(k T)^2`` (entries of one ghost Gram factor, float64) a ghost form may hold
 _MAX_GHOST_ENTRIES = 1 << 23
 
+#: bytes of formed rows kept for the back-projection ``J^T alpha`` (where recomputing it from the
+#: layer's inputs and output gradients would cost more than ``_KEEP_FACTOR`` times the kept rows'
+#: product), all parameters together
+_KEEP_BYTES = 1 << 26
+_KEEP_FACTOR = 4
+
 #: bytes of one slice of formed rows (``k x columns``, the model's dtype): large enough for efficient
 #: batched products; its float64 Gram is then taken in cache-sized blocks (``gram_and_rhs``)
 _ROWS_BYTES = 1 << 25
@@ -514,6 +520,8 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
     rhs = torch.zeros(k, dtype=torch.float64, device=v.device)
     budget = _budget()
     n_ghost = 0
+    kept: dict[int, list[tuple[slice | Tensor, Tensor]]] = {}
+    kept_bytes = 0
     with record_function("overunlearn::gram"):
         for p in covered:
             us = uses.of[id(p)]
@@ -523,7 +531,12 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
                 rhs += r
                 n_ghost += 1
             else:
-                _rows_gram(p, us, part(p), gram, rhs)
+                keep = (sum(blk.back_flops(name) for blk, name in us) > _KEEP_FACTOR * k * p.numel()
+                        and kept_bytes + k * p.numel() * p.element_size() <= _KEEP_BYTES)
+                slices = _rows_gram(p, us, part(p), gram, rhs, keep)
+                if slices is not None:
+                    kept[id(p)] = slices
+                    kept_bytes += k * p.numel() * p.element_size()
     _route("hooked", ghost=n_ghost, rows=len(covered) - n_ghost, dense=len(dense))
     jd = None
     if dense:
@@ -541,7 +554,10 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
     with record_function("overunlearn::back_projection"):
         for p in covered:
             o, c = offsets[id(p)]
-            out[o : o + c] = uses.back(p, alpha).reshape(-1).to(v.dtype)
+            if id(p) in kept:
+                out[o : o + c] = _back_from_rows(p, kept.pop(id(p)), alpha).to(v.dtype)
+            else:
+                out[o : o + c] = uses.back(p, alpha).reshape(-1).to(v.dtype)
     if jd is not None:
         back = torch.empty(jd.shape[1], dtype=v.dtype, device=v.device)
         chunk = _chunk(k, None, jd.device)
@@ -555,9 +571,26 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
     return out
 
 
-def _rows_gram(p: Tensor, us: list[tuple[Block, str]], vp: Tensor, gram: Tensor, rhs: Tensor) -> None:
+def _back_from_rows(p: Tensor, slices: list[tuple[slice | Tensor, Tensor]], alpha: Tensor) -> Tensor:
+    """``J_p^T alpha`` from kept rows (float64 in cache-sized blocks), flattened."""
+    first = p.shape[0] if p.dim() else 1
+    make = torch.zeros if any(isinstance(ix, Tensor) for ix, _ in slices) else torch.empty  # (gaps: zero rows)
+    out = make(first, p.numel() // max(first, 1), dtype=p.dtype, device=p.device)
+    for ix, rows in slices:
+        k = rows.shape[0]
+        flat = torch.empty(rows.shape[1], dtype=p.dtype, device=p.device)
+        chunk = _chunk(k, None, rows.device)
+        for s in range(0, rows.shape[1], chunk):
+            flat[s : s + chunk] = (rows[:, s : s + chunk].double().T @ alpha).to(p.dtype)
+        out[ix] = flat.view(-1, out.shape[1])
+    return out.reshape(-1)
+
+
+def _rows_gram(p: Tensor, us: list[tuple[Block, str]], vp: Tensor, gram: Tensor, rhs: Tensor,
+               keep: bool = False) -> list[tuple[slice | Tensor, Tensor]] | None:
     """Add parameter ``p``'s Gram block and ``J_p v`` from its formed rows (summed over its calls),
-    in slices of its first dimension of about ``_ROWS_BYTES`` float64 bytes each."""
+    in slices of its first dimension of about ``_ROWS_BYTES`` bytes each; with ``keep``, return the
+    slices (for the back-projection)."""
     k = gram.shape[0]
     first = p.shape[0] if p.dim() else 1
     inner = max(1, p.numel() // max(first, 1))
@@ -566,6 +599,7 @@ def _rows_gram(p: Tensor, us: list[tuple[Block, str]], vp: Tensor, gram: Tensor,
     count = first if index is None else index.numel()
     per = max(1, _ROWS_BYTES // (p.element_size() * k * inner))
     v2 = vp.reshape(first, inner)
+    slices: list[tuple[slice | Tensor, Tensor]] = []
     for s in range(0, count, per):
         # (a slice where every index is wanted: the blocks then work on views, not gathered copies)
         ix = slice(s, min(s + per, count)) if index is None else index[s : s + per]
@@ -577,3 +611,6 @@ def _rows_gram(p: Tensor, us: list[tuple[Block, str]], vp: Tensor, gram: Tensor,
         g, r = gram_and_rhs(rows, v2[ix].reshape(-1))
         gram += g
         rhs += r
+        if keep:
+            slices.append((ix, rows))
+    return slices if keep else None

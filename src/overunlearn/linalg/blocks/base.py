@@ -111,6 +111,11 @@ class Block:
         """``J_p^T alpha`` in the parameter's shape and dtype (``alpha``: ``(k,)`` float64)."""
         raise NotImplementedError
 
+    def back_flops(self, name: str) -> int:
+        """About how many multiply-adds :meth:`back` costs (the engine keeps formed rows instead, within
+        a memory budget, where that is much more)."""
+        return 0
+
 
 class RowsBlock(Block):
     """A block whose rows are small (per-channel affine parameters): it forms them all at once.

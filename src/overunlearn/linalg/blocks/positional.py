@@ -102,6 +102,10 @@ class PositionalBlock(Block):
         scaled = self.d * alpha.to(self.d.dtype)[:, None, None]
         return scaled.view(self.heads, self.n, *scaled.shape[1:]).sum(0) if self.heads > 1 else scaled
 
+    def back_flops(self, name: str) -> int:
+        p = self.module._parameters[name]
+        return self.n * self.t * p.numel()
+
     def back(self, name: str, alpha: Tensor) -> Tensor:
         p = self.module._parameters[name]
         s = self._summed(alpha)
