@@ -188,3 +188,21 @@ def test_journal_records_carry_the_code_fingerprint(runner, tmp_path):
     journal = tmp_path / "j.jsonl"
     assert runner.invoke(app, ["sweep", write_spec(tmp_path), "--journal", str(journal), "-q"]).exit_code == 0
     assert {r.get("code") for r in read_journal(journal).records} == {code_fingerprint()}
+
+
+@pytest.mark.parametrize("exc, code, expected", [
+    (lambda: __import__("overunlearn.errors").errors.CacheFileError("cannot load /c/x.pt: corrupt; delete it"), 1,
+     "cannot load /c/x.pt"),
+    (MemoryError, 1, "out of memory"),
+    (KeyboardInterrupt, 130, "kept in the cache"),
+])
+def test_bench_images_turns_foreseeable_errors_into_messages(runner, tmp_path, monkeypatch, exc, code, expected):
+    import overunlearn.cli.bench_images as bi
+
+    def failing(*args, **kwargs):
+        raise exc()
+
+    monkeypatch.setattr(bi, "run_image_benchmark", failing)
+    res = runner.invoke(app, ["bench", "erase", "--dataset", "digits", "--preset", "test", "--methods", "gd",
+                              "--cache", str(tmp_path), "--device", "cpu"])
+    assert res.exit_code == code and expected in clean(res)

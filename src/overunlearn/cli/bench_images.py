@@ -236,7 +236,7 @@ def _command(benchmark: str):
                                      "see `overunlearn privacy`) of the methods run, on the first seed"),
         privacy_models: int | None = typer.Option(None, "--privacy-models", min=4, help="N for --privacy (default 8)"),
     ) -> None:
-        from overunlearn.errors import DatasetNotFoundError
+        from overunlearn.errors import DatasetNotFoundError, OverunlearnError
 
         try:
             rows, config = run_image_benchmark(
@@ -247,6 +247,17 @@ def _command(benchmark: str):
         except DatasetNotFoundError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
+        except OverunlearnError as exc:  # an unusable cache file, ...
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        except MemoryError:
+            typer.echo("error: out of memory; lower the number of models, seeds or the batch size (trained models are "
+                       "kept in the cache)", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("\ninterrupted: trained models are kept in the cache; run the same command again to continue",
+                       err=True)
+            raise typer.Exit(130) from None
         from overunlearn.benchmarks.collapse import COLLAPSE_METRICS
         from overunlearn.benchmarks.erase import ERASE_METRICS
 

@@ -263,7 +263,7 @@ def privacy_cmd(
     """
     import torch
 
-    from overunlearn.errors import DatasetNotFoundError
+    from overunlearn.errors import DatasetNotFoundError, OverunlearnError
 
     name = check_benchmark(benchmark)
     names = resolve_methods(name, methods)
@@ -295,6 +295,17 @@ def privacy_cmd(
     except DatasetNotFoundError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except OverunlearnError as exc:  # an unusable cache file, ...
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except MemoryError:
+        typer.echo("error: out of memory; lower the number of models, seeds or the batch size (trained models are "
+                   "kept in the cache)", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted: trained models are kept in the cache; run the same command again to continue",
+                   err=True)
+        raise typer.Exit(130) from None
     if not rows:  # pragma: no cover
         raise typer.Exit(1)
 
