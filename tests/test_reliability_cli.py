@@ -206,3 +206,10 @@ def test_bench_images_turns_foreseeable_errors_into_messages(runner, tmp_path, m
     res = runner.invoke(app, ["bench", "erase", "--dataset", "digits", "--preset", "test", "--methods", "gd",
                               "--cache", str(tmp_path), "--device", "cpu"])
     assert res.exit_code == code and expected in clean(res)
+
+
+def test_a_journal_path_that_is_a_folder_is_one_message(runner, tmp_path):
+    folder = tmp_path / "j.jsonl"
+    folder.mkdir()
+    res = runner.invoke(app, ["sweep", write_spec(tmp_path), "--journal", str(folder), "-q"])
+    assert res.exit_code == 1 and f"journal {folder}" in clean(res)

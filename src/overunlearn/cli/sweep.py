@@ -69,6 +69,8 @@ def sweep_cmd(
                             max_trials=max_trials, batch=batch, log=log, warn=_warn, rerun_stale=rerun_stale)
     except (SweepAborted, JournalLockedError) as exc:
         _fail(str(exc), 1)
+    except OSError as exc:  # the journal (or its folder) cannot be read or written
+        _fail(f"journal {jpath}: {exc.strerror or exc}; check the path and its permissions", 1)
     except KeyboardInterrupt:
         _interrupted(sp, jpath, resume)
     except MemoryError:
