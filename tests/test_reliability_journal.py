@@ -195,3 +195,15 @@ def test_provenance_is_compared_on_resume_and_in_the_report(tmp_path):
     seen.clear()
     build_report(path, tmp_path / "rep2", figures=False, warn=seen.append)
     assert not any("mixed provenance" in m for m in seen)
+
+
+def test_report_flags_engine_trials_run_with_different_thread_counts():
+    from overunlearn.report.aggregate import mixed_provenance
+
+    base = {"status": "finished", "code": "abc", "versions": {"torch": "2.x"}, "arithmetic": "engine"}
+    same = [dict(base, torch_threads=1), dict(base, torch_threads=1)]
+    assert mixed_provenance(same) is None
+    note = mixed_provenance([*same, dict(base, torch_threads=2)])
+    assert note is not None and "2 thread(s)" in note and "1 thread(s)" in note
+    vectorised = dict(base, arithmetic="vectorised")
+    assert mixed_provenance([dict(vectorised, torch_threads=1), dict(vectorised, torch_threads=2)]) is None

@@ -151,9 +151,13 @@ def _reportable(contents: JournalContents) -> dict[str, dict[str, Any]]:
 
 
 def provenance_of(rec: dict[str, Any]) -> str:
-    """Which code computed a record: its source fingerprint, torch version and arithmetic (engine or vectorised)."""
+    """Which code computed a record: its source fingerprint, torch version, arithmetic (engine or vectorised)
+    and, for the engine, the intra-op thread count."""
     torch_version = (rec.get("versions") or {}).get("torch", "?") if isinstance(rec.get("versions"), dict) else "?"
     arithmetic = f", {rec['arithmetic']} arithmetic" if isinstance(rec.get("arithmetic"), str) else ""
+    if rec.get("arithmetic") == "engine" and isinstance(rec.get("torch_threads"), int):
+        # the engine's products split their sums over the process's threads (the vectorised runner uses one)
+        arithmetic += f" with {rec['torch_threads']} thread(s)"
     return f"code {rec.get('code') or 'unknown'} (torch {torch_version}{arithmetic})"
 
 
@@ -169,7 +173,7 @@ def mixed_provenance(records: list[dict[str, Any]]) -> str | None:
     parts = ", ".join(f"{n} by {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     return (f"mixed provenance: the finished trials were computed by {len(counts)} versions of the code ({parts}); "
             "numbers of different versions may not be comparable: rerun the sweep with --rerun-stale to recompute "
-            "the older ones")
+            "trials of older code, and keep one --batch and --threads setting per journal")
 
 
 def _members(shdr: dict[str, Any], header: dict[str, Any], records: Any) -> list[dict[str, Any]]:
