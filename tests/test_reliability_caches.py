@@ -104,11 +104,17 @@ def test_the_threads_option_does_not_change_numbers_so_the_cache_is_shared(tmp_p
     one = run(tmp_path, threads=1, **kw)
     three = run(tmp_path, threads=3, **kw)
     assert errors(one) == errors(three)
-    per_trial = run(tmp_path, threads=2, reuse_trials=False, batched=False, recipe=odd)
-    per_trial_one = run(tmp_path, threads=1, reuse_trials=False, batched=False, recipe=odd)
-    assert errors(per_trial) == errors(per_trial_one)
     key = P._trial_key("gd", 3, 1, {}, torch.device("cpu"), True)
     assert key != P._trial_key("gd", 3, 1, {}, torch.device("cuda"), True)
+
+
+@pytest.mark.slow
+def test_per_trial_runs_do_not_depend_on_the_threads_option_either(tmp_path):
+    """``--per-trial``: spawned worker processes (threads 2) or this process (threads 1), one intra-op
+    thread each way."""
+    odd = P.PoisonRecipe(hidden=(21, 21), original_steps=40, ground_truth_steps=20, name="odd")
+    kw = dict(seeds=[1, 2], methods=["minnorm_og", "ridge"], reuse_trials=False, recipe=odd, batched=False)
+    assert errors(run(tmp_path, threads=2, **kw)) == errors(run(tmp_path, threads=1, **kw))
 
 
 def test_concurrent_runs_sharing_a_cache_lose_no_trial_and_train_each_model_once(tmp_path):

@@ -59,6 +59,9 @@ class FlakyReference(FakeBenchmark):
 register_benchmark("rel_flaky_ref")(FlakyReference)
 
 
+_SILU_PROBLEMS: dict = {}
+
+
 class SiluRegression:
     """A 1-24-24-1 SiLU MLP fitting sin x from 12 points plus 3 poisoned ones, one full batch per step:
     small enough for tests, and batchable (``overunlearn.ensemble_unlearn.batchable``)."""
@@ -80,6 +83,13 @@ class SiluRegression:
         return xr, torch.sin(xr), xf, torch.full((3, 1), 1.5)
 
     def problem(self, seed: int):
+        """The problem of ``seed``; built once per process (deterministic, and nothing modifies it)."""
+        key = (self.hidden, int(seed))
+        if key not in _SILU_PROBLEMS:
+            _SILU_PROBLEMS[key] = self._build(seed)
+        return _SILU_PROBLEMS[key]
+
+    def _build(self, seed: int):
         import torch
 
         from overunlearn import RegressionTask, TensorData, UnlearningProblem

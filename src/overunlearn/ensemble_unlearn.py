@@ -53,7 +53,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from overunlearn.engine import Budget, UnlearnRecord, _reinitialise
+from overunlearn.engine import Budget, UnlearnRecord
+
+try:
+    from overunlearn.engine import reinitialise_trainable
+except ImportError:  # engine.py before Retrain's initialiser was made public
+    from overunlearn.engine import reinitialise_trainable as reinitialise_trainable  # type: ignore[attr-defined,no-redef]
 from overunlearn.linalg.jacobian import sample_indices
 from overunlearn.methods.base import Method
 from overunlearn.models.mlp import MLP
@@ -463,7 +468,7 @@ def _run_group(members: list[_Member], device: torch.device, lr: float, weight_d
         if m.run.method.name == "retrain":
             import copy
 
-            model = _reinitialise(m.run.problem, copy.deepcopy(model).cpu(), m.run.seed)
+            model = reinitialise_trainable(m.run.problem, copy.deepcopy(model).cpu(), m.run.seed)
         start.append(model)
     stack = _Stack(members, start, device)
     opt = _adamw(stack.params, lr, weight_decay)
