@@ -476,10 +476,13 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
             wanted[id(below)] = below
     per_head: dict[int, list[Tensor]] = {slot_of[id(b)]: [] for b in needed}
     order = list(wanted)
+    check = signature not in memo
     for h in range(heads):
         grads.clear()
         with record_function("overunlearn::head_backward"):
-            got = torch.autograd.grad(scores[:, h].sum(), list(wanted.values()), retain_graph=True, allow_unused=True)
+            # the last backward frees the forward's saved tensors as it goes, unless the check needs them
+            got = torch.autograd.grad(scores[:, h].sum(), list(wanted.values()), retain_graph=check or h + 1 < heads,
+                                      allow_unused=True)
         returned = dict(zip(order, got))
         for blk in needed:
             s = slot_of[id(blk)]
@@ -495,7 +498,7 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
                 blk.bind(d, n, heads)
     except (Decline, ValueError):
         return materialised("a block declined")
-    if signature not in memo:
+    if check:
         with record_function("overunlearn::verify"):
             memo[signature] = _verify(model, inputs, score_fn, scores, uses, covered, targets)
         if not memo[signature]:

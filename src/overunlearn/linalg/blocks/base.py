@@ -126,6 +126,15 @@ class RowsBlock(Block):
     def all_rows(self, name: str) -> Tensor:
         raise NotImplementedError
 
+    def bind(self, deltas: Tensor, n: int, heads: int) -> None:
+        """Form the rows at once, then drop the output gradients and the captured inputs (``self.x``):
+        the rows are all this block needs afterwards, and they are small."""
+        super().bind(deltas, n, heads)
+        for name, _ in self.parameters():
+            self._cached(name)
+        self.deltas = None
+        self.__dict__.pop("x", None)
+
     def _cached(self, name: str) -> Tensor:
         cache = self.__dict__.setdefault("_rows_cache", {})
         if name not in cache:
