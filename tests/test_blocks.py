@@ -198,6 +198,38 @@ def test_sequence_linear_random_shapes(n, t, i, o, heads, bias, ghost, seed):
         P._conv_factored_cheaper = saved
 
 
+@settings(max_examples=10, deadline=None)
+@given(vocab=st.integers(2, 9), t=st.integers(1, 5), n=st.integers(1, 4), pad=st.booleans(), heads=st.integers(1, 2),
+       ghost=st.booleans(), seed=st.integers(0, 2**16))
+def test_embedding_random_shapes(vocab, t, n, pad, heads, ghost, seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Embedding(vocab, 3, padding_idx=0 if pad else None), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(3 * t, heads)).to(F64)
+    ids = torch.randint(0, vocab, (n, t))
+    saved = EmbeddingBlock.ghost_cheaper
+    EmbeddingBlock.ghost_cheaper = lambda self, name, budget: ghost
+    try:
+        check(model, ids, qr=False)
+    finally:
+        EmbeddingBlock.ghost_cheaper = saved
+
+
+@settings(max_examples=10, deadline=None)
+@given(kernel=st.integers(1, 3), stride=st.integers(1, 2), padding=st.integers(0, 2), dilation=st.integers(1, 2),
+       length=st.integers(5, 8), bias=st.booleans(), ghost=st.booleans(), seed=st.integers(0, 2**16))
+def test_conv1d_random_shapes(kernel, stride, padding, dilation, length, bias, ghost, seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv1d(2, 3, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias),
+                          nn.Tanh(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(3, 2)).to(F64)
+    x = torch.randn(3, 2, length, dtype=F64)
+    saved = P._conv_factored_cheaper
+    P._conv_factored_cheaper = lambda *a: ghost
+    try:
+        check(model, x, qr=False)
+    finally:
+        P._conv_factored_cheaper = saved
+
+
 # ---------------------------------------------------------------- padding, tying, reuse, in-place
 
 def _tiny_gpt2(vocab: int = 23, dtype=F64):
