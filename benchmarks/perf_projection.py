@@ -53,6 +53,7 @@ Usage::
     python benchmarks/perf_projection.py --device auto --repeats 5
     python benchmarks/perf_projection.py --device cpu --quick          # a minute or two on a laptop
     python benchmarks/perf_projection.py --cases b --repeats 3 --json out.json
+    OMP_NUM_THREADS=1 python benchmarks/perf_projection.py --device cpu --cases a,b,d,f --repeats 3 --threads 1 --interleave
 """
 
 from __future__ import annotations

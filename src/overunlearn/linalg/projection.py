@@ -436,7 +436,7 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
 
     # a block call is usable if it saw one row per sample and nothing changed its inputs afterwards
     slot_of = {id(b): s for s, b in enumerate(blocks)}
-    for m, cs in calls.items():
+    for cs in calls.values():
         for j, blk in enumerate(cs):
             if blk is None:
                 continue
