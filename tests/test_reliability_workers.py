@@ -165,3 +165,34 @@ def test_a_killed_batched_sweep_resumes_to_the_numbers_of_an_uninterrupted_run(t
                     batch=5, warn=lambda m: None)
     assert res.finished == 24 - kept
     assert _numbers(journal) == _numbers(full)
+
+
+def test_a_dead_ray_task_is_a_recorded_failure_not_a_traceback():
+    """Ray raises from ``ray.get`` when a task's worker died; the executor records the task as failed."""
+    from types import SimpleNamespace
+
+    from overunlearn.sweep.executors import RayExecutor
+
+    class DiedError(Exception):
+        pass
+
+    refs: list[dict] = []
+
+    def remote(task):
+        refs.append(task)
+        return len(refs) - 1
+
+    def get(ref):
+        if refs[ref]["id"] == "b":
+            raise DiedError("The worker died unexpectedly while executing this task.\nmore detail")
+        return {"kind": "trial", "id": refs[ref]["id"], "status": "finished"}
+
+    ex = object.__new__(RayExecutor)
+    ex._ray = SimpleNamespace(wait=lambda pending, num_returns: (pending[:1], pending[1:]), get=get)
+    ex._remote = SimpleNamespace(options=lambda **kw: SimpleNamespace(remote=remote))
+    ex.cpus_per_trial, ex.gpus_per_trial, ex.max_in_flight = 1, 0, 2
+    tasks = [{"kind": "trial", "id": i, "config_key": "k", "trial": {"method": "gd", "seed": 1}} for i in "abc"]
+    out = list(ex.run(tasks))
+    assert [r["id"] for r in out] == ["a", "b", "c"]
+    assert out[1]["status"] == "failed" and out[1]["error_type"] == "WorkerDied"
+    assert "DiedError: The worker died unexpectedly" in out[1]["error"] and "more detail" not in out[1]["error"]

@@ -236,6 +236,7 @@ class RayExecutor(_Base):
         threads = max(1, int(self.cpus_per_trial))
         it = iter(tasks)
         pending: list[Any] = []
+        task_of: dict[Any, dict[str, Any]] = {}
         exhausted = False
         while True:
             while not exhausted and len(pending) < self.max_in_flight:
@@ -245,12 +246,21 @@ class RayExecutor(_Base):
                     exhausted = True
                     break
                 task.setdefault("threads", threads)
-                pending.append(self._remote.options(**opts).remote(task))
+                ref = self._remote.options(**opts).remote(task)
+                task_of[ref] = task
+                pending.append(ref)
             if not pending:
                 return
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
-                yield ray.get(ref)
+                task = task_of.pop(ref)
+                try:
+                    rec = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - a dead worker or node (run_task itself never raises)
+                    rec = failure_records(task, WORKER_DIED, (
+                        f"the Ray task died ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                        "it is not counted as done: rerun the sweep to retry it"))
+                yield rec
 
     def close(self) -> None:
         if self._shutdown and self._ray.is_initialized():
