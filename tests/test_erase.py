@@ -164,18 +164,18 @@ def test_original_learns_colours_ground_truth_does_not(tmp_path):
 
 def test_retrain_starts_from_an_initialisation_of_its_own(bench):
     """Retrain's fresh model must not be the ground-truth (or original) model's initialisation."""
-    from overunlearn.engine import _reinitialise
+    from overunlearn.engine import reinitialise_trainable
 
     prob = bench.problem(1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         shared_init = bench.make_model()  # how the original and ground-truth models start
-    fresh = _reinitialise(prob, bench.make_model(), seed=1)
+    fresh = reinitialise_trainable(prob, bench.make_model(), seed=1)
     w_init, w_fresh = nn.utils.parameters_to_vector(shared_init.parameters()), nn.utils.parameters_to_vector(fresh.parameters())
     assert not torch.allclose(w_init, w_fresh)
-    again = _reinitialise(prob, bench.make_model(), seed=1)
+    again = reinitialise_trainable(prob, bench.make_model(), seed=1)
     assert torch.equal(nn.utils.parameters_to_vector(again.parameters()), w_fresh)  # deterministic per seed
-    other = _reinitialise(bench.problem(2), bench.make_model(), seed=2)
+    other = reinitialise_trainable(bench.problem(2), bench.make_model(), seed=2)
     assert not torch.allclose(nn.utils.parameters_to_vector(other.parameters()), w_fresh)
 
 

@@ -26,6 +26,7 @@ from overunlearn import (  # noqa: E402
     TensorData,
     UnlearningProblem,
     create,
+    get_method,
     list_methods,
     unlearn,
 )
@@ -96,13 +97,16 @@ def cls_problem(model: nn.Module) -> UnlearningProblem:
                              batch_size=8)
 
 
+#: the package's own methods (test modules may register fakes of their own)
+BUILTIN = [m for m in list_methods() if get_method(m).__module__.startswith("overunlearn.methods.")]
+
 CASES = {"gpt2_causal_lm": lambda: lm_problem(gpt2()), "bert_sequence_classifier": lambda: cls_problem(bert()),
          "lora_llama": lambda: lm_problem(lora_llama())}
 HYPER = {"minnorm_og": {"reg_coef": 0.05, "grad_sample_size": 6}, "salun": {}, "scrub": {}, "npo": {}}
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("method", list_methods())
+@pytest.mark.parametrize("method", BUILTIN)
 def test_every_method_runs_and_changes_only_trainable_parameters(case, method):
     problem = CASES[case]()
     before = {n: p.detach().clone() for n, p in problem.model.named_parameters()}

@@ -37,6 +37,7 @@ from overunlearn import structure
 from overunlearn.batching import RetainCycle, forget_batches_per_epoch, forget_epoch
 from overunlearn.errors import DataError, NonFiniteLossError
 from overunlearn.methods.base import Method, MethodConfig
+from overunlearn.methods.context import StepInfo, UnlearningContext
 from overunlearn.problem import (
     Batch,
     ClassificationTask,
@@ -79,17 +80,6 @@ class Budget:
                 raise ValueError(f"seconds={self.seconds} must be > 0")
 
 
-@dataclass(frozen=True)
-class StepInfo:
-    """Where the loop is: global step, epoch, step within the epoch (all 0-based)."""
-
-    step: int
-    epoch: int
-    step_in_epoch: int
-    steps_per_epoch: int
-    planned_epochs: int | None
-
-
 @dataclass
 class UnlearnRecord:
     """What a run did: steps, time, losses, and why it stopped."""
@@ -129,66 +119,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class UnlearningContext:
-    """The state a method sees: the working model, the problem, device, randomness, optimizer."""
-
-    def __init__(self, problem: UnlearningProblem, model: nn.Module, device: torch.device, seed: int,
-                 planned_epochs: int | None, steps_per_epoch: int) -> None:
-        self.problem = problem
-        self.model = model
-        self.device = device
-        self.seed = seed
-        self.planned_epochs = planned_epochs
-        self.steps_per_epoch = steps_per_epoch
-        #: CPU generator for sampling decisions (subsets, batch order)
-        self.generator = torch.Generator().manual_seed(seed)
-        #: generator on the model's device for noise
-        self.device_generator = torch.Generator(device=device).manual_seed(seed + 1)
-        self.optimizer: torch.optim.Optimizer | None = None
-        self._original: nn.Module | None = None
-        self._checked = False
-
-    # -- models -------------------------------------------------------------------
-    def original(self) -> nn.Module:
-        """A frozen copy of the model as it was before unlearning (made on first use)."""
-        if self._original is None:
-            from overunlearn.methods.base import frozen_copy
-
-            self._original = frozen_copy(self.model)
-        return self._original
-
-    def trainable(self) -> list[Tensor]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def require_planned_epochs(self, method: str) -> int:
-        if self.planned_epochs is None:
-            raise ValueError(
-                f"method {method!r} schedules by the number of epochs: give the budget an 'epochs' value "
-                "(it may be combined with 'seconds' or 'steps' as a cut-off)"
-            )
-        return self.planned_epochs
-
-    # -- losses -------------------------------------------------------------------
-    def forward(self, batch: Batch, model: nn.Module | None = None) -> Outputs:
-        """The raw output of ``model`` (the working model by default) on a batch (call convention of
-        :func:`overunlearn.structure.call_model`)."""
-        return structure.call_model(model or self.model, batch.inputs)
-
-    def data_loss(self, outputs: Outputs, batch: Batch) -> Tensor:
-        """The task loss of a batch: ``mean(loss_i * w_i)`` (``w_i = 1`` without weights)."""
-        task = self.problem.task
-        if not self._checked:
-            task.check(outputs, batch.targets)
-            self._checked = True
-        per = task.per_sample_loss(outputs, batch.targets)
-        if batch.weights is not None:
-            per = per * batch.weights.to(per.dtype)
-        return per.mean()
-
-    def batch_loss(self, batch: Batch) -> Tensor:
-        return self.data_loss(self.forward(batch), batch)
-
-
 def _hf_initialiser(model: nn.Module) -> Callable[[nn.Module], None] | None:
     """Hugging Face's own per-module initialisation (``PreTrainedModel._init_weights``) of the
     outermost Hugging Face model inside ``model``, if there is one."""
@@ -211,7 +141,7 @@ def _reset_lora(m: nn.Module) -> bool:
     return True
 
 
-def _reinitialise(problem: UnlearningProblem, model: nn.Module, seed: int) -> nn.Module:
+def reinitialise_trainable(problem: UnlearningProblem, model: nn.Module, seed: int) -> nn.Module:
     """Fresh values for every trainable parameter, for Retrain.
 
     ``problem.make_model()`` when given; otherwise, module by module: a peft LoRA layer's
@@ -333,7 +263,7 @@ def _check_keywords(name: str, model: nn.Module, inputs) -> None:
                             f"forward does not take (it takes {', '.join(map(repr, params))})")
 
 
-def _check_data(problem: UnlearningProblem, model: nn.Module, dev: torch.device) -> None:
+def check_data(problem: UnlearningProblem, model: nn.Module, dev: torch.device) -> None:
     """Check outputs against targets on the first batch of the retain *and* the forget set.
 
     Runs before the clock starts, without gradients and in eval mode (no BatchNorm update), so that
@@ -484,7 +414,7 @@ def unlearn(problem: UnlearningProblem, method: Method, budget: Budget, *, seed:
     if budget.steps is not None:
         max_steps = min(max_steps, budget.steps)
 
-    _check_data(problem, model, dev)
+    check_data(problem, model, dev)
     warm_up()
     ctx = UnlearningContext(problem, model, dev, seed, planned, steps_per_epoch)
     if method.needs_planned_epochs:
@@ -509,7 +439,7 @@ def unlearn(problem: UnlearningProblem, method: Method, budget: Budget, *, seed:
         t0 = time.perf_counter()
         try:
             if getattr(method, "reinitialise", False):
-                _reinitialise(problem, model, seed)
+                reinitialise_trainable(problem, model, seed)
             method.setup(ctx)
             ctx.optimizer = _make_optimizer(method.config, ctx.trainable())
             synchronize(dev)

@@ -123,9 +123,19 @@ def facts_cmd(
         with make_executor("local", jobs=jobs, threads=threads) as executor:
             result = run_sweep(spec, journal, executor, device=device, threads=threads, log=log)
         reports, _ = load(journal, allow_partial=True, sweeps=[raw["name"]])
-    except OverunlearnError as exc:
+    except OverunlearnError as exc:  # a locked journal, a failed set-up step, a corrupt cache file
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    except OSError as exc:
+        typer.echo(f"error: cannot use the output folder {out}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except MemoryError:
+        typer.echo("error: out of memory; try --jobs 1 or a smaller preset", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted: every finished trial is kept in {out / (raw['name'] + '.jsonl')}; run the same "
+                   "command again to resume", err=True)
+        raise typer.Exit(130) from None
     setting = reports[0].settings[0]
     metrics = [m.name for m in FACTS_METRICS]
     md, csv = method_table(setting, metrics)

@@ -41,9 +41,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from overunlearn import structure
 from overunlearn.batching import RetainCycle
-from overunlearn.engine import StepInfo, UnlearningContext, _check_data, _reinitialise
+from overunlearn.engine import check_data, reinitialise_trainable
 from overunlearn.errors import DataError, NonFiniteLossError
 from overunlearn.methods import Method, create
+from overunlearn.methods.context import StepInfo, UnlearningContext
 from overunlearn.problem import Batch, Task, UnlearningProblem, batch_from_items
 
 __all__ = ["UnlearningTrainer"]
@@ -152,12 +153,12 @@ class UnlearningTrainer(Trainer):
         steps_per_epoch = math.ceil(len(self.train_dataset) / self.args.per_device_train_batch_size)
         planned = math.ceil(self.args.max_steps / steps_per_epoch) if self.args.max_steps > 0 else \
             math.ceil(self.args.num_train_epochs)
-        _check_data(self.problem, model, dev)
+        check_data(self.problem, model, dev)
         self.ctx = UnlearningContext(self.problem, model, dev, self.unlearning_seed, planned, steps_per_epoch)
         if self.method.needs_planned_epochs:
             self.ctx.require_planned_epochs(self.method.name)
         if getattr(self.method, "reinitialise", False):
-            _reinitialise(self.problem, model, self.unlearning_seed)
+            reinitialise_trainable(self.problem, model, self.unlearning_seed)
         self.method.setup(self.ctx)
         self._retain_iter = RetainCycle(self.problem.retain, self.problem.batch_size,
                                         torch.Generator().manual_seed(self.unlearning_seed + 1), self._collate)

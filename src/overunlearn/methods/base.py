@@ -13,21 +13,18 @@ never in its config; a method never mutates its config.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import math
 import numbers
 import typing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from torch import Tensor, nn
+from torch import Tensor
 
+from overunlearn.methods.context import StepInfo, UnlearningContext
 from overunlearn.problem import Batch, Categorical, Task
-
-if TYPE_CHECKING:  # pragma: no cover
-    from overunlearn.engine import StepInfo, UnlearningContext
 
 
 def check_type(name: str, value: Any, kind: type) -> None:
@@ -163,14 +160,6 @@ class Method:
 
 
 # ---- helpers shared by several methods ------------------------------------------
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with gradients switched off (a teacher / reference policy)."""
-    teacher = copy.deepcopy(model)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
-
 
 #: the task kinds of methods built on class probabilities
 CATEGORICAL_TASKS = frozenset({"classification", "causal_lm"})
