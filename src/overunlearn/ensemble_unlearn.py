@@ -53,17 +53,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from overunlearn import engine as _engine
-from overunlearn.engine import Budget, UnlearnRecord
+from overunlearn.engine import Budget, UnlearnRecord, reinitialise_trainable
 from overunlearn.linalg.jacobian import sample_indices
 from overunlearn.methods.base import Method
 from overunlearn.models.mlp import MLP
 from overunlearn.problem import RegressionTask, TensorData, UnlearningProblem
 from overunlearn.training.adamw import FusedAdamW
-
-#: Retrain's initialiser: ``engine.reinitialise_trainable``, named ``_reinitialise`` in engine.py before it
-#: was made public (looked up by name so that this module works with either)
-_reinitialise_trainable = getattr(_engine, "reinitialise_trainable", None) or getattr(_engine, "_" + "reinitialise")
 
 #: methods with a vectorised step
 BATCHED_METHODS = frozenset({"retrain", "gd", "ga", "ngd", "ngp", "ridge", "l1_sparse", "minnorm_og"})
@@ -468,7 +463,7 @@ def _run_group(members: list[_Member], device: torch.device, lr: float, weight_d
         if m.run.method.name == "retrain":
             import copy
 
-            model = _reinitialise_trainable(m.run.problem, copy.deepcopy(model).cpu(), m.run.seed)
+            model = reinitialise_trainable(m.run.problem, copy.deepcopy(model).cpu(), m.run.seed)
         start.append(model)
     stack = _Stack(members, start, device)
     opt = _adamw(stack.params, lr, weight_decay)
