@@ -412,6 +412,26 @@ def test_multihead_attention_is_declined_to_torch_func():
     check(model, torch.randn(4, 5, 3, dtype=F64), dense=4)  # in_proj weight+bias, out_proj weight+bias
 
 
+class OneProto(nn.Module):
+    """A layer applied to one learned row, used in a way that depends on its batch dimension: the
+    broadcast copy the engine hands the model changes the scores' shape, which the check catches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(4, 6)
+        self.proto = nn.Parameter(torch.randn(1, 3))
+        self.proj = nn.Linear(3, 6)
+
+    def forward(self, x):
+        return torch.tanh(self.f(x)) @ self.proj(self.proto).T  # (n, 1)
+
+
+def test_shared_row_used_by_shape_is_caught():
+    torch.manual_seed(12)
+    model = OneProto().to(F64)
+    check(model, torch.randn(5, 4, dtype=F64), path="materialised")
+
+
 def test_non_finite_scores_raise():
     model = nn.Sequential(nn.Linear(3, 2)).to(F64)
     x = torch.randn(4, 3, dtype=F64)

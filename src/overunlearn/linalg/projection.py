@@ -272,7 +272,8 @@ def _verify(model: nn.Module, inputs, score_fn, scores: Tensor, uses: _Uses, cov
         one, y = _first(inputs, targets)
         with _mode(model, train=False), torch.no_grad():
             alone = call_scores(score_fn, structure.call_model(model, one), y)
-        if not torch.allclose(alone, scores[:1].detach(), rtol=tol * 10, atol=tol * float(scores.detach().abs().max())):
+        if alone.shape != scores[:1].shape or not torch.allclose(
+                alone, scores[:1].detach(), rtol=tol * 10, atol=tol * float(scores.detach().abs().max())):
             return False
     g = torch.Generator().manual_seed(12345)
     c = torch.randn(n * heads, generator=g, dtype=torch.float64).to(scores.device)
