@@ -398,7 +398,7 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
             return out if expanded and expanded[-1] is m else None
         if blk.output is None or not blk.output.requires_grad:
             calls[m].append(None)  # outside the graph
-            return
+            return out if expanded and expanded[-1] is m else None
         slot = len(blocks)
         blocks.append(blk)
         calls[m].append(blk)
