@@ -521,3 +521,23 @@ def test_rows_kept_for_the_back_projection(name, monkeypatch):
         score = (lambda out: torch.cat([identity(o) for o in out], 1)) if name == "linear_3d_4d" else identity
     _randomise_bn(model)
     check(model, x, score, qr=False)
+
+
+def test_peft_lora_on_tiny_gpt2():
+    """LoRA on GPT-2's ``Conv1D`` layers (frozen base, ``fan_in_fan_out``): the adapters' inner linear
+    layers take the blocks, the frozen base is not part of the Jacobian."""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    model = peft.get_peft_model(_tiny_gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn", "c_fc"],
+                                                              fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    model = model.to(F64)
+    torch.manual_seed(13)
+    ids = torch.randint(1, 23, (4, 7))
+    labels = ids.clone()
+    labels[:, 0] = -100
+    check(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, CausalLMTask().scores, targets=labels,
+          tol=1e-7)
