@@ -241,8 +241,8 @@ def test_ulira_known_answers():
 # ---------------------------------------------------------------------------------- end to end
 
 def test_privacy_report_end_to_end(tmp_path, monkeypatch):
-    from overunlearn.metrics.privacy import PrivacyRunner, format_rows, load_arrays, parse_methods, privacy_report
-    from overunlearn.metrics.setups import digits_setup
+    from overunlearn.privacy.runner import PrivacyRunner, format_rows, load_arrays, parse_methods, privacy_report
+    from overunlearn.privacy.setups import digits_setup
 
     setup = digits_setup(seed=0, n_retain=200, n_forget=40, n_test=120, hidden=64, steps=100, lr=1e-2,
                          train_batch_size=None, forget="mislabeled")
@@ -276,7 +276,7 @@ def test_privacy_report_end_to_end(tmp_path, monkeypatch):
     runner.unlearned_signals(parse_methods([("gd", {"lr": 1e-3}, 1)])[0], 6)
     assert runner.timings == {}
     # ... unless the unlearning code changed: then the unlearned models are recomputed, not reused
-    import overunlearn.metrics.privacy as PM
+    import overunlearn.privacy.runner as PM
 
     real = PM.unlearning_fingerprint()
     monkeypatch.setattr(PM, "unlearning_fingerprint", lambda: "edited-" + real)
@@ -287,7 +287,7 @@ def test_privacy_report_end_to_end(tmp_path, monkeypatch):
 
 def test_method_spec_parsing_and_errors():
     from overunlearn.engine import Budget
-    from overunlearn.metrics.privacy import MethodSpec, as_privacy_setup, parse_methods
+    from overunlearn.privacy.runner import MethodSpec, as_privacy_setup, parse_methods
 
     specs = parse_methods([("gd", {"lr": 1e-3}, 2), ("mn", "minnorm_og", {}, {"epochs": 3}),
                            MethodSpec("ngd", {}, Budget(steps=4))])
@@ -303,7 +303,7 @@ def test_method_spec_parsing_and_errors():
 
 def test_image_benchmark_adapter(tmp_path):
     from overunlearn.benchmarks.erase import EraseBenchmark
-    from overunlearn.metrics.privacy import as_privacy_setup
+    from overunlearn.privacy.runner import as_privacy_setup
 
     bench = EraseBenchmark("digits", preset="test", cache_dir=tmp_path, device="cpu", progress=False)
     setup = as_privacy_setup(bench, seed=1)
@@ -319,7 +319,7 @@ def test_image_benchmark_adapter(tmp_path):
 
 def test_poison_adapter():
     from overunlearn.benchmarks.poison import PoisonBenchmark, PoisonRecipe
-    from overunlearn.metrics.privacy import as_privacy_setup, evaluate_set
+    from overunlearn.privacy.runner import as_privacy_setup, evaluate_set
 
     recipe = PoisonRecipe(hidden=(16, 16), original_steps=30, ground_truth_steps=20, name="tiny")
     setup = as_privacy_setup(PoisonBenchmark(recipe, workers=1), seed=2)
@@ -337,7 +337,7 @@ def test_poison_adapter():
 
 
 def test_vmapped_ensemble_equals_independent_training():
-    from overunlearn.metrics.setups import DigitsMLP, fit_ensemble_vmap, seeded_model
+    from overunlearn.privacy.setups import DigitsMLP, fit_ensemble_vmap, seeded_model
 
     torch.manual_seed(0)
     data = TensorData(torch.randn(40, 5), torch.randint(0, 3, (40,)))
@@ -373,8 +373,8 @@ def test_privacy_retrain_never_starts_from_an_originals_initialisation(tmp_path)
     with seed i, must still start from an initialisation of its own."""
     from torch import nn as _nn
 
-    from overunlearn.metrics.privacy import PrivacyRunner, model_seeds, parse_methods
-    from overunlearn.metrics.setups import digits_setup, seeded_model
+    from overunlearn.privacy.runner import PrivacyRunner, model_seeds, parse_methods
+    from overunlearn.privacy.setups import digits_setup, seeded_model
 
     setup = digits_setup(seed=0, n_retain=60, n_forget=10, n_test=20, hidden=16, steps=5, lr=1e-2,
                          train_batch_size=None, forget="mislabeled")

@@ -15,9 +15,9 @@ import pytest
 import sweep_fake  # noqa: F401  (registers the fake benchmark and method)
 from typer.testing import CliRunner
 
-from overunlearn.report import PrivacyColumnsError, PrivacyOptions, build_report
+from overunlearn.privacy.columns import PrivacyColumnsError, PrivacyOptions, privacy_section, select_points
+from overunlearn.report import build_report
 from overunlearn.report.aggregate import load
-from overunlearn.report.privacy_columns import select_points
 from overunlearn.sweep.run import run_sweep
 from overunlearn.sweep.spec import parse_spec
 
@@ -44,8 +44,8 @@ def poison(tmp_path_factory):
     journal = root / "j.jsonl"
     run_sweep(parse_spec(raw), journal, device="cpu")
     out = root / "report"
-    files = build_report(journal, out, figures=False, privacy=PrivacyOptions(n_models=N, device="cpu", plots=False,
-                                                                             progress=False))
+    options = PrivacyOptions(n_models=N, device="cpu", plots=False, progress=False)
+    files = build_report(journal, out, figures=False, sections=[privacy_section(options)])
     return {"journal": journal, "out": out, "cache": cache, "files": files}
 
 
@@ -102,7 +102,7 @@ def test_original_memorises_the_forget_set_more_than_the_ground_truth(poison):
 
 def test_rows_equal_a_direct_privacy_report_call(poison):
     from overunlearn.benchmarks import get_benchmark
-    from overunlearn.metrics.privacy import MethodSpec, privacy_report
+    from overunlearn.privacy.runner import MethodSpec, privacy_report
 
     d = poison["out"] / "tiny"
     winners = [r for r in _csv(d / "hyperparameters.csv") if r["setting"] == "T=2"]
@@ -168,7 +168,7 @@ def test_pareto_selection_rule(fake_journal):
 def test_unsupported_benchmark_is_named_and_the_rest_is_written(fake_journal, tmp_path):
     out = tmp_path / "r"
     with pytest.raises(PrivacyColumnsError, match="sweep_fake") as info:
-        build_report(fake_journal, out, figures=False, privacy=PrivacyOptions(n_models=N, progress=False))
+        build_report(fake_journal, out, figures=False, sections=[privacy_section(PrivacyOptions(n_models=N, progress=False))])
     (msg,) = info.value.failures
     assert "benchmark 'sweep_fake' has no privacy setup" in msg and msg.startswith("front [all]")
     for name in ("index.md", "front/frontiers.md", "front/hyperparameters.csv", "front/runtime.md",
@@ -191,7 +191,7 @@ def test_unregistered_benchmark_says_how_to_register_it(fake_journal, tmp_path):
     journal = tmp_path / "j.jsonl"
     journal.write_text(fake_journal.read_text().replace('"name":"sweep_fake"', '"name":"not_registered"'))
     with pytest.raises(PrivacyColumnsError) as info:
-        build_report(journal, tmp_path / "r", figures=False, privacy=PrivacyOptions(progress=False))
+        build_report(journal, tmp_path / "r", figures=False, sections=[privacy_section(PrivacyOptions(progress=False))])
     (msg,) = info.value.failures
     assert "benchmark 'not_registered' is not registered" in msg and "--import" in msg
     assert (tmp_path / "r/front/frontiers.md").exists()

@@ -2,8 +2,8 @@
 
 For one data split of a built-in benchmark it trains (or loads from the cache) ``N`` original
 models, ``N`` or ``2N`` oracles (models retrained without the forget set) and, per method, ``N``
-unlearned models, then prints :func:`overunlearn.metrics.privacy.format_rows` of
-:func:`overunlearn.metrics.privacy.privacy_report` and writes ``privacy_rows.json``,
+unlearned models, then prints :func:`overunlearn.privacy.runner.format_rows` of
+:func:`overunlearn.privacy.runner.privacy_report` and writes ``privacy_rows.json``,
 ``privacy_arrays.npz``, ``privacy_table.txt``, ``privacy_config.json`` and the plots to ``--out``.
 
 Hyperparameters are the benchmark's shipped presets: Data Poisoning ``preset(method, T).kwargs()``
@@ -24,12 +24,11 @@ from typing import Any
 import typer
 
 from overunlearn.cli import app
+from overunlearn.privacy.runner import DEFAULT_GROUND_TRUTH, DEFAULT_MODELS
 
 #: benchmarks with shipped method presets, and their defaults
 BENCHMARKS: tuple[str, ...] = ("poison", "erase", "collapse")
-DEFAULT_MODELS: Mapping[str, int] = {"poison": 16, "erase": 8, "collapse": 8}
 DEFAULT_RECIPE: Mapping[str, str] = {"poison": "quick", "erase": "auto", "collapse": "auto"}
-DEFAULT_GROUND_TRUTH: Mapping[str, str] = {"poison": "extra", "erase": "split", "collapse": "split"}
 POISON_EPOCHS = 100
 
 
@@ -153,7 +152,7 @@ def run_privacy(bench: Any, specs: Sequence[tuple[str, str, dict, int]], *, n_mo
                 klom_bins: int | str = "auto", plots: bool = True, progress: bool = True,
                 echo: Callable[[str], Any] = typer.echo, command: str | None = None) -> list[dict[str, Any]]:
     """Run :func:`privacy_report` on ``bench``, print the table and the files written; return the rows."""
-    from overunlearn.metrics.privacy import format_rows, privacy_report
+    from overunlearn.privacy.runner import format_rows, privacy_report
     from overunlearn.storage import atomic_write_json, atomic_write_text
 
     out = Path(out)

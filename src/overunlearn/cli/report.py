@@ -2,7 +2,7 @@
 
 With ``--privacy`` the selected hyperparameters of every method are also evaluated by
 population MIA, MIA-efficacy, U-LiRA and KLoM (``privacy.md`` / ``.csv`` per sweep; see
-:mod:`overunlearn.report.privacy_columns` and ``docs/privacy.md``).
+:mod:`overunlearn.privacy.columns` and ``docs/privacy.md``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def report_cmd(
 
     With --privacy, also the privacy (MIA, U-LiRA, KLoM) of every selected setting: see docs/privacy.md.
     """
-    from overunlearn.report import PrivacyColumnsError, PrivacyOptions, build_report
+    from overunlearn.privacy.columns import PrivacyOptions, privacy_section
+    from overunlearn.report import ReportSectionError, build_report
     from overunlearn.report.aggregate import SeedSplitError
 
     if not journal.exists():
@@ -75,7 +76,8 @@ def report_cmd(
             raise typer.BadParameter(str(exc)) from None
     try:
         files = build_report(journal, out, allow_partial=allow_partial, sweeps=sweep or None,
-                             figures=not no_figures, privacy=options, select_seeds=chosen,
+                             figures=not no_figures, sections=[privacy_section(options)] if options else [],
+                             select_seeds=chosen,
                              warn=lambda m: typer.echo(f"warning: {m}", err=True))
     except OSError as exc:
         typer.echo(f"error: cannot read the journal or write the report: {exc}", err=True)
@@ -85,7 +87,7 @@ def report_cmd(
         raise typer.Exit(1) from None
     except SeedSplitError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--select-seeds'") from None
-    except PrivacyColumnsError as exc:
+    except ReportSectionError as exc:
         for f in exc.files:
             typer.echo(str(f))
         for msg in exc.failures:

@@ -17,7 +17,7 @@ on ``D_r`` only, own seeds) form two samples. KLoM(x) is the KL divergence
 
 Lower is better; 0 means the two histograms coincide. With finite ``N`` the value of two
 samples from the *same* distribution is positive (the noise floor): compare with the
-ground-truth row of :func:`overunlearn.metrics.privacy.privacy_report`, which splits the
+ground-truth row of :func:`overunlearn.privacy.runner.privacy_report`, which splits the
 oracles in two halves. Margins are ``z_y - logsumexp_{i!=y} z_i`` for classifiers and the
 signed error for regression (:mod:`overunlearn.metrics.signals`). Everything is vectorized
 over examples; the binning reproduces ``numpy.histogram`` with ``numpy.linspace`` edges

@@ -11,20 +11,20 @@
 
 and ``out_dir/index.md`` linking everything, with notes (excluded settings, failures).
 
-With ``privacy=PrivacyOptions(...)`` it also writes ``privacy.md`` / ``.csv`` (and per-example
-arrays under ``privacy/``): the selected hyperparameters evaluated by MIA, U-LiRA and KLoM
-(:mod:`overunlearn.report.privacy_columns`).
+Other layers add sections to a sweep's folder through ``sections`` (e.g. the privacy columns of
+:func:`overunlearn.privacy.columns.privacy_section`, which train models: a report itself never does).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
+from overunlearn.errors import OverunlearnError
 from overunlearn.report.aggregate import SettingResult, SweepReport, load
 from overunlearn.report.figures import frontier_plot
-from overunlearn.report.privacy_columns import PrivacyColumnsError, PrivacyOptions, sweep_privacy
 from overunlearn.report.tables import (
     dominance_table,
     frontier_table,
@@ -33,9 +33,35 @@ from overunlearn.report.tables import (
     runtime_table,
 )
 from overunlearn.storage import atomic_write_text
+from overunlearn.sweep.journal import JournalContents
 
-__all__ = ["build_report", "load", "frontier_plot", "SettingResult", "SweepReport", "PrivacyOptions",
-           "PrivacyColumnsError"]
+__all__ = ["build_report", "load", "frontier_plot", "SettingResult", "SweepReport", "ReportSectionError", "Section"]
+
+
+class SectionResult(Protocol):
+    """What a section wrote (``files``), what it wants said in ``index.md`` (``notes``), what failed."""
+
+    files: list[Path]
+    notes: list[str]
+    failures: list[str]
+
+
+#: ``section(report, journal_contents, folder) -> SectionResult``: adds files to a sweep's report folder
+Section = Callable[[SweepReport, JournalContents, Path], SectionResult]
+
+
+class ReportSectionError(OverunlearnError, RuntimeError):
+    """A section failed for some settings; everything else of the report was written.
+
+    Attributes:
+        failures: one message per failed setting (``sweep [setting]: reason``).
+        files: every file the report wrote.
+    """
+
+    def __init__(self, failures: list[str], files: list[Path]) -> None:
+        super().__init__("not computed for " + "; ".join(failures))
+        self.failures = failures
+        self.files = files
 
 
 def _slug(text: str) -> str:
@@ -48,7 +74,7 @@ def _slug(text: str) -> str:
 
 def build_report(journal: str | Path, out_dir: str | Path | None = None, *, allow_partial: bool = False,
                  sweeps: list[str] | None = None, figures: bool = True,
-                 privacy: PrivacyOptions | None = None, select_seeds: list[int] | None = None,
+                 sections: Sequence[Section] = (), select_seeds: list[int] | None = None,
                  warn: Callable[[str], None] | None = None) -> list[Path]:
     """Write tables and figures for every sweep in ``journal``; return the files written.
 
@@ -56,9 +82,9 @@ def build_report(journal: str | Path, out_dir: str | Path | None = None, *, allo
     they are also listed in ``index.md``.
 
     ``select_seeds``: pick hyperparameters on these seeds, report on the others (see :func:`load`).
-    ``privacy``: also evaluate each method's selected hyperparameters for privacy (trains models;
-    see ``docs/privacy.md``). Settings where that fails are named in ``index.md`` and ``privacy.md``;
-    after everything else is written, :class:`PrivacyColumnsError` (with ``.files``) is raised.
+    ``sections``: more sections per sweep (e.g. the privacy columns, see ``docs/privacy.md``). Settings
+    where a section fails are named in ``index.md``; after everything else is written,
+    :class:`ReportSectionError` (with ``.files``) is raised.
     """
     journal = Path(journal)
     if not journal.exists():
@@ -69,7 +95,7 @@ def build_report(journal: str | Path, out_dir: str | Path | None = None, *, allo
         for msg in contents.warnings() + [n for rep in reports for n in rep.notes if n.startswith("mixed provenance")]:
             warn(msg)
     written: list[Path] = []
-    privacy_failures: list[str] = []
+    section_failures: list[str] = []
     index = [f"# Report for `{journal}`", ""]
     if contents.warnings():
         index.append(f"Journal warnings ({len(contents.warnings())}):\n")
@@ -109,11 +135,12 @@ def build_report(journal: str | Path, out_dir: str | Path | None = None, *, allo
         written += _pair(d / "hyperparameters", md, csv, f"{rep.title}: selected hyperparameters")
         md, csv = runtime_table(rep.settings)
         written += _pair(d / "runtime", md, csv, f"{rep.title}: runtime of the selected settings")
-        privacy_notes: list[str] = []
-        if privacy is not None:
-            priv = sweep_privacy(rep, contents, d, privacy)
-            written += priv.files
-            privacy_notes, privacy_failures = priv.notes, privacy_failures + priv.failures
+        section_notes: list[str] = []
+        for section in sections:
+            res = section(rep, contents, d)
+            written += res.files
+            section_notes += res.notes
+            section_failures += res.failures
         for p in written:
             if p.parent == d:
                 rel = p.relative_to(out)
@@ -121,13 +148,13 @@ def build_report(journal: str | Path, out_dir: str | Path | None = None, *, allo
                 if line not in index:
                     index.append(line)
         notes = list(rep.notes) + [f"[{s.setting}] {n}" if s.setting else n for s in rep.settings for n in s.notes]
-        notes += privacy_notes
+        notes += section_notes
         if notes:
             index += ["", "Notes:", *[f"- {n}" for n in notes]]
         index.append("")
     written.append(atomic_write_text(out / "index.md", "\n".join(index) + "\n"))
-    if privacy_failures:
-        raise PrivacyColumnsError(privacy_failures, written)
+    if section_failures:
+        raise ReportSectionError(section_failures, written)
     return written
 
 

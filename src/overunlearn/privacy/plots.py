@@ -7,8 +7,8 @@
   model set; curves further left are closer to the oracles (the ground-truth curve is the
   noise floor).
 
-Both accept the ``.npz`` path written by :func:`overunlearn.metrics.privacy.privacy_report`
-(or the dict returned by :func:`overunlearn.metrics.privacy.load_arrays`) and write a PNG.
+Both accept the ``.npz`` path written by :func:`overunlearn.privacy.runner.privacy_report`
+(or the dict returned by :func:`overunlearn.privacy.runner.load_arrays`) and write a PNG.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 def _load(source) -> dict[str, dict[str, np.ndarray]]:
     if isinstance(source, Mapping):
         return dict(source)
-    from overunlearn.metrics.privacy import load_arrays
+    from overunlearn.privacy.runner import load_arrays
 
     return load_arrays(source)
 

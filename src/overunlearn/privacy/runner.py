@@ -14,13 +14,13 @@ signals of every model are cached next to it, so a report re-run reads ``.npz`` 
 
 A benchmark takes part by providing a :class:`PrivacySetup` (data, task, model factory and
 training function): either it is one, or it has a ``privacy_setup(seed)`` method returning
-one (:func:`as_privacy_setup`). :mod:`overunlearn.metrics.setups` builds setups for toy
+one (:func:`as_privacy_setup`). :mod:`overunlearn.privacy.setups` builds setups for toy
 problems and adapts the built-in benchmarks.
 
 :func:`privacy_report` is the one-call entry point used by ``overunlearn bench --privacy``:
 it returns one table row (a flat dict) per model set -- ``original``, ``ground_truth`` and
 each method -- and optionally writes the rows (JSON) and the per-example arrays (``.npz``)
-used by :mod:`overunlearn.report.privacy_plots`. See ``docs/privacy.md``.
+used by :mod:`overunlearn.privacy.plots`. See ``docs/privacy.md``.
 """
 
 from __future__ import annotations
@@ -56,6 +56,11 @@ from overunlearn.storage import (
 
 Which = Literal["original", "oracle"]
 SPLITS: tuple[str, ...] = ("forget", "retain", "test")
+
+#: default number of models of each kind per benchmark (KLoM and U-LiRA need many; images are costly)
+DEFAULT_MODELS: Mapping[str, int] = {"poison": 16, "erase": 8, "collapse": 8}
+#: where the ground-truth models come from by default: extra retrained models, or half of the oracles
+DEFAULT_GROUND_TRUTH: Mapping[str, str] = {"poison": "extra", "erase": "split", "collapse": "split"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -126,14 +131,14 @@ def as_privacy_setup(benchmark: Any, seed: int = 0) -> PrivacySetup:
             raise TypeError(f"{type(benchmark).__name__}.privacy_setup returned {type(setup).__name__}, "
                             "not a PrivacySetup")
         return setup
-    from overunlearn.metrics import setups
+    from overunlearn.privacy import setups
 
     adapted = setups.adapt_benchmark(benchmark, seed)
     if adapted is not None:
         return adapted
     raise TypeError(
         f"{type(benchmark).__name__} cannot be evaluated for privacy: give it a privacy_setup(seed) method "
-        "returning an overunlearn.metrics.privacy.PrivacySetup (data split, model factory, training function), "
+        "returning an overunlearn.privacy.runner.PrivacySetup (data split, model factory, training function), "
         "or pass a PrivacySetup directly")
 
 
@@ -560,7 +565,7 @@ def privacy_report(benchmark: Any, methods: Any = (), n_models: int = 8, *, seed
 
     Args:
         benchmark: a :class:`PrivacySetup`, or a benchmark with ``privacy_setup(seed)`` (or one that
-            :func:`overunlearn.metrics.setups.adapt_benchmark` knows).
+            :func:`overunlearn.privacy.setups.adapt_benchmark` knows).
         methods: what to evaluate, see :func:`parse_methods` -- e.g.
             ``[("minnorm_og", {"lr": 1e-3, "reg_coef": 1.0}, 100), ("gd", {}, {"epochs": 100})]``.
         n_models: ``N``, the number of originals, of oracles and of unlearned models per method.
@@ -650,7 +655,7 @@ def privacy_report(benchmark: Any, methods: Any = (), n_models: int = 8, *, seed
         atomic_write_json(out / "privacy_rows.json", rows)
         npz = _save_arrays(out / "privacy_arrays.npz", evals, runner.eval_index)
         if plots:
-            from overunlearn.report.privacy_plots import plot_klom_cdfs, plot_loss_histograms
+            from overunlearn.privacy.plots import plot_klom_cdfs, plot_loss_histograms
 
             plot_loss_histograms(npz, out / "loss_hist.png")
             plot_klom_cdfs(npz, out / "klom_cdf.png")

@@ -1,4 +1,4 @@
-"""Ready-made :class:`~overunlearn.metrics.privacy.PrivacySetup` objects.
+"""Ready-made :class:`~overunlearn.privacy.runner.PrivacySetup` objects.
 
 * :func:`digits_setup` -- scikit-learn's bundled 8x8 digits (no download), an
   overparameterized MLP, all ``N`` models of a kind trained at once as one vmapped ensemble
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from overunlearn.metrics.privacy import PrivacySetup, concat_data
+from overunlearn.privacy.runner import PrivacySetup, concat_data
 from overunlearn.problem import ClassificationTask, Task, TensorData, as_heads
 
 

@@ -3,7 +3,7 @@
 For every setting of a sweep, :func:`sweep_privacy` takes each method's **selected**
 hyperparameter setting (the one the report's tables show), rebuilds the benchmark from the
 journal (name and options, as the sweep's workers did), and runs
-:func:`overunlearn.metrics.privacy.privacy_report` once for all methods of the setting, so the
+:func:`overunlearn.privacy.runner.privacy_report` once for all methods of the setting, so the
 original and oracle models are trained once (and cached). It writes, into the sweep's report
 folder:
 
@@ -21,7 +21,7 @@ Which point is evaluated:
   point, the one ``runtime.md`` times); ties go to the earlier point of the front.
 
 Defaults (``N``, ground-truth protocol) are those of ``overunlearn privacy``
-(:data:`overunlearn.cli.privacy.DEFAULT_MODELS`: 16 for poison, 8 for the image benchmarks).
+(:data:`overunlearn.privacy.runner.DEFAULT_MODELS`: 16 for poison, 8 for the image benchmarks).
 A setting whose benchmark has no privacy setup (or any other failure) is reported, with the
 reason, in ``privacy.md`` and in :attr:`SweepPrivacy.failures`; the other settings go on.
 """
@@ -35,18 +35,20 @@ import re
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from overunlearn.errors import NonFiniteLossError, OverunlearnError
+from overunlearn.report import ReportSectionError
 from overunlearn.report.aggregate import ConfigGroup, SettingResult, SweepReport
 from overunlearn.report.tables import fmt_hyper, fmt_num, markdown, to_csv
 from overunlearn.storage import atomic_write_text
 from overunlearn.sweep.journal import FINISHED, JournalContents
 
 if TYPE_CHECKING:
-    from overunlearn.metrics.privacy import MethodSpec
+    from overunlearn.privacy.runner import MethodSpec
 
 __all__ = ["PrivacyOptions", "SelectedPoint", "SettingPrivacy", "SweepPrivacy", "PrivacyColumnsError",
            "PrivacyUnsupportedError", "select_points", "sweep_privacy", "privacy_table", "default_models",
@@ -70,18 +72,8 @@ class PrivacyUnsupportedError(OverunlearnError, TypeError):
     """The benchmark of a setting has no privacy setup (no adapter and no ``privacy_setup(seed)``)."""
 
 
-class PrivacyColumnsError(OverunlearnError, RuntimeError):
-    """The privacy columns failed for some settings; everything else of the report was written.
-
-    Attributes:
-        failures: one message per failed setting (``sweep [setting]: reason``).
-        files: every file the report wrote.
-    """
-
-    def __init__(self, failures: list[str], files: list[Path]) -> None:
-        super().__init__("privacy columns not computed for " + "; ".join(failures))
-        self.failures = failures
-        self.files = files
+#: the error :func:`overunlearn.report.build_report` raises when the privacy section failed for some settings
+PrivacyColumnsError = ReportSectionError
 
 
 @dataclass(frozen=True)
@@ -97,7 +89,7 @@ class PrivacyOptions:
             ``cache_dir`` option if the journal records one, else ``$OVERUNLEARN_CACHE`` / ``~/.cache/overunlearn``.
         pareto_metric: Pareto sweeps: evaluate each method's front point with the best mean on this
             metric (``None``: the first report metric). Ignored by best-mean sweeps.
-        ground_truth: ``"extra"`` | ``"split"`` (see :func:`~overunlearn.metrics.privacy.privacy_report`);
+        ground_truth: ``"extra"`` | ``"split"`` (see :func:`~overunlearn.privacy.runner.privacy_report`);
             ``None``: the default of ``overunlearn privacy`` (poison ``extra``, images ``split``).
         klom_bins: KLoM bins (``"auto"``, the CLI default, or a number >= 2).
         imports: modules imported before the benchmark is built (plugins registering benchmarks or
@@ -129,14 +121,14 @@ class PrivacyOptions:
 
 def default_models(benchmark: str) -> int:
     """``N`` of ``overunlearn privacy`` for ``benchmark`` (poison 16, images 8; 8 for other benchmarks)."""
-    from overunlearn.cli.privacy import DEFAULT_MODELS
+    from overunlearn.privacy.runner import DEFAULT_MODELS
 
     return int(DEFAULT_MODELS.get(benchmark, 8))
 
 
 def default_ground_truth(benchmark: str) -> Literal["extra", "split"]:
     """The ground-truth protocol of ``overunlearn privacy`` (poison ``extra``, images ``split``; else ``extra``)."""
-    from overunlearn.cli.privacy import DEFAULT_GROUND_TRUTH
+    from overunlearn.privacy.runner import DEFAULT_GROUND_TRUTH
 
     return "split" if DEFAULT_GROUND_TRUTH.get(benchmark, "extra") == "split" else "extra"
 
@@ -150,8 +142,8 @@ class SelectedPoint:
     rank: int  # 1-based position on the method's Pareto front (1 for best mean)
 
     def spec(self, budget: dict[str, Any]) -> MethodSpec:
-        """The :class:`~overunlearn.metrics.privacy.MethodSpec`: the full config the sweep ran, labelled by method."""
-        from overunlearn.metrics.privacy import MethodSpec
+        """The :class:`~overunlearn.privacy.runner.MethodSpec`: the full config the sweep ran, labelled by method."""
+        from overunlearn.privacy.runner import MethodSpec
 
         return MethodSpec(self.method, dict(self.group.config), dict(budget), label=self.method)
 
@@ -266,9 +258,9 @@ def _build_benchmark(name: str, options: dict[str, Any], imports: tuple[str, ...
 
 
 def _setup_of(bench: Any, name: str, seed: int) -> Any:
-    """The benchmark's :class:`~overunlearn.metrics.privacy.PrivacySetup`, or a clear error naming it."""
-    from overunlearn.metrics.privacy import as_privacy_setup
-    from overunlearn.metrics.setups import adapt_benchmark
+    """The benchmark's :class:`~overunlearn.privacy.runner.PrivacySetup`, or a clear error naming it."""
+    from overunlearn.privacy.runner import as_privacy_setup
+    from overunlearn.privacy.setups import adapt_benchmark
 
     if callable(getattr(bench, "privacy_setup", None)):
         return as_privacy_setup(bench, seed)
@@ -283,7 +275,7 @@ def _setup_of(bench: Any, name: str, seed: int) -> Any:
 def _run_setting(sp: SettingPrivacy, folder: Path, options: PrivacyOptions, benches: dict[str, Any],
                  engine: dict[str, Any]) -> None:
     """Fill ``sp`` (rows, or ``error``) for one setting; never raises for a failure of the evaluation."""
-    from overunlearn.metrics.privacy import privacy_report
+    from overunlearn.privacy.runner import privacy_report
     from overunlearn.sweep.spec import benchmark_key
 
     s = sp.setting
@@ -416,3 +408,12 @@ def sweep_privacy(rep: SweepReport, contents: JournalContents, folder: str | Pat
         md, csv = privacy_table(results, rep.title)
         files += [atomic_write_text(folder / "privacy.md", md), atomic_write_text(folder / "privacy.csv", csv)]
     return SweepPrivacy(rep.name, results, files)
+
+
+def privacy_section(options: PrivacyOptions) -> Callable[[SweepReport, JournalContents, Path], SweepPrivacy]:
+    """A section for :func:`overunlearn.report.build_report`: the privacy columns of every sweep."""
+
+    def section(rep: SweepReport, contents: JournalContents, folder: Path) -> SweepPrivacy:
+        return sweep_privacy(rep, contents, folder, options)
+
+    return section
