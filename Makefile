@@ -33,7 +33,7 @@ lint: setup
 	$(PY) -m ruff check src tests benchmarks
 
 bench-perf: setup
-	$(PY) benchmarks/perf_projection.py
+	$(PY) benchmarks/perf_projection.py --cases a,b,d,f --interleave
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -30,7 +30,7 @@ from overunlearn import (  # noqa: E402
     list_methods,
     unlearn,
 )
-from overunlearn.methods.minnorm_og import minnorm_projection_step, vmappable  # noqa: E402
+from overunlearn.methods.minnorm_og import minnorm_projection_step  # noqa: E402
 from overunlearn.problem import CausalLMTask, PadCollate, SequenceClassificationTask  # noqa: E402
 
 VOCAB, T = 40, 12
@@ -124,9 +124,8 @@ def test_every_method_runs_and_changes_only_trainable_parameters(case, method):
 def _projection(problem: UnlearningProblem, implementation: str) -> dict[str, torch.Tensor]:
     model = copy.deepcopy(problem.model).double()
     batch = problem.retain.take(torch.arange(len(problem.retain)))
-    with vmappable(model):
-        minnorm_projection_step(model, batch, problem.task.scores, problem.task.strata(batch.targets), 0.7, 6,
-                                torch.Generator().manual_seed(0), implementation=implementation, with_targets=True)
+    minnorm_projection_step(model, batch, problem.task.scores, problem.task.strata(batch.targets), 0.7, 6,
+                            torch.Generator().manual_seed(0), implementation=implementation, with_targets=True)
     return {n: p.detach() for n, p in model.named_parameters()}
 
 

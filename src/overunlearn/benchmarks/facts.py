@@ -139,7 +139,7 @@ FACTS_METHOD_POINTS: dict[str, dict[str, Any]] = {
     "l1_sparse": {"lr": 1e-3, "reg_coef": 1e-4},
     "ridge": {"lr": 1e-3, "reg_coef": 1e-3},
     "kl_unif": {"lr": 1e-3, "kl_coef": 1.0},
-    "minnorm_og": {"lr": 3e-3, "reg_coef": 0.2, "reg_coef_decay": 0.8, "grad_sample_size": 32},
+    "minnorm_og": {"lr": 3e-3, "reg_coef": 0.1, "reg_coef_decay": 0.9, "grad_sample_size": 32},
 }
 
 

@@ -23,6 +23,7 @@ as the reference stacks them. The slow, obviously-correct reference
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Literal
@@ -52,6 +53,29 @@ def _unsqueeze(x):  # one example -> a batch of one
     return structure.map_tensors(lambda t: t.unsqueeze(0), x)
 
 
+@contextmanager
+def vmap_friendly(model: torch.nn.Module) -> Iterator[None]:
+    """Hugging Face models with eager attention, and torch's vmap fallback warnings silenced.
+
+    ``vmap`` over examples cannot trace the SDPA attention path's mask preparation (it branches on
+    the data); eager attention computes the same function. torch's "performance drop ... batching
+    rule" warnings are about its own internals, not the user's model.
+    """
+    saved = {}
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation_internal") and id(config) not in saved:
+            saved[id(config)] = (config, config._attn_implementation_internal)
+            config._attn_implementation_internal = "eager"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*performance drop because we have not yet implemented")
+            yield
+    finally:
+        for config, value in saved.values():
+            config._attn_implementation_internal = value
+
+
 def _per_sample_jacobian(model: nn.Module, params: dict[str, Tensor], rest: dict[str, Tensor], inputs,
                          score_fn: ScoreFn, targets) -> dict[str, Tensor]:
     """``name -> (n, heads, *shape)``: per-example Jacobians by ``vmap(jacrev)`` in eval mode."""
@@ -60,7 +84,7 @@ def _per_sample_jacobian(model: nn.Module, params: dict[str, Tensor], rest: dict
         out = _functional(model, (p, rest), _unsqueeze(x))
         return call_scores(score_fn, out, None if y is None else _unsqueeze(y))[0]
 
-    with _mode(model, train=False):
+    with _mode(model, train=False), vmap_friendly(model):
         # (on a copy: a model that works in place on its input must not change the caller's tensor)
         try:
             return vmap(jacrev(f_one), in_dims=(None, 0, None if targets is None else 0))(

@@ -19,8 +19,9 @@ Deliberate choices where the authors' reference code (``common/unlearners/unlear
   reference code's hybrid (loss forward before the projection) is not reproduced.
 * ``jacobian="per_sample"`` (default): per-example gradients with BatchNorm in eval mode;
   ``"batch_train"``: the reference's one batched train-mode forward.
-* ``implementation="fast"``: ``torch.func`` Jacobian + float64 Gram solve;
-  ``"reference"``: per-score backward loop + float64 QR, as the authors do it.
+* ``implementation="fast"``: per-layer Gram blocks from one hooked forward and backward
+  (``linalg/blocks``; layers without a block through the ``torch.func`` Jacobian) and a float64
+  Gram solve; ``"reference"``: per-score backward loop + float64 QR, as the authors do it.
 * The gradient subsample is always exactly ``min(grad_sample_size, batch)`` points of the
   current retain batch, stratified by class for classifiers.
 """
@@ -28,8 +29,6 @@ Deliberate choices where the authors' reference code (``common/unlearners/unlear
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,7 +54,7 @@ class MinNormOGConfig(MethodConfig):
         grad_sample_size: ``n_pert``, retain points whose output gradients span ``G``.
         order: ``"project_then_descend"`` or ``"descend_then_project"``.
         jacobian: ``"per_sample"`` or ``"batch_train"`` (BatchNorm semantics, see module doc).
-        implementation: ``"fast"`` or ``"reference"``.
+        implementation: ``"fast"`` (per-layer blocks + Gram solve) or ``"reference"`` (backward loop + QR).
     """
 
     reg_coef: float = 0.1
@@ -84,29 +83,6 @@ class MinNormOGConfig(MethodConfig):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(map(repr, allowed))}")
 
 
-@contextmanager
-def vmappable(model: torch.nn.Module) -> Iterator[None]:
-    """Run Hugging Face models with eager attention and silence torch's vmap fallback warnings.
-
-    The per-sample Jacobian is computed with ``torch.func.vmap``, through which the SDPA attention
-    path's mask preparation cannot trace (it branches on the data); eager attention computes the same
-    function. torch's "performance drop ... batching rule" warnings are about its own internals.
-    """
-    saved = {}
-    for m in model.modules():
-        config = getattr(m, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation_internal") and id(config) not in saved:
-            saved[id(config)] = (config, config._attn_implementation_internal)
-            config._attn_implementation_internal = "eager"
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*performance drop because we have not yet implemented")
-            yield
-    finally:
-        for config, value in saved.values():
-            config._attn_implementation_internal = value
-
-
 def minnorm_projection_step(model: torch.nn.Module, batch: Batch, score_fn, strata, coef: float,
                             n_pert: int, generator: torch.Generator, jacobian: str = "per_sample",
                             implementation: str = "fast", with_targets: bool = False) -> float:
@@ -122,16 +98,15 @@ def minnorm_projection_step(model: torch.nn.Module, batch: Batch, score_fn, stra
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         theta = torch.cat([p.detach().reshape(-1) for p in params])
-    with vmappable(model):
-        if implementation == "fast":
-            # per-layer hooks where they apply, the rest through the torch.func Jacobian (linalg/projection.py)
-            in_span = project_model_onto_span(model, x, score_fn, theta, mode=jacobian, targets=y)
-        else:
-            jac = output_jacobian_reference(model, x, score_fn, mode=jacobian, targets=y)  # type: ignore[arg-type]
-            if not torch.isfinite(jac).all():
-                raise FloatingPointError("the output Jacobian contains NaN or infinite values")
-            in_span = project_onto_span_qr(jac, theta)
-            del jac
+    if implementation == "fast":
+        # per-layer blocks where they apply, the rest through the torch.func Jacobian (linalg/projection.py)
+        in_span = project_model_onto_span(model, x, score_fn, theta, mode=jacobian, targets=y)
+    else:
+        jac = output_jacobian_reference(model, x, score_fn, mode=jacobian, targets=y)  # type: ignore[arg-type]
+        if not torch.isfinite(jac).all():
+            raise FloatingPointError("the output Jacobian contains NaN or infinite values")
+        in_span = project_onto_span_qr(jac, theta)
+        del jac
     # theta - coef * (theta - P theta) = (1 - coef) theta + coef * P theta
     with torch.no_grad():
         offset = 0
