@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -214,3 +215,30 @@ def test_bench_poison_ctrl_c_says_what_is_kept(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["bench", "poison", "--recipe", "smoke", "--seeds", "1", "--epochs", "2",
                                    "--cache", str(tmp_path), "--no-progress"])
     assert res.exit_code == 130 and "kept in the cache" in res.output and "Traceback" not in res.output
+
+
+def test_privacy_cache_rebuilds_corrupt_models_and_signals_with_a_warning(tmp_path):
+    from overunlearn.errors import CacheRebuiltWarning
+    from overunlearn.privacy.runner import PrivacyRunner
+    from overunlearn.privacy.setups import digits_setup
+
+    setup = digits_setup(seed=0, n_retain=60, n_forget=12, n_test=30, hidden=16, steps=20, lr=1e-2,
+                         train_batch_size=None, forget="mislabeled")
+    first = PrivacyRunner(setup, data_seed=0, cache_dir=tmp_path, device="cpu")
+    model = first.reference_model("original", 0)
+    good = [p.detach().clone() for p in model.parameters()]
+    pts = sorted(tmp_path.rglob("*.pt"))
+    assert pts
+    pts[0].write_bytes(b"truncated")  # a model file cut short by a crash
+    again = PrivacyRunner(setup, data_seed=0, cache_dir=tmp_path, device="cpu")
+    with pytest.warns(CacheRebuiltWarning, match=str(pts[0].name)):
+        rebuilt = again.reference_model("original", 0)
+    assert all(torch.equal(a, b) for a, b in zip(good, rebuilt.parameters()))  # trained again, same seed
+    sig = again.reference_signals("original", 1)
+    npz = sorted(tmp_path.rglob("*.npz"))
+    assert npz
+    npz[0].write_bytes(b"not a zip")
+    third = PrivacyRunner(setup, data_seed=0, cache_dir=tmp_path, device="cpu")
+    with pytest.warns(CacheRebuiltWarning, match="unreadable signals"):
+        sig2 = third.reference_signals("original", 1)
+    assert np.array_equal(sig[0]["forget"].loss, sig2[0]["forget"].loss)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,14 +285,20 @@ def _tiny_load(root: Path, split: str) -> ImageSet:
                                        + _SOURCES["tiny-imagenet"].how_to(root))
     if not samples:
         raise DatasetNotFoundError(f"no images found for the {split} split of Tiny ImageNet under {base}")
+    from overunlearn.errors import CacheFileError, CacheRebuiltWarning
     from overunlearn.storage import atomic_torch_save, default_cache_dir, safe_torch_load, stable_hash
 
     # decoding ~100k JPEGs takes minutes: keep the decoded uint8 tensors, keyed by the file list
     key = stable_hash([str(base.resolve()), split, [(p, t, os.path.getsize(p)) for p, t in samples]])
     cached = default_cache_dir() / "decoded" / f"tiny-imagenet-{split}-{key}.pt"
     if cached.is_file():
-        d = safe_torch_load(cached)
-        return ImageSet("tiny-imagenet", split, d["images"], d["labels"], len(classes), classes)
+        try:
+            d = safe_torch_load(cached)
+            return ImageSet("tiny-imagenet", split, d["images"], d["labels"], len(classes), classes)
+        except (CacheFileError, KeyError, TypeError) as exc:
+            warnings.warn(f"decoded-image cache {cached} is unusable ({exc}); decoding the images again",
+                          CacheRebuiltWarning, stacklevel=2)
+            cached.unlink(missing_ok=True)
     images = torch.from_numpy(np.stack([_pil_to_uint8(p, (64, 64)) for p, _ in samples]))
     labels = torch.from_numpy(np.asarray([t for _, t in samples], dtype=np.int64))
     if len(samples) >= 1000:  # not worth it for small fixtures

@@ -25,10 +25,13 @@ used by :mod:`overunlearn.privacy.plots`. See ``docs/privacy.md``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import time
+import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +42,7 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Subset
 
+from overunlearn.errors import CacheFileError, CacheRebuiltWarning
 from overunlearn.metrics.klom import klom_values
 from overunlearn.metrics.mia import SALUN_FEATURES, mia_efficacy, population_mia
 from overunlearn.metrics.signals import SIGNAL_NAMES, Signals, compute_signals
@@ -49,6 +53,7 @@ from overunlearn.storage import (
     atomic_write_bytes,
     atomic_write_json,
     default_cache_dir,
+    file_lock,
     safe_torch_load,
     source_fingerprint,
     stable_hash,
@@ -245,6 +250,13 @@ def _signals_to_npz(splits: Mapping[str, Signals]) -> bytes:
     return buf.getvalue()
 
 
+def _discard(path: Path, reason: str) -> None:
+    """Remove an unusable cache file, saying which and why; the caller computes it again."""
+    warnings.warn(f"privacy cache: {path} is unusable ({reason}); computing it again", CacheRebuiltWarning,
+                  stacklevel=3)
+    path.unlink(missing_ok=True)
+
+
 def _signals_from_npz(path: Path) -> dict[str, Signals]:
     with np.load(path, allow_pickle=False) as z:
         out: dict[str, dict[str, np.ndarray]] = {}
@@ -317,16 +329,25 @@ class PrivacyRunner:
     def _cached_signals(self, group: str, name: str, make: Callable[[], nn.Module]) -> dict[str, Signals]:
         path = self._path("signals", self.eval_key, group, f"{name}.npz")
         if path is not None and path.exists():
-            return _signals_from_npz(path)
+            try:
+                return _signals_from_npz(path)
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+                _discard(path, f"unreadable signals ({exc})")
         sig = self.signals_of(make())
         if path is not None:
             atomic_write_bytes(path, _signals_to_npz(sig))
         return sig
 
     # -- reference models ------------------------------------------------------------
-    def _load_state(self, path: Path) -> nn.Module:
+    def _load_state(self, path: Path) -> nn.Module | None:
+        """The cached model at ``path``, or ``None`` (and the file removed, with a warning naming it) when it
+        cannot be used: truncated, corrupt, or of another architecture."""
         model = self.setup.make_model()
-        model.load_state_dict(safe_torch_load(path))
+        try:
+            model.load_state_dict(safe_torch_load(path))
+        except (CacheFileError, RuntimeError) as exc:
+            _discard(path, str(exc))
+            return None
         return model
 
     def _store(self, which: str, sd: int, model: nn.Module) -> None:
@@ -343,9 +364,16 @@ class PrivacyRunner:
     def ensure_models(self, which: Which, n: int) -> None:
         """Train the missing ones of the ``n`` original or oracle models (one ``fit_ensemble`` call, or
         ``fit`` per seed, each model written to the cache as soon as it exists)."""
-        missing = [sd for sd in model_seeds(which, n, self.data_seed) if not self._stored(which, sd)]
-        if not missing:
+        if not [sd for sd in model_seeds(which, n, self.data_seed) if not self._stored(which, sd)]:
             return
+        lock = self._path(which, ".lock")
+        with file_lock(lock) if lock is not None else contextlib.nullcontext():
+            # (under the lock: another run sharing the cache may have trained them meanwhile)
+            missing = [sd for sd in model_seeds(which, n, self.data_seed) if not self._stored(which, sd)]
+            if missing:
+                self._train_missing(which, missing)
+
+    def _train_missing(self, which: Which, missing: list[int]) -> None:
         t0 = time.perf_counter()
         if self.setup.fit_ensemble is not None:
             trained = list(self.setup.fit_ensemble(which, missing))
@@ -370,7 +398,12 @@ class PrivacyRunner:
             return self._models[(which, sd)]
         path = self._path(which, f"{sd}.pt")
         assert path is not None
-        return self._load_state(path)
+        model = self._load_state(path)
+        if model is None:  # a corrupt cache file was removed: train it again
+            self.ensure_models(which, i + 1)
+            model = self._load_state(path)
+            assert model is not None
+        return model
 
     def reference_signals(self, which: Which, n: int) -> list[dict[str, Signals]]:
         """Signals of the ``n`` original or oracle models (models are trained only if signals are missing)."""
@@ -431,7 +464,9 @@ class PrivacyRunner:
             def make(i: int = i) -> nn.Module:
                 path = self._path("unlearned", folder, f"{i}.pt")
                 if path is not None and path.exists():
-                    return self._load_state(path)
+                    cached = self._load_state(path)
+                    if cached is not None:
+                        return cached
                 model = self.unlearn_one(spec, i, self.reference_model("original", i))
                 if path is not None:
                     atomic_torch_save(path, model.state_dict())
