@@ -11,7 +11,6 @@ the :class:`~overunlearn.problem.UnlearningProblem` and evaluates models.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from overunlearn.benchmarks.base import MetricSpec, retrain_seed
+from overunlearn.benchmarks.base import MetricSpec, cached_reference, retrain_seed
 from overunlearn.benchmarks.training import ModelCache, Phase, TrainRecipe, accuracy, build_model, train
 from overunlearn.data.color import ColoredImages
 from overunlearn.data.sources import ImageSet, canonical_name, load_images
 from overunlearn.engine import resolve_device
 from overunlearn.problem import ClassificationTask, UnlearningProblem
-from overunlearn.storage import atomic_write_json, default_cache_dir, stable_hash
+from overunlearn.storage import default_cache_dir, stable_hash
 
 #: bump when the way splits or models are built changes (invalidates caches)
 DATA_VERSION = 2
@@ -241,12 +240,7 @@ class ImageBenchmark:
             return self._reference[seed]
         original, gt, infos = self.models(seed)
         path = self.cache.path(self.name, self.dataset, self.key(), seed, f"reference-test{self.preset.n_test}")
-        fresh_models = not all(i.get("cache_hit") for i in infos.values())
-        if path is not None and path.with_suffix(".json").is_file() and not fresh_models:
-            ref = json.loads(path.with_suffix(".json").read_text())
-        else:
-            ref = {"original": self.evaluate(original, seed), "ground_truth": self.evaluate(gt, seed)}
-            if path is not None:
-                atomic_write_json(path.with_suffix(".json"), ref)
-        self._reference[seed] = ref
-        return ref
+        self._reference[seed] = cached_reference(
+            None if path is None else path.with_suffix(".json"), all(i.get("cache_hit") for i in infos.values()),
+            lambda: {"original": self.evaluate(original, seed), "ground_truth": self.evaluate(gt, seed)})
+        return self._reference[seed]

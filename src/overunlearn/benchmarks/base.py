@@ -8,13 +8,16 @@ models. Sweeps and reports only use this interface.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from torch import nn
 
 from overunlearn.problem import UnlearningProblem
+from overunlearn.storage import atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,18 @@ def retrain_seed(seed: int) -> int:
     the running generator), not from the ground-truth model's own starting point.
     """
     return 1_000_003 + int(seed)
+
+
+def cached_reference(path: Path | None, models_were_cached: bool,
+                     compute: Callable[[], dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Reference metrics read from the JSON file ``path`` when the reference models came from the cache
+    too; otherwise ``compute()``, written to ``path`` (freshly trained models get fresh metrics)."""
+    if path is not None and path.is_file() and models_were_cached:
+        return json.loads(path.read_text())
+    ref = compute()
+    if path is not None:
+        atomic_write_json(path, ref)
+    return ref
 
 
 def register_benchmark(name: str) -> Callable[[Callable[..., Benchmark]], Callable[..., Benchmark]]:

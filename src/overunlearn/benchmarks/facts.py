@@ -27,7 +27,6 @@ Requires the ``hf`` extra (``transformers``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +35,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from overunlearn.benchmarks.base import MetricSpec, register_benchmark, retrain_seed
+from overunlearn.benchmarks.base import MetricSpec, cached_reference, register_benchmark, retrain_seed
 from overunlearn.benchmarks.training import ModelCache
 from overunlearn.data.facts import ATTRIBUTES, FactWorld, generate_world
 from overunlearn.engine import resolve_device
 from overunlearn.problem import CausalLMTask, TensorData, UnlearningProblem
-from overunlearn.storage import atomic_write_json, default_cache_dir, stable_hash
+from overunlearn.storage import default_cache_dir, stable_hash
 
 #: bump when the data, the model or the training loop changes (invalidates cached models)
 DATA_VERSION = 1
@@ -372,15 +371,10 @@ class FactsBenchmark:
             return self._reference[seed]
         original, gt, infos = self.models(seed)
         path = self.cache.path(self.name, self.dataset, self.key(), seed, "reference")
-        fresh = not all(i.get("cache_hit") for i in infos.values())
-        if path is not None and path.with_suffix(".json").is_file() and not fresh:
-            ref = json.loads(path.with_suffix(".json").read_text())
-        else:
-            ref = {"original": self.evaluate(original, seed), "ground_truth": self.evaluate(gt, seed)}
-            if path is not None:
-                atomic_write_json(path.with_suffix(".json"), ref)
-        self._reference[seed] = ref
-        return ref
+        self._reference[seed] = cached_reference(
+            None if path is None else path.with_suffix(".json"), all(i.get("cache_hit") for i in infos.values()),
+            lambda: {"original": self.evaluate(original, seed), "ground_truth": self.evaluate(gt, seed)})
+        return self._reference[seed]
 
     def prior(self) -> float:
         """Exact match of always answering an attribute's most frequent training answer (a guess's level)."""
