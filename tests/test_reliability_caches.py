@@ -242,3 +242,14 @@ def test_privacy_cache_rebuilds_corrupt_models_and_signals_with_a_warning(tmp_pa
     with pytest.warns(CacheRebuiltWarning, match="unreadable signals"):
         sig2 = third.reference_signals("original", 1)
     assert np.array_equal(sig[0]["forget"].loss, sig2[0]["forget"].loss)
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import stat
+
+    import overunlearn.storage as S
+    from overunlearn.storage import atomic_write_text
+
+    path = atomic_write_text(tmp_path / "table.md", "x")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~S._UMASK  # not mkstemp's private 0o600
+    assert stat.S_IMODE(path.stat().st_mode) & 0o044 or S._UMASK & 0o044  # readable by others unless masked
