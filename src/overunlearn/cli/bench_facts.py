@@ -25,11 +25,16 @@ REF_LABELS = {"original": "original model", "ground_truth": "ground truth (retra
 def facts_spec(preset: str, seeds: list[int], epochs: int, methods: list[str], points: dict[str, dict[str, Any]],
                options: dict[str, Any], device: str) -> dict[str, Any]:
     """The sweep spec (as the parsed TOML would be) of one ``bench facts`` run."""
-    from overunlearn.benchmarks.facts import FACTS_METRICS
+    from overunlearn.benchmarks.facts import FACTS_METHOD_POINTS, FACTS_METRICS, get_preset
+    from overunlearn.storage import stable_hash
 
     order = ["forget_em", "retain_em"] + [m.name for m in FACTS_METRICS if m.name not in ("forget_em", "retain_em")]
+    # a run with other benchmark options, epochs or points is another sweep (its own journal and table)
+    variant = {"options": options, "epochs": epochs, "points": points}
+    default = not options and epochs == get_preset(preset).epochs and points == {m: FACTS_METHOD_POINTS[m] for m in points}
+    name = f"facts_{preset}" + ("" if default else f"_{stable_hash(variant, 8)}")
     return {
-        "name": f"facts_{preset}", "title": f"Fact unlearning, GPT-2 ({preset} preset), T = {epochs}",
+        "name": name, "title": f"Fact unlearning, GPT-2 ({preset} preset), T = {epochs}",
         "seeds": seeds, "methods": methods,
         "benchmark": {"name": "facts", "options": {"preset": preset, **options}},
         "budget": {"epochs": epochs}, "engine": {"device": device},
@@ -72,6 +77,8 @@ def facts_cmd(
                                                  help="fraction of the people whose facts are forgotten"),
     p_retain: float | None = typer.Option(None, "--p-retain", help="accessible fraction of the retain sequences"),
     people: int | None = typer.Option(None, "--people", help="people in the generated world"),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1,
+                                          help="unlearning batch size (retain and forget; default: the preset's)"),
     hp: list[str] = typer.Option([], "--hp", help="override a hyperparameter: METHOD.KEY=VALUE (repeatable)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="worker processes"),
@@ -93,8 +100,8 @@ def facts_cmd(
     # every option is checked before anything trains
     try:
         base = get_preset(preset)
-        options = {k: v for k, v in {"forget_fraction": forget_fraction, "p_retain": p_retain, "people": people}.items()
-                   if v is not None}
+        options = {k: v for k, v in {"forget_fraction": forget_fraction, "p_retain": p_retain, "people": people,
+                                     "unlearn_batch_size": batch_size}.items() if v is not None}
         chosen = base.replace(**options)
     except (ValueError, TypeError) as exc:
         raise typer.BadParameter(str(exc)) from None
