@@ -18,6 +18,7 @@ import typer
 
 from overunlearn.cli import bench_app
 from overunlearn.cli.bench_images import parse_overrides, parse_seeds
+from overunlearn.cli.errors import friendly_errors
 
 REF_LABELS = {"original": "original model", "ground_truth": "ground truth (retrained without the forget facts)"}
 
@@ -88,7 +89,6 @@ def facts_cmd(
 ) -> None:
     """Unlearn memorised facts from a GPT-2 built from a config; ground truth retrained without them."""
     from overunlearn.benchmarks.facts import FACTS_METHOD_POINTS, FACTS_METRICS, get_preset
-    from overunlearn.errors import OverunlearnError
     from overunlearn.methods import get_method
     from overunlearn.report.aggregate import load
     from overunlearn.report.figures import frontier_plot
@@ -123,26 +123,14 @@ def facts_cmd(
     seed_list = parse_seeds(seeds)
     raw = facts_spec(preset, seed_list, T, names, points, options, device)
     log = (lambda _m: None) if quiet else (lambda m: typer.echo(m, err=True))
-    try:
+    journal = out / f"{raw['name']}.jsonl"
+    with friendly_errors(f"every finished trial is kept in {journal}; run the same command again to resume",
+                         "try --jobs 1 or a smaller preset"):
         spec = parse_spec(raw, source="bench facts", default_name=raw["name"])
-        journal = out / f"{raw['name']}.jsonl"
         out.mkdir(parents=True, exist_ok=True)
         with make_executor("local", jobs=jobs, threads=threads) as executor:
             result = run_sweep(spec, journal, executor, device=device, threads=threads, log=log)
         reports, _ = load(journal, allow_partial=True, sweeps=[raw["name"]])
-    except OverunlearnError as exc:  # a locked journal, a failed set-up step, a corrupt cache file
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except OSError as exc:
-        typer.echo(f"error: cannot use the output folder {out}: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except MemoryError:
-        typer.echo("error: out of memory; try --jobs 1 or a smaller preset", err=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted: every finished trial is kept in {out / (raw['name'] + '.jsonl')}; run the same "
-                   "command again to resume", err=True)
-        raise typer.Exit(130) from None
     setting = reports[0].settings[0]
     metrics = [m.name for m in FACTS_METRICS]
     md, csv = method_table(setting, metrics)

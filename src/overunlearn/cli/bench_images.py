@@ -18,6 +18,7 @@ from typing import Any
 import typer
 
 from overunlearn.cli import bench_app
+from overunlearn.cli.errors import KEPT, friendly_errors
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -236,28 +237,12 @@ def _command(benchmark: str):
                                      "see `overunlearn privacy`) of the methods run, on the first seed"),
         privacy_models: int | None = typer.Option(None, "--privacy-models", min=4, help="N for --privacy (default 8)"),
     ) -> None:
-        from overunlearn.errors import DatasetNotFoundError, OverunlearnError
-
-        try:
+        with friendly_errors(KEPT):
             rows, config = run_image_benchmark(
                 benchmark, dataset=dataset, seeds=parse_seeds(seeds), preset=preset, device=device,
                 data_root=data_root, cache=cache, use_cache=not no_cache, download=download, methods=methods,
                 epochs=epochs, p_retain=p_retain, p_forget=p_forget, n_train=n_train, n_test=n_test,
                 overrides=parse_overrides(hp), progress=not quiet)
-        except DatasetNotFoundError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-        except OverunlearnError as exc:  # an unusable cache file, ...
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
-        except MemoryError:
-            typer.echo("error: out of memory; lower the number of models, seeds or the batch size (trained models are "
-                       "kept in the cache)", err=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            typer.echo("\ninterrupted: trained models are kept in the cache; run the same command again to continue",
-                       err=True)
-            raise typer.Exit(130) from None
         from overunlearn.benchmarks.collapse import COLLAPSE_METRICS
         from overunlearn.benchmarks.erase import ERASE_METRICS
 

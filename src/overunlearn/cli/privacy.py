@@ -24,6 +24,7 @@ from typing import Any
 import typer
 
 from overunlearn.cli import app
+from overunlearn.cli.errors import KEPT, friendly_errors
 from overunlearn.privacy.runner import DEFAULT_GROUND_TRUTH, DEFAULT_MODELS
 
 #: benchmarks with shipped method presets, and their defaults
@@ -262,7 +263,6 @@ def privacy_cmd(
     """
     import torch
 
-    from overunlearn.errors import DatasetNotFoundError, OverunlearnError
 
     name = check_benchmark(benchmark)
     names = resolve_methods(name, methods)
@@ -275,7 +275,7 @@ def privacy_cmd(
                                  "Gaussians on N - 1 shadow models; the ground-truth row splits the oracles)")
     if threads > 0:
         torch.set_num_threads(threads)
-    try:
+    with friendly_errors(KEPT):
         bench = build_benchmark(name, recipe=recipe, dataset=dataset, data_root=data_root, cache=cache,
                                 device=device, workers=threads if threads > 0 else None,
                                 n_train=n_train, n_test=n_test)
@@ -291,20 +291,6 @@ def privacy_cmd(
                            seed=seed, out=out if out is not None else Path("results/privacy") / name,
                            device=device, cache=cache, ground_truth=gt, klom_bins=bins, plots=plots,
                            progress=progress, command=" ".join(shlex.quote(a) for a in sys.argv))
-    except DatasetNotFoundError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except OverunlearnError as exc:  # an unusable cache file, ...
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    except MemoryError:
-        typer.echo("error: out of memory; lower the number of models, seeds or the batch size (trained models are "
-                   "kept in the cache)", err=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        typer.echo("\ninterrupted: trained models are kept in the cache; run the same command again to continue",
-                   err=True)
-        raise typer.Exit(130) from None
     if not rows:  # pragma: no cover
         raise typer.Exit(1)
 
