@@ -407,3 +407,43 @@ def test_privacy_signals_of_a_language_model():
         expected = p.task.per_sample_loss(p.model.eval()(**p.forget.inputs), p.forget.targets).double().numpy()
     assert abs(sig.loss - expected).max() < 1e-6  # mean token NLL per example
     assert set(sig.correct.tolist()) <= {0.0, 1.0}
+
+
+# ---- review fixes --------------------------------------------------------------------------
+
+def test_trainer_refuses_to_resume_and_evaluates_dict_datasets_only(tmp_path):
+    from overunlearn.integrations.huggingface import UnlearningTrainer
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from hf_trainer_script import Dicts
+
+    x, y = _tokens(12, seed=5)
+    retain, forget = Dicts(x["input_ids"][:8], y[:8]), Dicts(x["input_ids"][8:], y[8:])
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1,
+                                          report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = UnlearningTrainer(gpt2(), args, method="gd", retain_dataset=retain, forget_dataset=forget,
+                                task=CausalLMTask())
+    with pytest.raises(ValueError, match="cannot resume"):
+        trainer.train(resume_from_checkpoint=True)
+    pairs = TensorData(x, y)
+    with pytest.raises(DataError, match="evaluation through the Trainer needs dict items"):
+        UnlearningTrainer(gpt2(), args, method="gd", retain_dataset=retain, forget_dataset=forget,
+                          task=CausalLMTask(), eval_dataset=torch.utils.data.TensorDataset(pairs.targets))
+
+
+def test_retrain_applies_hugging_face_init_as_hugging_face_does():
+    g = lm_problem(gpt2())
+    fresh = unlearn(g, create("retrain"), Budget(steps=0), device="cpu").model
+    blocks = fresh.transformer.h
+    attn = torch.cat([b.attn.c_attn.weight.reshape(-1) for b in blocks]).std()
+    proj = torch.cat([b.attn.c_proj.weight.reshape(-1) for b in blocks]).std()
+    # GPT-2's residual projections are drawn with std 0.02 / sqrt(2 n_layer) = 0.01, the others with 0.02
+    assert abs(float(attn) - 0.02) < 0.003 and abs(float(proj) - 0.01) < 0.002
+
+
+def test_unlearn_leaves_the_callers_generator_alone():
+    p = lm_problem(gpt2())
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    unlearn(p, create("retrain"), Budget(steps=1), device="cpu", seed=7)
+    assert torch.equal(state, torch.random.get_rng_state())

@@ -963,3 +963,27 @@ def test_hooked_projection_is_right_or_declines(make, shape):
         assert float((got - ref).norm() / ref.norm()) < 1e-9
     assert torch.equal(x, x_before)  # in-place ops in the model never reach the caller's tensor
     assert same_state(before, state_copy(model))
+
+
+def test_categorical_means_are_per_example_whatever_the_row_count():
+    from overunlearn.methods.base import mean_over_examples
+    from overunlearn.problem import Categorical
+
+    # three examples: two scored tokens, none, one -- as many rows as examples, but not one row each
+    cat = Categorical(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long), torch.tensor([0, 0, 2]), 3)
+    assert float(mean_over_examples(cat, torch.tensor([1.0, 3.0, 10.0]))) == pytest.approx((2.0 + 10.0) / 2)
+    one_each = Categorical(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long), torch.arange(3), 3, per_example=True)
+    assert float(mean_over_examples(one_each, torch.tensor([1.0, 3.0, 10.0]))) == pytest.approx(14.0 / 3)
+
+
+def test_a_task_whose_scores_take_only_the_outputs_still_works_with_minnorm():
+    from overunlearn.methods.minnorm_og import takes_targets
+
+    class OldStyle(RegressionTask):
+        def scores(self, outputs):  # written before scores took the targets
+            return outputs.reshape(outputs.shape[0], -1)
+
+    base = regression_problem()
+    p = UnlearningProblem(base.model, base.retain, base.forget, OldStyle())
+    assert not takes_targets(p.task.scores) and takes_targets(RegressionTask().scores)
+    assert unlearn(p, create("minnorm_og", reg_coef=0.05), Budget(steps=2), device="cpu").record.steps == 2

@@ -213,3 +213,14 @@ def test_a_journal_path_that_is_a_folder_is_one_message(runner, tmp_path):
     folder.mkdir()
     res = runner.invoke(app, ["sweep", write_spec(tmp_path), "--journal", str(folder), "-q"])
     assert res.exit_code == 1 and f"journal {folder}" in clean(res)
+
+
+def test_friendly_errors_turn_gpu_out_of_memory_into_one_message(capsys):
+    import typer
+
+    from overunlearn.cli.errors import friendly_errors
+
+    with pytest.raises(typer.Exit) as info, friendly_errors("nothing"):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    assert info.value.exit_code == 1
+    assert "out of memory" in capsys.readouterr().err

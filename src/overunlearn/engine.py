@@ -29,6 +29,7 @@ import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -129,65 +130,74 @@ def _hf_initialiser(model: nn.Module) -> Callable[[nn.Module], None] | None:
     return None
 
 
-def _reset_lora(m: nn.Module) -> bool:
-    """Re-initialise a peft LoRA layer's adapters with peft's own rule; ``False`` if ``m`` is none."""
+def _lora_inits(model: nn.Module) -> dict[str, Any]:
+    """``adapter name -> init_lora_weights`` from a peft model's configs (empty for other models)."""
+    for m in model.modules():
+        configs = getattr(m, "peft_config", None)
+        if isinstance(configs, dict):
+            return {name: getattr(cfg, "init_lora_weights", True) for name, cfg in configs.items()}
+    return {}
+
+
+def _reset_lora(m: nn.Module, inits: dict[str, Any]) -> list[nn.Parameter]:
+    """Re-initialise a peft LoRA layer's adapters with peft's rule and the adapter's configured
+    ``init_lora_weights``; returns the adapter parameters (empty if ``m`` is no LoRA layer)."""
     reset = getattr(m, "reset_lora_parameters", None)
     adapters = getattr(m, "lora_A", None)
     if not callable(reset) or adapters is None:
-        return False
-    init = getattr(m, "_overunlearn_lora_init", None)
+        return []
     for name in list(adapters.keys()):
-        reset(name, True if init is None else init)
-    return True
+        reset(name, inits.get(name, True))
+    return [p for n, p in m.named_parameters() if n.split(".")[0].startswith("lora_")]
 
 
 def reinitialise_trainable(problem: UnlearningProblem, model: nn.Module, seed: int) -> nn.Module:
     """Fresh values for every trainable parameter, for Retrain.
 
-    ``problem.make_model()`` when given; otherwise, module by module: a peft LoRA layer's
-    adapters with peft's own rule, a Hugging Face model's modules with its ``_init_weights``, any
-    other module with its ``reset_parameters`` (or ``_reset_parameters``, as
-    ``nn.MultiheadAttention`` has), then ``problem.init_fn`` on every module if given. Frozen
+    ``problem.make_model()`` when given; otherwise: peft LoRA adapters with peft's rule and their
+    configured ``init_lora_weights``; a Hugging Face model with its own ``_init_weights`` applied to
+    every module (children first, as Hugging Face does, so a block's scaled projections are scaled);
+    any parameter still untouched with its module's ``reset_parameters`` (or ``_reset_parameters``, as
+    ``nn.MultiheadAttention`` has); then ``problem.init_fn`` on every module if given. Frozen
     parameters (``requires_grad=False``, e.g. a LoRA model's base weights) keep their values. A
     trainable parameter that nothing re-initialised stops the run with :class:`DataError`.
 
-    The new values are always drawn from the CPU generator (a model on another device is reset
-    through a CPU copy), so one seed gives the same initial model on every device, and the
-    device's own generator is left alone.
+    The new values are drawn from the CPU generator only (a model on another device is reset
+    through a CPU copy), so one seed gives the same initial model on every device, and no other
+    generator (CUDA's included) is touched.
     """
     on_cpu = all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         if problem.make_model is not None:
             fresh = problem.make_model()
             model.load_state_dict(fresh.state_dict())
             return model
         work = model if on_cpu else copy.deepcopy(model).cpu()
+        trainable = [p for p in work.parameters() if p.requires_grad]
         frozen = {name: p.detach().clone() for name, p in work.named_parameters() if not p.requires_grad}
-        hf_init = _hf_initialiser(work)
         covered: set[int] = set()
         with torch.no_grad():
+            inits = _lora_inits(work)
+            lora = [q for m in work.modules() for q in _reset_lora(m, inits)]
+            lora_values = [q.detach().clone() for q in lora]
+            covered.update(id(q) for q in lora)
+            hf_init = _hf_initialiser(work)
+            if hf_init is not None:
+                for p in work.parameters():  # Hugging Face's init functions skip tensors flagged as initialised
+                    p._is_hf_initialized = False
+                before = {id(p): (p._version, p.detach().clone()) for p in trainable if id(p) not in covered}
+                work.apply(hf_init)
+                covered.update(i for p in trainable if (i := id(p)) in before
+                               and (p._version != before[i][0] or not torch.equal(p, before[i][1])))
+                for q, value in zip(lora, lora_values):  # (its Linear init must not replace LoRA's)
+                    q.copy_(value)
             for m in work.modules():
-                # (parameters already reset with their owner, e.g. a LoRA layer's adapters, stay as they are)
                 own = [p for p in m.parameters(recurse=False) if p.requires_grad and id(p) not in covered]
-                if _reset_lora(m):
-                    covered.update(id(p) for p in m.parameters())
-                    continue
-                if not own:
-                    continue
-                if hf_init is not None:
-                    for p in own:  # Hugging Face's init functions skip tensors flagged as initialised
-                        p._is_hf_initialized = False
-                    versions = [p._version for p in own]
-                    hf_init(m)
-                    written = [id(p) for p, v in zip(own, versions) if p._version != v]
-                    covered.update(written)
-                    if len(written) == len(own):
-                        continue
                 reset = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)
-                if callable(reset):
+                if own and callable(reset):
                     reset()
-                    covered.update(id(p) for p in own)
+                    covered.update(id(p) for p in m.parameters(recurse=False))
             if problem.init_fn is not None:
                 work.apply(problem.init_fn)
                 covered.update(id(p) for p in work.parameters())
@@ -434,7 +444,10 @@ def unlearn(problem: UnlearningProblem, method: Method, budget: Budget, *, seed:
     # dropout and anything else drawing from torch's global generator: a function of the seed, and the
     # caller's generator state is restored afterwards
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
+        if dev.type == "cuda":
+            with torch.cuda.device(dev):
+                torch.cuda.manual_seed(seed)
         synchronize(dev)
         t0 = time.perf_counter()
         try:

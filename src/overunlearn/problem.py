@@ -56,14 +56,15 @@ class Categorical:
     """Categorical predictions of a batch, one row per scored position.
 
     ``logits`` ``(N, C)``; ``labels`` ``(N,)``; ``owner`` ``(N,)``: the example each row belongs to;
-    ``n``: examples in the batch. A classifier head has one row per example; a language model has
-    one row per scored token.
+    ``n``: examples in the batch; ``per_example``: row ``i`` is example ``i`` (a classifier head), as
+    opposed to one row per scored token (a language model).
     """
 
     logits: Tensor
     labels: Tensor
     owner: Tensor
     n: int
+    per_example: bool = False
 
     def per_example_mean(self, values: Tensor) -> Tensor:
         """``(n,)`` mean of per-row ``values`` over each example's rows (0 for an example without rows)."""
@@ -74,6 +75,10 @@ class Categorical:
 
     def per_example_sum(self, values: Tensor) -> Tensor:
         return torch.zeros(self.n, dtype=values.dtype, device=values.device).index_add(0, self.owner, values)
+
+    def scored(self) -> Tensor:
+        """``(n,)`` bool: the examples with at least one row (a language-model example may have none)."""
+        return torch.zeros(self.n, dtype=torch.bool, device=self.owner.device).index_fill(0, self.owner, True)
 
 
 class Task:
@@ -202,7 +207,7 @@ class ClassificationTask(Task):
         out = []
         for h, y in zip(self.logits(outputs), as_heads(targets)):
             owner = torch.arange(h.shape[0], device=h.device)
-            out.append(Categorical(h, y.long(), owner, h.shape[0]))
+            out.append(Categorical(h, y.long(), owner, h.shape[0], per_example=True))
         return out
 
     def random_labels(self, outputs: Any, targets: Targets, generator: torch.Generator) -> Targets:
@@ -232,10 +237,10 @@ class CausalLMTask(Task):
 
     MinNorm-OG's constraint scores (the outputs kept fixed to first order on retain samples):
 
-    * ``scores="sequence"`` (default): one score per example, the log-likelihood of its scored
+    * ``scores_per="sequence"`` (default): one score per example, the log-likelihood of its scored
       tokens, ``sum_t log p(y_t | y_<t)`` -- one Jacobian row per sampled example, the cost of the
       classification case;
-    * ``scores="token"``: one score per scored token, the first ``max_score_tokens`` of each example
+    * ``scores_per="token"``: one score per scored token, the first ``max_score_tokens`` of each example
       (examples with fewer get zero rows, which do not change the projection): a tighter
       constraint, ``max_score_tokens`` times the rows.
     """
@@ -290,7 +295,8 @@ class CausalLMTask(Task):
         mask = labels != IGNORE_INDEX
         logp = torch.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)
         tok = logp.gather(-1, labels.clamp_min(0).long().unsqueeze(-1)).squeeze(-1)
-        return tok * mask, mask
+        # (where, not a product: an unscored position's -inf log-probability must not become NaN)
+        return torch.where(mask, tok, torch.zeros_like(tok)), mask
 
     def per_sample_loss(self, outputs: Any, targets: Targets) -> Tensor:
         tok, mask = self._token_logprobs(outputs, targets)  # type: ignore[arg-type]

@@ -233,7 +233,7 @@ class FactsBenchmark:
 
     def _fresh_model(self, init_seed: int) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
+            torch.default_generator.manual_seed(init_seed)
             return self.make_model()
 
     def _train(self, model: nn.Module, data: TensorData, seed: int) -> dict[str, Any]:
@@ -347,10 +347,10 @@ class FactsBenchmark:
             s = self.split(seed)
             out: dict[str, float] = {}
             for prefix, facts in (("forget", s["forget_facts"]), ("retain", s["retain_facts"])):
-                logp, ok = self._answer_logprobs(model, self._sequences(facts))
+                data = self._sequences(facts)
+                logp, ok = self._answer_logprobs(model, data)
                 out[f"{prefix}_em"] = float(ok.float().mean())
                 if prefix == "forget":
-                    data = self._sequences(facts)
                     first = (data.targets[:, 1:] != -100).float().argmax(1)  # type: ignore[index]
                     ans = data.targets[torch.arange(len(first)), first + 1].to(logp.device)  # type: ignore[index]
                     out["forget_prob"] = float(logp.gather(1, ans[:, None]).exp().mean())

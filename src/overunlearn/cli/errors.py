@@ -19,6 +19,8 @@ def friendly_errors(kept: str, memory_hint: str = "lower the number of models, s
     an unreadable or unwritable file and running out of memory exit 1; Ctrl-C exits 130 after saying
     what is ``kept`` and how to continue.
     """
+    import torch
+
     from overunlearn.errors import DatasetNotFoundError, OverunlearnError
 
     try:
@@ -32,7 +34,7 @@ def friendly_errors(kept: str, memory_hint: str = "lower the number of models, s
     except OSError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    except MemoryError:
+    except (MemoryError, torch.OutOfMemoryError):  # (CUDA's is a RuntimeError, not a MemoryError)
         typer.echo(f"error: out of memory; {memory_hint}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:

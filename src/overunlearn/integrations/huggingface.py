@@ -2,7 +2,8 @@
 
 Any registered method runs as the Trainer's training step on a retain / forget pair of datasets
 (``datasets.Dataset`` or torch ``Dataset``), with the usual ``TrainingArguments``: logging,
-``max_steps`` / ``num_train_epochs``, checkpoints, evaluation, the learning rate and its schedule.
+``max_steps`` / ``num_train_epochs``, evaluation (dict datasets), saving checkpoints, the learning rate
+and its schedule. Resuming from a checkpoint is refused (the method's state is not saved).
 
 Protocol (the same as :func:`overunlearn.unlearn`): the Trainer's epoch is one pass over the forget
 set in batches of ``per_device_train_batch_size``; each forget batch is paired with the next batch of
@@ -104,8 +105,12 @@ class UnlearningTrainer(Trainer):
         if args.gradient_accumulation_steps != 1:
             raise ValueError("UnlearningTrainer steps once per forget batch: set gradient_accumulation_steps=1 "
                              "(use a larger per_device_train_batch_size instead)")
-        kwargs.setdefault("callbacks", [])
+        eval_dataset = kwargs.get("eval_dataset")
+        if eval_dataset is not None and len(eval_dataset) and not isinstance(eval_dataset[0], Mapping):
+            raise DataError("eval_dataset: evaluation through the Trainer needs dict items (inputs and a "
+                            f"{label_key!r} entry), got {type(eval_dataset[0]).__name__} items")
         super().__init__(model=model, args=args, train_dataset=forget_dataset, **kwargs)
+        self.label_names = [label_key]
         self.method = method
         self.label_key = label_key
         self.unlearning_seed = args.seed if seed is None else seed
@@ -115,7 +120,9 @@ class UnlearningTrainer(Trainer):
         self.ctx: UnlearningContext | None = None
         self._info: StepInfo | None = None
         self._retain: Batch | None = None
-        self.add_callback(_MethodHooks(self))
+        # first, so that the method's after-step work (MinNorm-OG's projection) precedes logging,
+        # evaluation and checkpoints, and the final broadcast precedes the user's on_train_end
+        self.callback_handler.callbacks.insert(0, _MethodHooks(self))
 
     # ---- data ---------------------------------------------------------------------------------
     def _raw_collate(self, items: list[Any]) -> Any:
@@ -140,6 +147,21 @@ class UnlearningTrainer(Trainer):
 
     def _collate(self, items: list[Any]) -> Batch:
         return self._to_batch(self._raw_collate(items))
+
+    def train(self, resume_from_checkpoint: Any = None, **kwargs: Any) -> Any:
+        """Run the unlearning (``Trainer.train``). Resuming is refused: the retain stream, the method's
+        state (schedules, SalUn's mask, the reference model of NPO and SCRUB) and Retrain's
+        re-initialisation are not checkpointed, so a resumed run would not be the run it continues."""
+        if resume_from_checkpoint:
+            raise ValueError("UnlearningTrainer cannot resume from a checkpoint (the method's state and the retain "
+                             "stream are not saved); start the unlearning again from the original model")
+        return super().train(**kwargs)
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> DataLoader:
+        data = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(data, str):
+            data = self.eval_dataset[data]
+        return DataLoader(data, batch_size=self.args.per_device_eval_batch_size, collate_fn=self._raw_collate)
 
     def get_train_dataloader(self) -> DataLoader:
         # not prepared by accelerate: every rank reads the same forget batches in the same order
@@ -189,8 +211,9 @@ class UnlearningTrainer(Trainer):
         if not torch.isfinite(loss.detach()):
             raise NonFiniteLossError(f"{method.name}: the loss became {float(loss)} at step {step}; lower the learning "
                                      "rate or the ascent coefficient", step=step, method=method.name)
-        # through the unwrapped model: a DDP wrapper would all-reduce gradients every rank already shares
-        loss.backward()
+        # the forward ran through the unwrapped model, so a DDP wrapper does not all-reduce gradients every
+        # rank already shares; the accelerator still applies its loss scaling (fp16)
+        self.accelerator.backward(loss)
         return loss.detach()
 
     def compute_loss(self, model: torch.nn.Module, inputs: Any, return_outputs: bool = False,

@@ -84,6 +84,6 @@ class NPO(Method):
             y = cat.labels.unsqueeze(1)
             lp = torch.log_softmax(cat.logits, dim=1).gather(1, y).squeeze(1)
             lr_ = torch.log_softmax(ref.logits, dim=1).gather(1, y).squeeze(1)
-            ratio = cat.per_example_sum(lp - lr_) if lp.shape[0] != cat.n else lp - lr_
+            ratio = lp - lr_ if cat.per_example else cat.per_example_sum(lp - lr_)[cat.scored()]
             total = total + (2.0 / beta) * F.softplus(beta * ratio).mean()
         return total  # type: ignore[return-value]

@@ -176,7 +176,8 @@ def require_categorical(method: Method, ctx: UnlearningContext) -> Task:
 
 def mean_over_examples(cat: Categorical, per_row: Tensor) -> Tensor:
     """Batch mean of a per-row quantity: over rows when there is one row per example (a classifier
-    head), else over examples of each example's mean over its rows (a language model's tokens)."""
-    if per_row.shape[0] == cat.n:
+    head), else over the examples that have rows of each one's mean over its rows (a language model's
+    scored tokens)."""
+    if cat.per_example:
         return per_row.mean()
-    return cat.per_example_mean(per_row).mean()
+    return cat.per_example_mean(per_row)[cat.scored()].mean()

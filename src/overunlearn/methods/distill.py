@@ -46,7 +46,7 @@ def kl_teacher_student(task: Task, student, teacher, targets: Targets) -> torch.
     total = 0.0
     for s, t in zip(task.categorical(student, targets), task.categorical(teacher, targets)):
         log_s = F.log_softmax(s.logits, dim=1)
-        if s.logits.shape[0] == s.n:
+        if s.per_example:
             total = total + F.kl_div(log_s, F.softmax(t.logits, dim=1), reduction="batchmean")
         else:
             per_row = F.kl_div(log_s, F.log_softmax(t.logits, dim=1), reduction="none", log_target=True).sum(1)

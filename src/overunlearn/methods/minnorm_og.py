@@ -28,6 +28,7 @@ Deliberate choices where the authors' reference code (``common/unlearners/unlear
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -81,6 +82,17 @@ class MinNormOGConfig(MethodConfig):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def takes_targets(score_fn) -> bool:
+    """Whether ``score_fn`` takes the targets too (``scores(outputs, targets)``; a task written for
+    ``scores(outputs)`` alone keeps working)."""
+    try:
+        params = inspect.signature(score_fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
 def minnorm_projection_step(model: torch.nn.Module, batch: Batch, score_fn, strata, coef: float,
@@ -148,7 +160,7 @@ class MinNormOG(Method):
             removed = minnorm_projection_step(
                 ctx.model, retain, task.scores, task.strata(retain.targets), self.coefficient(self.projections),
                 self.config.grad_sample_size, ctx.generator, self.config.jacobian, self.config.implementation,
-                with_targets=True,
+                with_targets=takes_targets(task.scores),
             )
         except NonFiniteLossError:
             raise
