@@ -179,15 +179,11 @@ class ImageBenchmark:
             return self._models[seed]
         split = self.split(seed)
         key = self.key()
-        out: list[nn.Module] = []
-        infos: dict[str, Any] = {}
-        for role in ("original", "ground_truth"):
-            path = self.cache.path(self.name, self.dataset, key, seed, role)
+        def prepare(role: str) -> tuple[Any, nn.Module, Any, dict[str, Any]]:
             phases = self._phases(split, role)
             train_data = split["original_train" if role == "original" else "gt_train"]
 
-            def fit(model: nn.Module, phases: list[Phase] = phases, train_data: ColoredImages = train_data,
-                    role: str = role) -> dict[str, Any]:
+            def fit(model: nn.Module) -> dict[str, Any]:
                 summary = train(model, phases, self.preset.recipe, seed=seed, device=self.device,
                                 progress=self.progress)
                 summary["train_accuracy"] = accuracy(model, train_data, device=self.device)
@@ -196,16 +192,14 @@ class ImageBenchmark:
                 return summary
 
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)
                 model = self.make_model()
             meta = {"benchmark": self.name, "dataset": self.dataset, "seed": seed, "role": role, "key": key,
                     "recipe": self.preset.recipe.to_dict(), "preset": self.preset.name,
                     "n_train_images": len(train_data)}
-            model, info, hit = self.cache.load_or_train(path, model, fit, meta)
-            info["cache_hit"] = hit
-            infos[role] = info
-            out.append(model.to(self.device))
-        self._models[seed] = (out[0], out[1], infos)
+            return self.cache.path(self.name, self.dataset, key, seed, role), model, fit, meta
+
+        self._models[seed] = self.cache.reference_models(prepare, self.device)
         return self._models[seed]
 
     def training_info(self, seed: int) -> dict[str, Any]:
@@ -229,7 +223,7 @@ class ImageBenchmark:
         """Retrain's starting point: an untrained network drawn under its own seed (not the ground-truth
         model's initialisation, which the engine's ``manual_seed(seed)`` would otherwise reproduce)."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
+            torch.default_generator.manual_seed(init_seed)
             return self.make_model(pretrained=False)
 
     def evaluate(self, model: nn.Module, seed: int) -> dict[str, float]:  # pragma: no cover

@@ -273,23 +273,20 @@ class FactsBenchmark:
         s = self.split(seed)
         train_sets = {"original": self._sequences(s["forget_facts"] + s["retain_facts"], copy=self.world.copy_train),
                       "ground_truth": self._sequences(s["retain_facts"], copy=self.world.copy_train)}
-        out, infos = [], {}
-        for role, data in train_sets.items():
-            path = self.cache.path(self.name, self.dataset, self.key(), seed, role)
-            model = self._fresh_model(int(seed))
-            meta = {"benchmark": self.name, "seed": seed, "role": role, "preset": self.preset.to_dict(),
-                    "sequences": len(data)}
+        def prepare(role: str) -> tuple[Any, nn.Module, Any, dict[str, Any]]:
+            data = train_sets[role]
 
-            def fit(m: nn.Module, data: TensorData = data) -> dict[str, Any]:
+            def fit(m: nn.Module) -> dict[str, Any]:
                 info = self._train(m, data, seed)
                 info["train_em"] = self._exact_match(m, data)
                 return info
 
-            model, info, hit = self.cache.load_or_train(path, model, fit, meta)
-            info["cache_hit"] = hit
-            infos[role] = info
-            out.append(model.to(self.device))
-        self._models[seed] = (out[0], out[1], infos)
+            meta = {"benchmark": self.name, "seed": seed, "role": role, "preset": self.preset.to_dict(),
+                    "sequences": len(data)}
+            return (self.cache.path(self.name, self.dataset, self.key(), seed, role), self._fresh_model(int(seed)),
+                    fit, meta)
+
+        self._models[seed] = self.cache.reference_models(prepare, self.device)
         return self._models[seed]
 
     def training_info(self, seed: int) -> dict[str, Any]:

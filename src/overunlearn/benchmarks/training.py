@@ -288,6 +288,21 @@ class ModelCache:
             return None
         return self.root / benchmark / dataset / key / f"seed{seed}" / f"{role}.pt"
 
+    def reference_models(self, prepare: Callable[[str], tuple[Path | None, nn.Module, Callable[[nn.Module], dict[str, Any]],
+                                                              dict[str, Any]]],
+                         device: torch.device | str) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+        """The original and ground-truth models of a benchmark seed: ``prepare(role)`` gives the cache path,
+        a fresh model, its training function and metadata; each is loaded from the cache or trained and
+        saved. Returns ``(original, ground_truth, {role: metadata with "cache_hit"})``, on ``device``."""
+        out, infos = [], {}
+        for role in ("original", "ground_truth"):
+            path, model, fit, meta = prepare(role)
+            model, info, hit = self.load_or_train(path, model, fit, meta)
+            info["cache_hit"] = hit
+            infos[role] = info
+            out.append(model.to(device))
+        return out[0], out[1], infos
+
     def load_or_train(self, path: Path | None, model: nn.Module, train_fn: Callable[[nn.Module], dict[str, Any]],
                       meta: dict[str, Any]) -> tuple[nn.Module, dict[str, Any], bool]:
         """Load ``model``'s state from ``path`` if present, else train it and save it. Returns ``(model, meta, hit)``.

@@ -439,7 +439,7 @@ class PrivacyRunner:
 
         def fresh_model() -> nn.Module:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(init_seed)
+                torch.default_generator.manual_seed(init_seed)
                 return s.make_model()
 
         problem = UnlearningProblem(model=original, retain=s.accessible_retain if s.accessible_retain is not None

@@ -23,9 +23,9 @@ from overunlearn.problem import ClassificationTask, Task, TensorData, as_heads
 
 
 def seeded_model(make_model: Callable[[], nn.Module], seed: int) -> nn.Module:
-    """``make_model()`` under ``torch.manual_seed(seed)``, without touching the global RNG state."""
+    """``make_model()`` with the CPU generator seeded by ``seed``; no generator's state (CUDA's included) changes."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         return make_model()
 
 
