@@ -139,3 +139,21 @@ def test_bench_facts_cli_smoke_and_clear_errors(tmp_path, monkeypatch):
     assert again.exit_code == 0
     table = [line for line in res.output.splitlines() if line.startswith("|")]
     assert table == [line for line in again.output.splitlines() if line.startswith("|")]
+
+
+def test_privacy_of_the_facts_benchmark_separates_members_from_retrained_models(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from overunlearn.cli import _register, app
+
+    _register()
+    monkeypatch.setenv("OVERUNLEARN_CACHE", str(tmp_path / "cache"))
+    res = CliRunner().invoke(app, ["bench", "facts", "--preset", "test", "--seeds", "1", "--methods", "gd",
+                                   "--people", "16", "--privacy", "--out", str(tmp_path / "out"), "-q"])
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "privacy (seed 1, N = 4" in out and "klom_forget_mean" in out
+    table = [line.split() for line in out.splitlines() if line.strip().startswith(("original", "ground_truth", "gd"))]
+    by = {r[0]: r for r in table if len(r) > 3}
+    # (columns: label, mia_auc, ...) the original model's forget pairs are members, the oracles' are not
+    assert float(by["original"][1]) > float(by["ground_truth"][1]) + 0.2

@@ -293,17 +293,54 @@ class FactsBenchmark:
         return self.models(seed)[2]
 
     # -- protocol -----------------------------------------------------------------
-    def problem(self, seed: int) -> UnlearningProblem:
-        original, _, _ = self.models(seed)
-        s = self.split(seed)
-        retain = self._sequences(s["retain_facts"], copy=self.world.copy_train)
+    def accessible_retain(self, seed: int) -> TensorData:
+        """The retain sequences an unlearning method sees: a seeded ``p_retain`` fraction of them."""
+        retain = self._sequences(self.split(seed)["retain_facts"], copy=self.world.copy_train)
         if self.preset.p_retain < 1:
             g = torch.Generator().manual_seed(int(seed) * 7919 + 3)
             k = max(1, round(self.preset.p_retain * len(retain)))
             retain = retain.subset(torch.randperm(len(retain), generator=g)[:k].sort().values)
-        return UnlearningProblem(model=original, retain=retain, forget=self._sequences(s["forget_facts"]),
-                                 task=self.task, batch_size=self.preset.unlearn_batch_size,
+        return retain
+
+    def problem(self, seed: int) -> UnlearningProblem:
+        original, _, _ = self.models(seed)
+        return UnlearningProblem(model=original, retain=self.accessible_retain(seed),
+                                 forget=self._sequences(self.split(seed)["forget_facts"]), task=self.task,
+                                 batch_size=self.preset.unlearn_batch_size,
                                  make_model=lambda: self._fresh_model(retrain_seed(seed)))
+
+    def privacy_setup(self, seed: int) -> Any:
+        """The :class:`~overunlearn.privacy.runner.PrivacySetup` of ``seed`` (``overunlearn report --privacy``,
+        :func:`~overunlearn.privacy.runner.privacy_report`): original models trained on every fact, oracles
+        on the retain facts only (this benchmark's recipe, one model per seed); signals on the forget facts'
+        training questions, the retain facts', and as ``test`` the forget facts' questions paired with an
+        answer never trained (a random other value of the attribute): the membership question is "was this
+        question-answer pair trained on?", as Collapse's test images carry an untrained colour."""
+        from overunlearn.privacy.runner import PrivacySetup
+
+        s = self.split(seed)
+        data = {"original": self._sequences(s["forget_facts"] + s["retain_facts"], copy=self.world.copy_train),
+                "oracle": self._sequences(s["retain_facts"], copy=self.world.copy_train)}
+
+        def fit(which: str, sd: int) -> nn.Module:
+            model = self._fresh_model(sd)
+            self._train(model, data[which], sd)
+            return model.cpu()
+
+        g = torch.Generator().manual_seed(int(seed) * 31 + 17)
+        questions, answers = [], []
+        for i in s["forget_facts"]:
+            f = self.world.facts[i]
+            others = [a for a in ATTRIBUTES[f.attribute][0] if a != f.answer]
+            questions.append(self.world.question(f, f.train_templates[0]))
+            answers.append(others[int(torch.randint(len(others), (1,), generator=g))])
+        x, y = self.world.encode(questions, answers, self.length)
+        return PrivacySetup(name=f"facts-{self.preset.name}", task=self.task, make_model=self.make_model, fit=fit,
+                            retain=self._sequences(s["retain_facts"]), forget=self._sequences(s["forget_facts"]),
+                            test=TensorData(x, y), accessible_retain=self.accessible_retain(seed),
+                            key={"benchmark": self.name, "bench_key": self.key(), "seed": int(seed),
+                                 "p_retain": self.preset.p_retain},
+                            batch_size=self.preset.unlearn_batch_size)
 
     @torch.no_grad()
     def _answer_logprobs(self, model: nn.Module, data: TensorData) -> tuple[Tensor, Tensor]:

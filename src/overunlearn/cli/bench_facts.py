@@ -86,6 +86,9 @@ def facts_cmd(
     threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads per worker"),
     out: Path = typer.Option(Path("results/facts"), "--out", help="output folder (journal, table, figure)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+    privacy: bool = typer.Option(False, "--privacy", help="then the privacy report (MIA, U-LiRA, KLoM against "
+                                 "retrained oracles) of the methods run, on the first seed; trains 3N models"),
+    privacy_models: int = typer.Option(4, "--privacy-models", min=4, help="N for --privacy"),
 ) -> None:
     """Unlearn memorised facts from a GPT-2 built from a config; ground truth retrained without them."""
     from overunlearn.benchmarks.facts import FACTS_METHOD_POINTS, FACTS_METRICS, get_preset
@@ -151,6 +154,18 @@ def facts_cmd(
     atomic_write_text(out / f"{raw['name']}_table.csv", csv)
     fig = frontier_plot(setting, out / f"{raw['name']}.png", title=f"facts ({preset}), T = {T}")
     typer.echo(f"wrote {journal}, {out / (raw['name'] + '_table.md')}, {fig}")
+    if privacy:
+        from overunlearn.benchmarks.facts import FactsBenchmark
+        from overunlearn.privacy.runner import format_rows, privacy_report
+
+        kept = "trained models and signals are kept in the cache; run the same command again to continue"
+        with friendly_errors(kept, "lower --privacy-models"):
+            rows = privacy_report(FactsBenchmark(chosen, device=device), [(m, m, points[m], T) for m in names],
+                                  n_models=privacy_models, seed=seed_list[0], device=device,
+                                  out_dir=out / f"{raw['name']}_privacy", progress=not quiet)
+        typer.echo(f"\nprivacy (seed {seed_list[0]}, N = {privacy_models}; lower KLoM and U-LiRA AUC = closer to "
+                   "retraining):")
+        typer.echo(format_rows(rows))
     if result.failed:
         typer.echo(f"{result.failed} trial(s) failed; their errors are in {journal}", err=True)
         raise typer.Exit(1)
