@@ -309,39 +309,6 @@ class FactsBenchmark:
                                  batch_size=self.preset.unlearn_batch_size,
                                  make_model=lambda: self._fresh_model(retrain_seed(seed)))
 
-    def privacy_setup(self, seed: int) -> Any:
-        """The :class:`~overunlearn.privacy.runner.PrivacySetup` of ``seed`` (``overunlearn report --privacy``,
-        :func:`~overunlearn.privacy.runner.privacy_report`): original models trained on every fact, oracles
-        on the retain facts only (this benchmark's recipe, one model per seed); signals on the forget facts'
-        training questions, the retain facts', and as ``test`` the forget facts' questions paired with an
-        answer never trained (a random other value of the attribute): the membership question is "was this
-        question-answer pair trained on?", as Collapse's test images carry an untrained colour."""
-        from overunlearn.privacy.runner import PrivacySetup
-
-        s = self.split(seed)
-        data = {"original": self._sequences(s["forget_facts"] + s["retain_facts"], copy=self.world.copy_train),
-                "oracle": self._sequences(s["retain_facts"], copy=self.world.copy_train)}
-
-        def fit(which: str, sd: int) -> nn.Module:
-            model = self._fresh_model(sd)
-            self._train(model, data[which], sd)
-            return model.cpu()
-
-        g = torch.Generator().manual_seed(int(seed) * 31 + 17)
-        questions, answers = [], []
-        for i in s["forget_facts"]:
-            f = self.world.facts[i]
-            others = [a for a in ATTRIBUTES[f.attribute][0] if a != f.answer]
-            questions.append(self.world.question(f, f.train_templates[0]))
-            answers.append(others[int(torch.randint(len(others), (1,), generator=g))])
-        x, y = self.world.encode(questions, answers, self.length)
-        return PrivacySetup(name=f"facts-{self.preset.name}", task=self.task, make_model=self.make_model, fit=fit,
-                            retain=self._sequences(s["retain_facts"]), forget=self._sequences(s["forget_facts"]),
-                            test=TensorData(x, y), accessible_retain=self.accessible_retain(seed),
-                            key={"benchmark": self.name, "bench_key": self.key(), "seed": int(seed),
-                                 "p_retain": self.preset.p_retain},
-                            batch_size=self.preset.unlearn_batch_size)
-
     @torch.no_grad()
     def _answer_logprobs(self, model: nn.Module, data: TensorData) -> tuple[Tensor, Tensor]:
         """Per sequence: the log-probabilities of the answer's first position over the vocabulary ``(n, V)``,

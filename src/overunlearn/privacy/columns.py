@@ -267,7 +267,7 @@ def _setup_of(bench: Any, name: str, seed: int) -> Any:
     setup = adapt_benchmark(bench, seed)
     if setup is None:
         raise PrivacyUnsupportedError(
-            f"benchmark {name!r} has no privacy setup: the privacy adapters support poison, erase and collapse; "
+            f"benchmark {name!r} has no privacy setup: the privacy adapters support poison, erase, collapse and facts; "
             f"give {type(bench).__name__} a privacy_setup(seed) method returning a PrivacySetup to evaluate it")
     return setup
 

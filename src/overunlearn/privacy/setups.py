@@ -217,7 +217,47 @@ def adapt_benchmark(benchmark: Any, seed: int) -> PrivacySetup | None:
         return image_benchmark_setup(benchmark, seed)
     if getattr(benchmark, "name", None) == "poison":
         return poison_setup(benchmark, seed)
+    if getattr(benchmark, "name", None) == "facts":
+        return facts_setup(benchmark, seed)
     return None
+
+
+def facts_setup(bench: Any, seed: int) -> PrivacySetup:
+    """A :class:`PrivacySetup` for the ``facts`` benchmark (a GPT-2 that memorised generated facts).
+
+    * models: original models trained on every fact, oracles on the retain facts only, with the
+      benchmark's recipe, one model per seed;
+    * signals on the forget facts' training questions, the retain facts', and as ``test`` the forget
+      facts' questions paired with an answer never trained (a random other value of the attribute): the
+      membership question is "was this question-answer pair trained on?", as Collapse's test images
+      carry an untrained colour.
+    """
+    from overunlearn.data.facts import ATTRIBUTES
+    from overunlearn.problem import TensorData
+
+    s = bench.split(seed)
+    data = {"original": bench._sequences(s["forget_facts"] + s["retain_facts"], copy=bench.world.copy_train),
+            "oracle": bench._sequences(s["retain_facts"], copy=bench.world.copy_train)}
+
+    def fit(which: str, sd: int) -> nn.Module:
+        model = bench._fresh_model(sd)
+        bench._train(model, data[which], sd)
+        return model.cpu()
+
+    g = torch.Generator().manual_seed(int(seed) * 31 + 17)
+    questions, answers = [], []
+    for i in s["forget_facts"]:
+        f = bench.world.facts[i]
+        others = [a for a in ATTRIBUTES[f.attribute][0] if a != f.answer]
+        questions.append(bench.world.question(f, f.train_templates[0]))
+        answers.append(others[int(torch.randint(len(others), (1,), generator=g))])
+    x, y = bench.world.encode(questions, answers, bench.length)
+    return PrivacySetup(name=f"facts-{bench.preset.name}", task=bench.task, make_model=bench.make_model, fit=fit,
+                        retain=bench._sequences(s["retain_facts"]), forget=bench._sequences(s["forget_facts"]),
+                        test=TensorData(x, y), accessible_retain=bench.accessible_retain(seed),
+                        key={"benchmark": bench.name, "bench_key": bench.key(), "seed": int(seed),
+                             "p_retain": bench.preset.p_retain},
+                        batch_size=bench.preset.unlearn_batch_size)
 
 
 def poison_setup(bench: Any, seed: int, *, n_test: int = 200, workers: int | None = None) -> PrivacySetup:
