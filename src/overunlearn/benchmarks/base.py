@@ -47,6 +47,40 @@ class Benchmark(Protocol):
         ...
 
 
+# Optional members a benchmark may define (read with getattr; a benchmark without them still runs in
+# sweeps, and in ``bench``/``privacy`` once the user names methods and epochs):
+#   default_epochs: int | tuple[int, ...]       the unlearning epochs T of ``overunlearn bench NAME``
+#   method_points(epochs) -> {method: {hyperparameter: value}}
+#                                               the methods run by default and their preset points
+#   privacy_setup(seed) -> privacy.runner.PrivacySetup
+#                                               what a privacy evaluation needs (data split, training)
+#   privacy_defaults: {"n_models": int, "ground_truth": "extra" | "split", "epochs": int}
+
+
+def method_points(bench: Any, epochs: int, methods: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The hyperparameter point of each method the benchmark runs at ``epochs`` (its ``method_points``),
+    restricted to ``methods`` when given; a method the benchmark has no point for runs at its defaults."""
+    fn = getattr(bench, "method_points", None)
+    points: dict[str, dict[str, Any]] = {k: dict(v) for k, v in fn(epochs).items()} if callable(fn) else {}
+    if methods is None:
+        if not points:
+            raise ValueError(f"benchmark {getattr(bench, 'name', type(bench).__name__)!r} names no default methods "
+                             "(it has no method_points); name them with --methods")
+        return points
+    return {m: points.get(m, {}) for m in methods}
+
+
+def default_epochs(bench: Any) -> tuple[int, ...]:
+    """The benchmark's default unlearning epochs (``default_epochs``; else its preset's ``epochs``)."""
+    value = getattr(bench, "default_epochs", None)
+    if value is None:
+        value = getattr(getattr(bench, "preset", None), "epochs", None)
+    if value is None:
+        raise ValueError(f"benchmark {getattr(bench, 'name', type(bench).__name__)!r} has no default epochs; "
+                         "give --epochs")
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),)
+
+
 _BENCHMARKS: dict[str, Callable[..., Benchmark]] = {}
 
 

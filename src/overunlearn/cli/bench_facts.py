@@ -17,7 +17,7 @@ from typing import Any
 import typer
 
 from overunlearn.cli import bench_app
-from overunlearn.cli.bench_images import parse_overrides, parse_seeds
+from overunlearn.cli.options import QUIET_HELP, SEEDS_HELP, THREADS_HELP, echo_log, parse_overrides, parse_seeds
 from overunlearn.cli.errors import friendly_errors
 
 REF_LABELS = {"original": "original model", "ground_truth": "ground truth (retrained without the forget facts)"}
@@ -27,22 +27,15 @@ def facts_spec(preset: str, seeds: list[int], epochs: int, methods: list[str], p
                options: dict[str, Any], device: str) -> dict[str, Any]:
     """The sweep spec (as the parsed TOML would be) of one ``bench facts`` run."""
     from overunlearn.benchmarks.facts import FACTS_METHOD_POINTS, FACTS_METRICS, get_preset
-    from overunlearn.storage import stable_hash
+    from overunlearn.cli.bench_sweep import bench_spec, sweep_name
 
     order = ["forget_em", "retain_em"] + [m.name for m in FACTS_METRICS if m.name not in ("forget_em", "retain_em")]
-    # a run with other benchmark options, epochs or points is another sweep (its own journal and table)
-    variant = {"options": options, "epochs": epochs, "points": points}
     default = not options and epochs == get_preset(preset).epochs and points == {m: FACTS_METHOD_POINTS[m] for m in points}
-    name = f"facts_{preset}" + ("" if default else f"_{stable_hash(variant, 8)}")
-    return {
-        "name": name, "title": f"Fact unlearning, GPT-2 ({preset} preset), T = {epochs}",
-        "seeds": seeds, "methods": methods,
-        "benchmark": {"name": "facts", "options": {"preset": preset, **options}},
-        "budget": {"epochs": epochs}, "engine": {"device": device},
-        "metrics": {m.name: m.direction for m in FACTS_METRICS},
-        "grid": {m: {k: [v] for k, v in points[m].items()} for m in methods},
-        "report": {"selection": "best_mean", "statistic": "median", "metrics": order},
-    }
+    name = sweep_name(f"facts_{preset}", {"options": options, "epochs": epochs, "points": points}, default)
+    return bench_spec(name=name, title=f"Fact unlearning, GPT-2 ({preset} preset), T = {epochs}", benchmark="facts",
+                      options={"preset": preset, **options}, seeds=seeds,
+                      settings=[(f"T={epochs}", epochs, {m: points[m] for m in methods})],
+                      metrics={m.name: m.direction for m in FACTS_METRICS}, report_metrics=order, device=device)
 
 
 def method_table(setting: Any, metrics: list[str]) -> tuple[str, str]:
@@ -71,7 +64,7 @@ def method_table(setting: Any, metrics: list[str]) -> tuple[str, str]:
 @bench_app.command("facts")
 def facts_cmd(
     preset: str = typer.Option("cpu", "--preset", help="cpu | gpu | test"),
-    seeds: str = typer.Option("1-3", "--seeds", help="e.g. 1 or 1,2,3 or 1-5"),
+    seeds: str = typer.Option("1-3", "--seeds", help=SEEDS_HELP),
     epochs: int | None = typer.Option(None, "--epochs", "-T", min=1, help="unlearning epochs (default: the preset's)"),
     methods: str | None = typer.Option(None, "--methods", help="comma-separated names (default: all)"),
     forget_fraction: float | None = typer.Option(None, "--forget-fraction",
@@ -83,9 +76,9 @@ def facts_cmd(
     hp: list[str] = typer.Option([], "--hp", help="override a hyperparameter: METHOD.KEY=VALUE (repeatable)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="worker processes"),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads per worker"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     out: Path = typer.Option(Path("results/facts"), "--out", help="output folder (journal, table, figure)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
     privacy: bool = typer.Option(False, "--privacy", help="then the privacy report (MIA, U-LiRA, KLoM against "
                                  "retrained oracles) of the methods run, on the first seed; trains 3N models"),
     privacy_models: int = typer.Option(4, "--privacy-models", min=4, help="N for --privacy"),
@@ -93,12 +86,9 @@ def facts_cmd(
     """Unlearn memorised facts from a GPT-2 built from a config; ground truth retrained without them."""
     from overunlearn.benchmarks.facts import FACTS_METHOD_POINTS, FACTS_METRICS, get_preset
     from overunlearn.methods import get_method
-    from overunlearn.report.aggregate import load
+    from overunlearn.cli.bench_sweep import run_bench
     from overunlearn.report.figures import frontier_plot
     from overunlearn.storage import atomic_write_text
-    from overunlearn.sweep.executors import make_executor
-    from overunlearn.sweep.run import run_sweep
-    from overunlearn.sweep.spec import parse_spec
 
     # every option is checked before anything trains
     try:
@@ -125,16 +115,9 @@ def facts_cmd(
     T = epochs or chosen.epochs
     seed_list = parse_seeds(seeds)
     raw = facts_spec(preset, seed_list, T, names, points, options, device)
-    log = (lambda _m: None) if quiet else (lambda m: typer.echo(m, err=True))
-    journal = out / f"{raw['name']}.jsonl"
-    with friendly_errors(f"every finished trial is kept in {journal}; run the same command again to resume",
-                         "try --jobs 1 or a smaller preset"):
-        spec = parse_spec(raw, source="bench facts", default_name=raw["name"])
-        out.mkdir(parents=True, exist_ok=True)
-        with make_executor("local", jobs=jobs, threads=threads) as executor:
-            result = run_sweep(spec, journal, executor, device=device, threads=threads, log=log)
-        reports, _ = load(journal, allow_partial=True, sweeps=[raw["name"]])
-    setting = reports[0].settings[0]
+    run = run_bench(raw, out, jobs=jobs, threads=threads, device=device, log=echo_log(quiet))
+    journal, result = run.journal, run.result
+    setting = run.settings[0]
     metrics = [m.name for m in FACTS_METRICS]
     md, csv = method_table(setting, metrics)
     prior = f"{math.nan:.3f}"

@@ -19,45 +19,7 @@ import typer
 
 from overunlearn.cli import bench_app
 from overunlearn.cli.errors import KEPT, friendly_errors
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``"1"``, ``"1,2,5"`` or ``"1-5"`` (ranges inclusive)."""
-    seeds: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, part)
-                seeds.extend(range(int(lo), int(hi) + 1))
-            else:
-                seeds.append(int(part))
-        except ValueError:
-            raise typer.BadParameter(f"cannot read seeds from {text!r}; write e.g. '1', '1,2,5' or '1-5'") from None
-    if not seeds:
-        raise typer.BadParameter(f"no seeds in {text!r}")
-    return seeds
-
-
-def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    """``["minnorm_og.lr=1e-4", "gd.lr=0.01"]`` -> ``{"minnorm_og": {"lr": 1e-4}, "gd": {"lr": 0.01}}``."""
-    out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise typer.BadParameter(f"--hp expects METHOD.KEY=VALUE, got {item!r}")
-        lhs, value = item.split("=", 1)
-        method, key = lhs.split(".", 1)
-        val: Any = value
-        for conv in (int, float):
-            try:
-                val = conv(value)
-                break
-            except ValueError:
-                pass
-        out.setdefault(method.strip().lower(), {})[key.strip()] = val
-    return out
+from overunlearn.cli.options import parse_overrides, parse_seeds
 
 
 def _message(exc: BaseException) -> str:

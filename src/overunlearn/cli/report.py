@@ -60,7 +60,7 @@ def report_cmd(
         raise typer.BadParameter(f"{', '.join(given)} need --privacy")
     chosen: list[int] | None = None
     if select_seeds is not None:
-        from overunlearn.cli.bench_images import parse_seeds
+        from overunlearn.cli.options import parse_seeds
 
         try:
             chosen = parse_seeds(select_seeds)

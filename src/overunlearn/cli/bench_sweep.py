@@ -1,0 +1,91 @@
+"""Running a ``bench`` command as a sweep built in memory.
+
+Every ``overunlearn bench`` command turns its options into a sweep spec (the dict a TOML spec
+parses to), runs it through the sweep runner and journal (``<out>/<name>.jsonl``) and reads the
+journal back for its table. So a bench run is resumable (run the same command again), its
+finished trials are never recomputed, and its numbers are those of ``overunlearn sweep`` on the
+same trials.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from overunlearn.cli.errors import friendly_errors
+
+
+@dataclass
+class BenchRun:
+    """What a bench sweep left: its journal, the runner's counts and the loaded report."""
+
+    journal: Path
+    result: Any  # sweep.run.SweepResult
+    report: Any  # report.aggregate.SweepReport
+
+    @property
+    def settings(self) -> list[Any]:
+        return list(self.report.settings)
+
+
+def sweep_name(base: str, variant: Mapping[str, Any], default: bool) -> str:
+    """``base`` for a run with the command's defaults; else ``base_<hash of the variant>``, so a run with
+    other options, epochs or hyperparameters gets its own journal and table instead of mixing with it."""
+    from overunlearn.storage import stable_hash
+
+    return base if default else f"{base}_{stable_hash(dict(variant), 8)}"
+
+
+def bench_spec(*, name: str, title: str, benchmark: str, options: Mapping[str, Any], seeds: Sequence[int],
+               settings: Sequence[tuple[str, int, Mapping[str, Mapping[str, Any]]]], metrics: Mapping[str, str],
+               report_metrics: Sequence[str] | None = None, device: str = "auto", batch: int = 0,
+               imports: Sequence[str] = ()) -> dict[str, Any]:
+    """The sweep spec of one bench run: every method at one hyperparameter point per setting.
+
+    ``settings``: ``(setting name, epochs, {method: {hyperparameter: value}})`` -- one per budget
+    (e.g. ``T = 10``, ``100``, ``1000``); the methods of the first setting give the report order.
+    """
+    methods: list[str] = []
+    for _, _, points in settings:
+        methods += [m for m in points if m not in methods]
+    engine: dict[str, Any] = {"device": device}
+    if batch:
+        engine["batch"] = batch
+    report: dict[str, Any] = {"selection": "best_mean", "statistic": "median"}
+    if report_metrics:
+        report["metrics"] = list(report_metrics)
+    benchmark_section: dict[str, Any] = {"name": benchmark, "options": dict(options)}
+    if imports:
+        benchmark_section["imports"] = list(imports)
+    return {
+        "name": name, "title": title, "seeds": list(seeds), "methods": methods,
+        "benchmark": benchmark_section,
+        "budget": {"epochs": settings[0][1]}, "engine": engine, "metrics": dict(metrics),
+        "settings": [{"name": s, "budget": {"epochs": T}, "methods": list(points),
+                      "grid": {m: {k: [v] for k, v in hp.items()} for m, hp in points.items()}}
+                     for s, T, points in settings],
+        "report": report,
+    }
+
+
+def run_bench(raw: Mapping[str, Any], out: Path, *, jobs: int = 1, threads: int | None = None,
+              device: str = "auto", log: Callable[[str], None] = lambda _m: None,
+              on_failure: str = "try --jobs 1 or a smaller preset", executor: str = "local") -> BenchRun:
+    """Run the spec ``raw`` (resuming its journal under ``out``) and load its report."""
+    from overunlearn.report.aggregate import load
+    from overunlearn.sweep.executors import make_executor
+    from overunlearn.sweep.run import run_sweep
+    from overunlearn.sweep.spec import parse_spec
+
+    name = str(raw["name"])
+    journal = out / f"{name}.jsonl"
+    with friendly_errors(f"every finished trial is kept in {journal}; run the same command again to resume",
+                         on_failure):
+        spec = parse_spec(dict(raw), source=f"bench {raw['benchmark']['name']}", default_name=name)
+        out.mkdir(parents=True, exist_ok=True)
+        with make_executor(executor, jobs=jobs, threads=threads) as ex:
+            result = run_sweep(spec, journal, ex, device=device, threads=threads, log=log)
+        reports, _ = load(journal, allow_partial=True, sweeps=[name])
+    return BenchRun(journal, result, reports[0])

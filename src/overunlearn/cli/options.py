@@ -1,0 +1,98 @@
+"""The command line's shared vocabulary: option parsers and checks every command uses the same way.
+
+Every command that computes takes ``--seeds`` (``1``, ``1,2,5`` or ``1-5``), ``--threads``
+(torch threads per worker) and one quiet switch (``--quiet``/``-q``); every list option is
+comma-separated; an ``--out`` file is checked against the suffixes the command can write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import typer
+
+SEEDS_HELP = "seeds: 1, 1,2,5 or 1-5 (ranges inclusive)"
+THREADS_HELP = "torch threads per worker process (default: torch's choice)"
+QUIET_HELP = "no progress output (warnings and errors are still printed)"
+
+
+def parse_int_list(text: str, what: str = "value", option: str | None = None) -> list[int]:
+    """``"1"``, ``"1,2,5"`` or ``"1-5"`` (ranges inclusive) -> a list of distinct integers, in order."""
+    values: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            dash = part.find("-", 1)  # a range's dash (a leading one is a sign)
+            if dash > 0:
+                values.extend(range(int(part[:dash]), int(part[dash + 1:]) + 1))
+            else:
+                values.append(int(part))
+        except ValueError:
+            raise typer.BadParameter(f"cannot read {what}s from {text!r}; write e.g. '1', '1,2,5' or '1-5'",
+                                     param_hint=option) from None
+    if not values:
+        raise typer.BadParameter(f"no {what}s in {text!r}", param_hint=option)
+    return list(dict.fromkeys(values))
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: ``"1"``, ``"1,2,5"`` or ``"1-5"``."""
+    return parse_int_list(text, "seed", "'--seeds'")
+
+
+def parse_epochs(text: str) -> list[int]:
+    """``--epochs``: one or more positive epoch counts, e.g. ``"100"`` or ``"10,100,1000"``."""
+    values = parse_int_list(text, "epoch count", "'--epochs'")
+    bad = [v for v in values if v <= 0]
+    if bad:
+        raise typer.BadParameter(f"epoch counts must be positive, got {bad}", param_hint="'--epochs'")
+    return values
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``--hp``: ``["minnorm_og.lr=1e-4", "gd.lr=0.01"]`` -> ``{"minnorm_og": {"lr": 1e-4}, "gd": {"lr": 0.01}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise typer.BadParameter(f"--hp expects METHOD.KEY=VALUE, got {item!r}", param_hint="'--hp'")
+        lhs, value = item.split("=", 1)
+        method, key = lhs.split(".", 1)
+        val: Any = value
+        for conv in (int, float):
+            try:
+                val = conv(value)
+                break
+            except ValueError:
+                pass
+        if isinstance(val, str) and val.lower() in ("true", "false"):
+            val = val.lower() == "true"
+        out.setdefault(method.strip().lower(), {})[key.strip()] = val
+    return out
+
+
+def check_out(path: Path | None, suffixes: Sequence[str], option: str = "'--out'") -> Path | None:
+    """``path`` if its suffix is one of ``suffixes`` (``""`` = a folder); else a clear error."""
+    if path is None:
+        return None
+    suffix = path.suffix.lower()
+    if suffix not in suffixes:
+        kinds = ", ".join(repr(s) if s else "a folder (no suffix)" for s in suffixes)
+        raise typer.BadParameter(f"{path}: this command writes {kinds}, not {suffix or 'a folder'!r}",
+                                 param_hint=option)
+    return path
+
+
+def echo_log(quiet: bool):
+    """A ``log(message)`` function: progress lines to stderr, or nothing with ``--quiet``."""
+    if quiet:
+        return lambda _msg: None
+    return lambda msg: typer.echo(msg, err=True)
+
+
+CACHE_HELP = ("cache root of trained models (default: $OVERUNLEARN_CACHE, else $XDG_CACHE_HOME/overunlearn, "
+              "else ~/.cache/overunlearn)")
+JOBS_HELP = "worker processes (1: run in this process)"
