@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Vectorised ensemble unlearning (ensemble_unlearn.py) against one-at-a-time engine runs.
+"""Vectorised ensemble unlearning (engine/vectorised.py) against one-at-a-time engine runs.
 
 On the Data Poisoning MLP (1-300-300-1, SiLU, 50 retain + 5 forget points, full-batch steps) the
 script runs the same ``E`` trials of each method twice in one process -- through
@@ -33,8 +33,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from overunlearn.engine import Budget, unlearn
-    from overunlearn.ensemble_unlearn import BatchedRun, unlearn_batched
+    from overunlearn.engine import BatchedRun, Budget, unlearn, unlearn_batched
     from overunlearn.methods import create
     from overunlearn.models.mlp import poison_mlp
     from overunlearn.problem import RegressionTask, TensorData, UnlearningProblem

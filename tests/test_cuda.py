@@ -15,7 +15,7 @@ import torch
 from conftest import classification_problem, regression_problem
 
 from overunlearn import Budget, create, unlearn
-from overunlearn.ensemble_unlearn import BatchedRun, unlearn_batched
+from overunlearn.engine import BatchedRun, unlearn_batched
 from overunlearn.linalg.projection import project_onto_span, project_onto_span_qr
 from overunlearn.models.mlp import MLP
 from overunlearn.problem import RegressionTask, TensorData, UnlearningProblem

@@ -1,4 +1,4 @@
-"""The vectorised ensemble (ensemble_unlearn.py) against the one-run engine, method by method."""
+"""The vectorised ensemble (engine/vectorised.py) against the one-run engine, method by method."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from overunlearn.engine import Budget, unlearn
-from overunlearn.ensemble_unlearn import BatchedRun, batchable, unlearn_batched
+from overunlearn.engine import BatchedRun, Budget, batchable, unlearn, unlearn_batched
 from overunlearn.errors import NonFiniteLossError
 from overunlearn.methods import create
 from overunlearn.models.mlp import MLP

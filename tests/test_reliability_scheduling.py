@@ -10,8 +10,7 @@ import test_reliability_fake  # noqa: F401  (registers the rel_silu benchmark)
 import torch
 from test_ensemble_unlearn import _problem
 
-from overunlearn.engine import Budget
-from overunlearn.ensemble_unlearn import BatchedRun, unlearn_batched
+from overunlearn.engine import BatchedRun, Budget, unlearn_batched
 from overunlearn.methods import create
 from overunlearn.sweep.journal import read_journal
 from overunlearn.sweep.run import make_tasks, run_sweep

@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 from overunlearn.methods.base import CATEGORICAL_TASKS, Method, MethodConfig, check_range, require_categorical
 from overunlearn.methods.registry import register_method
+from overunlearn.methods.vectorised import VectorisedForm
 
 
 @register_method("ga")
@@ -19,6 +20,9 @@ class GA(Method):
 
     def loss(self, ctx, info, retain, forget):  # type: ignore[override]
         return -ctx.batch_loss(forget)
+
+    def vectorised(self, epochs: int, seed: int) -> VectorisedForm:
+        return VectorisedForm(retain_weight=0.0, forget_weight=-1.0)
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,9 @@ class NGP(Method):
 
     def loss(self, ctx, info, retain, forget):  # type: ignore[override]
         return ctx.batch_loss(retain) - self.config.ga_coef * ctx.batch_loss(forget)
+
+    def vectorised(self, epochs: int, seed: int) -> VectorisedForm:
+        return VectorisedForm(retain_weight=1.0, forget_weight=-self.config.ga_coef)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,10 @@ The engine owns the loop, the optimizer, budgets and timing:
 ``setup`` (once, timed) -> per step: ``before_step`` -> ``loss`` -> backward ->
 ``on_gradients`` -> optimizer step -> ``after_step`` -> ... -> ``teardown``.
 
+A method whose full-batch step is a weighted data loss plus standard terms (penalties, gradient
+noise, projections) may also describe it as data (:meth:`Method.vectorised`), so that many trials
+of it run as one vectorised ensemble.
+
 Schedules (decaying coefficients, step counters) live on the method instance,
 never in its config; a method never mutates its config.
 """
@@ -24,6 +28,7 @@ from typing import Any, ClassVar, Literal
 from torch import Tensor
 
 from overunlearn.methods.context import StepInfo, UnlearningContext
+from overunlearn.methods.vectorised import VectorisedForm
 from overunlearn.problem import Batch, Categorical, Task
 
 
@@ -125,6 +130,8 @@ class Method:
     uses_forget: ClassVar[bool] = False
     #: whether the method needs the planned number of epochs (``T``) for its schedule
     needs_planned_epochs: ClassVar[bool] = False
+    #: whether the run starts from freshly initialised trainable parameters (Retrain)
+    reinitialise: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None, **overrides: Any) -> None:
         if config is None:
@@ -157,6 +164,21 @@ class Method:
 
     def teardown(self, ctx: UnlearningContext) -> None:
         """Called once after the loop, also on errors: remove anything attached to the model."""
+
+    # ---- vectorised form ----------------------------------------------------------
+    def vectorised(self, epochs: int, seed: int) -> VectorisedForm | None:
+        """The method's full-batch step as data, for a run of ``epochs`` epochs with ``seed``, so
+        that a vectorised runner (:mod:`overunlearn.engine.vectorised`) can run many trials of it at
+        once; ``None`` (the default): the method has no vectorised form and runs trial by trial.
+
+        A form must describe exactly what the hooks do in a run whose every epoch is one step; its
+        schedules should be the functions the hooks themselves call.
+        """
+        return None
+
+    def why_not_vectorised(self) -> str:
+        """Why :meth:`vectorised` gives ``None`` (for logs and fallbacks)."""
+        return f"method {self.name!r} has no vectorised form"
 
 
 # ---- helpers shared by several methods ------------------------------------------

@@ -33,6 +33,15 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return teacher
 
 
+def sampling_seed(seed: int) -> int:
+    """The seed of a run's CPU generator for sampling decisions (:attr:`UnlearningContext.generator`)."""
+    return seed
+
+
+def noise_seed(seed: int) -> int:
+    """The seed of a run's generator for noise (:attr:`UnlearningContext.device_generator`)."""
+    return seed + 1
+
 
 class UnlearningContext:
     """The state a method sees: the working model, the problem, device, randomness, optimizer."""
@@ -46,9 +55,9 @@ class UnlearningContext:
         self.planned_epochs = planned_epochs
         self.steps_per_epoch = steps_per_epoch
         #: CPU generator for sampling decisions (subsets, batch order)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(sampling_seed(seed))
         #: generator on the model's device for noise
-        self.device_generator = torch.Generator(device=device).manual_seed(seed + 1)
+        self.device_generator = torch.Generator(device=device).manual_seed(noise_seed(seed))
         self.optimizer: torch.optim.Optimizer | None = None
         self._original: nn.Module | None = None
         self._checked = False

@@ -8,7 +8,9 @@ import torch
 from torch import Tensor
 
 from overunlearn.methods.base import Method, MethodConfig, check_range
+from overunlearn.methods.context import noise_seed
 from overunlearn.methods.registry import register_method
+from overunlearn.methods.vectorised import VectorisedForm
 
 
 @register_method("retrain")
@@ -25,6 +27,9 @@ class Retrain(Method):
     def loss(self, ctx, info, retain, forget):  # type: ignore[override]
         return ctx.batch_loss(retain)
 
+    def vectorised(self, epochs: int, seed: int) -> VectorisedForm:
+        return VectorisedForm(fresh_start=self.reinitialise)
+
 
 @register_method("gd")
 class GD(Method):
@@ -32,6 +37,9 @@ class GD(Method):
 
     def loss(self, ctx, info, retain, forget):  # type: ignore[override]
         return ctx.batch_loss(retain)
+
+    def vectorised(self, epochs: int, seed: int) -> VectorisedForm:
+        return VectorisedForm()
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,10 @@ class NGD(Method):
                 noise = torch.randn(p.shape, generator=ctx.device_generator, device=p.device, dtype=p.dtype)
                 p.grad.add_(noise, alpha=sig)
 
+    def vectorised(self, epochs: int, seed: int) -> VectorisedForm:
+        # the noise stream of the context's device generator (on a CPU, the same numbers)
+        return VectorisedForm(noise_sigma=self.config.noise_sig, noise_seed=noise_seed(seed))
+
 
 @dataclass(frozen=True)
 class RidgeConfig(MethodConfig):
@@ -90,14 +102,15 @@ class Ridge(Method):
 
     Config = RidgeConfig
 
-    def setup(self, ctx):  # type: ignore[override]
-        self.coef = self.config.reg_coef
+    def coefficient(self, step: int) -> float:
+        """``lambda_t = lambda_reg * gamma_reg^t`` at (0-based) step ``t``."""
+        return self.config.reg_coef * self.config.reg_coef_decay**step
 
     def loss(self, ctx, info, retain, forget):  # type: ignore[override]
-        return ctx.batch_loss(retain) + self.coef * squared_norm(ctx.trainable())
+        return ctx.batch_loss(retain) + self.coefficient(info.step) * squared_norm(ctx.trainable())
 
-    def after_step(self, ctx, info, retain):  # type: ignore[override]
-        self.coef *= self.config.reg_coef_decay
+    def vectorised(self, epochs: int, seed: int) -> VectorisedForm:
+        return VectorisedForm(ridge=self.coefficient if self.config.reg_coef else None)
 
 
 @dataclass(frozen=True)
@@ -124,6 +137,8 @@ class L1Sparse(Method):
     needs_planned_epochs = True
 
     def coefficient(self, step: int, prev_epoch: int, planned_epochs: int) -> float:
+        """The L1 weight of step ``step``, whose previous step ran in epoch ``prev_epoch``, of a run of
+        ``planned_epochs`` epochs."""
         if step == 0:
             return self.config.reg_coef
         return (2.0 - 2.0 * prev_epoch / planned_epochs) * self.config.reg_coef
@@ -137,3 +152,12 @@ class L1Sparse(Method):
 
     def after_step(self, ctx, info, retain):  # type: ignore[override]
         self.prev_epoch = info.epoch
+
+    def vectorised(self, epochs: int, seed: int) -> VectorisedForm:
+        if not self.config.reg_coef:
+            return VectorisedForm()
+
+        def coefficient(t: int) -> float:  # one step per epoch: step t - 1 ran in epoch t - 1
+            return self.coefficient(t, t - 1, epochs)
+
+        return VectorisedForm(l1=coefficient)

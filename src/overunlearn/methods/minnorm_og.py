@@ -28,6 +28,7 @@ Deliberate choices where the authors' reference code (``common/unlearners/unlear
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from dataclasses import dataclass
@@ -39,7 +40,9 @@ from overunlearn.errors import NonFiniteLossError
 from overunlearn.linalg.jacobian import output_jacobian_reference, sample_indices
 from overunlearn.linalg.projection import project_model_onto_span, project_onto_span_qr
 from overunlearn.methods.base import Method, MethodConfig, check_range
+from overunlearn.methods.context import sampling_seed
 from overunlearn.methods.registry import register_method
+from overunlearn.methods.vectorised import ProjectionSchedule, VectorisedForm
 from overunlearn.problem import Batch
 
 
@@ -146,10 +149,13 @@ class MinNormOG(Method):
         self.warned = False
 
     def should_project(self, epoch: int, planned: int | None) -> bool:
+        """Whether epoch ``epoch`` of a run of ``planned`` epochs projects (``None``: not known, so no
+        final descent-only epochs)."""
         limit = float("inf") if planned is None else planned - self.config.num_gd_epochs
         return epoch < limit and epoch % self.config.proj_pd == 0
 
     def coefficient(self, k: int) -> float:
+        """The strength ``c_k`` of the ``k``-th projection (0-based)."""
         return self.config.reg_coef * self.config.reg_coef_decay**k
 
     def _project(self, ctx, info, retain: Batch) -> None:
@@ -187,3 +193,26 @@ class MinNormOG(Method):
     def after_step(self, ctx, info, retain):  # type: ignore[override]
         if self.config.order == "descend_then_project":
             self._project(ctx, info, retain)
+
+    def _vectorisable(self) -> bool:
+        # the vectorised runner computes the per-sample (eval-mode) Jacobian's Gram in float64, as "fast" does
+        return self.config.implementation == "fast" and self.config.jacobian == "per_sample"
+
+    def vectorised(self, epochs: int, seed: int) -> VectorisedForm | None:
+        cfg = self.config
+        if not self._vectorisable():
+            return None
+        if not cfg.reg_coef:  # every projection leaves theta as it is: descent only
+            return VectorisedForm()
+        return VectorisedForm(projection=ProjectionSchedule(
+            projects=functools.partial(self.should_project, planned=epochs),
+            coefficient=self.coefficient,
+            after_step=cfg.order == "descend_then_project",
+            sample_size=cfg.grad_sample_size,
+            sampler_seed=sampling_seed(seed),  # the context's generator, which _project draws from
+        ))
+
+    def why_not_vectorised(self) -> str:
+        if not self._vectorisable():
+            return "MinNorm-OG is vectorised for implementation='fast', jacobian='per_sample' only"
+        return super().why_not_vectorised()

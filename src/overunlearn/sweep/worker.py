@@ -10,8 +10,8 @@ Task kinds:
 * ``{"kind": "trial", "trial": Trial.identity() + labels, ...}`` -> a ``"trial"`` record;
 * ``{"kind": "reference", "benchmark": ..., "seed": ...}`` -> a ``"reference"`` record;
 * ``{"kind": "batch", "tasks": [trial tasks]}`` -> ``{"kind": "batch", "records": [trial records]}``:
-  the trials that qualify (:func:`overunlearn.ensemble_unlearn.batchable`) run as one vectorised
-  ensemble, any other one on its own; every trial still gets its own record.
+  the trials that qualify (:func:`overunlearn.engine.batchable`) run as one vectorised ensemble, any
+  other one on its own (:func:`overunlearn.engine.unlearn_many`); every trial still gets its own record.
 """
 
 from __future__ import annotations
@@ -194,8 +194,7 @@ def _run_trial(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_batch(task: dict[str, Any]) -> dict[str, Any]:
-    from overunlearn.engine import Budget, resolve_device
-    from overunlearn.ensemble_unlearn import BatchedRun, batchable, unlearn_batched
+    from overunlearn.engine import BatchedRun, Budget, resolve_device, unlearn_many
     from overunlearn.methods import create
 
     records: list[dict[str, Any]] = []
@@ -211,10 +210,10 @@ def _run_batch(task: dict[str, Any]) -> dict[str, Any]:
                 problems[key] = bench.problem(t["seed"])
             method = create(t["method"], **t["config"])
             budget = Budget(**t["budget"])
-            why = batchable(problems[key], method, budget)
         except Exception:  # noqa: BLE001 - the trial on its own records the failure and its phase
-            why = "setup failed"
-        if why is not None or t["engine"].get("forget_bn_stats"):
+            records.append(_run_trial(sub))
+            continue
+        if t["engine"].get("forget_bn_stats"):  # an engine option the vectorised runner does not take
             records.append(_run_trial(sub))
             continue
         runs.append(BatchedRun(problems[key], method, budget, seed=int(t["seed"]), key=len(members)))
@@ -224,11 +223,8 @@ def _run_batch(task: dict[str, Any]) -> dict[str, Any]:
     warm_up()
     device = str(resolve_device(task.get("device", "auto")))
     started = time.time()
-    try:
-        outcomes = unlearn_batched(runs, device)
-    except Exception:  # noqa: BLE001 - never lose trials to a batch problem: run them one by one
-        records += [_run_trial(sub) for sub, _ in members]
-        return {"kind": "batch", "records": records}
+    # the trials that qualify (batchable) run as one vectorised ensemble, any other one on its own
+    outcomes = unlearn_many(runs, device)
     for (sub, bench), out in zip(members, outcomes, strict=True):
         t = sub["trial"]
         rec: dict[str, Any] = {"kind": "trial", "id": sub["id"], "config_key": sub["config_key"], **t,
@@ -237,13 +233,16 @@ def _run_batch(task: dict[str, Any]) -> dict[str, Any]:
         r = out.record
         rec.update(steps=r.steps, epochs_completed=r.epochs_completed, steps_per_epoch=r.steps_per_epoch,
                    seconds=r.seconds, setup_seconds=r.setup_seconds, stopped_by=r.stopped_by,
-                   epoch_losses=r.epoch_losses, batch={"size": out.batch_size, "seconds": out.batch_seconds},
-                   arithmetic=VECTORISED)
+                   epoch_losses=r.epoch_losses, arithmetic=VECTORISED if out.vectorised else ENGINE)
+        if out.vectorised:
+            rec["batch"] = {"size": out.batch_size, "seconds": out.batch_seconds}
         t0 = time.perf_counter()
         if out.model is None:
             rec.update(status="failed", phase="unlearn", error=out.error, error_type=out.error_type)
             if out.error_step is not None:
                 rec["error_step"] = out.error_step
+            if out.traceback is not None:
+                rec["traceback"] = out.traceback[-4000:]
         else:
             try:
                 rec["metrics"] = {k: float(v) for k, v in bench.evaluate(out.model, t["seed"]).items()}

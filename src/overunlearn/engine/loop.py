@@ -1,4 +1,4 @@
-"""The unlearning loop: budgets, batches, optimizer, timing.
+"""The per-trial unlearning loop: budgets, batches, optimizer, timing.
 
 Protocol (as in the authors' reference code, `base_unlearner.Unlearner.unlearn`): one epoch is one pass over the forget batches; each
 forget batch is paired with the next batch of a persistent, reshuffling retain
@@ -341,6 +341,14 @@ def warm_up() -> None:
     _WARM["done"] = True
 
 
+def _package_warm_up() -> None:
+    """:func:`warm_up` as the package :mod:`overunlearn.engine` exports it, so that replacing
+    ``overunlearn.engine.warm_up`` (a profiler, a test) replaces what :func:`unlearn` calls."""
+    from overunlearn import engine
+
+    engine.warm_up()
+
+
 def _make_optimizer(config: MethodConfig, params: list[Tensor]) -> torch.optim.Optimizer:
     # foreach=True: the multi-tensor implementation (PyTorch's default only on CUDA) is 20-30%
     # faster per step on CPU for the small models of the benchmarks; same algorithm
@@ -425,7 +433,7 @@ def unlearn(problem: UnlearningProblem, method: Method, budget: Budget, *, seed:
         max_steps = min(max_steps, budget.steps)
 
     check_data(problem, model, dev)
-    warm_up()
+    _package_warm_up()
     ctx = UnlearningContext(problem, model, dev, seed, planned, steps_per_epoch)
     if method.needs_planned_epochs:
         ctx.require_planned_epochs(method.name)
@@ -451,7 +459,7 @@ def unlearn(problem: UnlearningProblem, method: Method, budget: Budget, *, seed:
         synchronize(dev)
         t0 = time.perf_counter()
         try:
-            if getattr(method, "reinitialise", False):
+            if method.reinitialise:
                 reinitialise_trainable(problem, model, seed)
             method.setup(ctx)
             ctx.optimizer = _make_optimizer(method.config, ctx.trainable())
@@ -493,3 +501,18 @@ def unlearn(problem: UnlearningProblem, method: Method, budget: Budget, *, seed:
             if bar is not None:
                 bar.close()
     return UnlearnResult(model=model, record=record)
+
+
+__all__ = [
+    "Budget",
+    "StepInfo",
+    "UnlearnRecord",
+    "UnlearnResult",
+    "UnlearningContext",
+    "check_data",
+    "reinitialise_trainable",
+    "resolve_device",
+    "synchronize",
+    "unlearn",
+    "warm_up",
+]
