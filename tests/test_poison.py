@@ -1,4 +1,6 @@
-"""Data Poisoning benchmark: ensemble trainer, metric, cache, presets and the CLI end to end (fast)."""
+"""Data Poisoning benchmark: ensemble trainer, metric, cache, presets and the CLI end to end (fast).
+
+The CLI runs its trials through the sweep runner and journal; see also tests/test_reliability_caches.py."""
 
 from __future__ import annotations
 
@@ -244,11 +246,13 @@ def test_sup_error_on_known_functions():
 
 
 def test_median_and_central_range():
+    from overunlearn.report.poison import central_range, median
+
     vals = [float(v) for v in range(10, 0, -1)]
-    assert P.median(vals) == 5.5
-    assert P.central_range(vals) == (3.0, 8.0)  # 3rd lowest .. 3rd highest of 10
-    assert P.central_range([1.0, 2.0]) == (1.0, 2.0)
-    assert P.median([1.0, math.inf, 2.0]) == 2.0
+    assert median(vals) == 5.5
+    assert central_range(vals) == (3.0, 8.0)  # 3rd lowest .. 3rd highest of 10
+    assert central_range([1.0, 2.0]) == (1.0, 2.0)
+    assert median([1.0, math.inf, 2.0]) == 2.0
 
 
 # ---- presets and paper values -----------------------------------------------------------------
@@ -264,6 +268,19 @@ def test_presets_cover_the_table_and_build_methods():
     mn = P.preset("minnorm_og", 100).kwargs()
     assert mn["num_gd_epochs"] == 50 and mn["proj_pd"] == 2 and mn["reg_coef"] == 0.1
     assert "not in Table 6" in P.preset("gd", 30).note
+
+
+def test_benchmark_protocol_members_are_the_papers_presets():
+    from overunlearn.benchmarks.base import default_epochs, method_points
+
+    bench = P.PoisonBenchmark("smoke")
+    assert default_epochs(bench) == (10, 100, 1000)
+    for T in (10, 100, 1000, 30):
+        points = method_points(bench, T)
+        assert list(points) == list(P.POISON_METHODS)
+        assert points == {m: P.preset(m, T).kwargs() for m in P.POISON_METHODS}
+    assert method_points(bench, 100, ["gd"]) == {"gd": {"lr": 1e-3}}
+    assert dict(bench.privacy_defaults) == {"n_models": 16, "ground_truth": "extra", "epochs": 100}
 
 
 # ---- the benchmark protocol and the cache --------------------------------------------------------
@@ -298,80 +315,6 @@ def test_benchmark_protocol_and_cache(tmp_path):
     assert other.key() != TINY.key()
 
 
-def test_diverging_trial_is_recorded_not_raised(tmp_path, monkeypatch):
-    real = P.preset
-
-    def wild(method, epochs):
-        if method == "ga":
-            return P.Preset("ga", epochs, (("lr", 1e6),))
-        return real(method, epochs)
-
-    monkeypatch.setattr(P, "preset", wild)
-    run = P.run_poison(seeds=[1], epochs=[5], methods=["ga", "gd"], recipe=TINY, cache_dir=tmp_path,
-                       threads=1, progress=False)
-    ga = [t for t in run.trials if t.method == "ga"][0]
-    assert ga.status == "diverged" and ga.sup_error == math.inf
-    assert [t for t in run.trials if t.method == "gd"][0].status == "ok"
-
-
-@linux_only
-def test_batched_unlearning_in_processes_equals_threads(tmp_path, monkeypatch):
-    kw = dict(seeds=[1, 2, 3], epochs=[3, 5], methods=["gd", "minnorm_og", "ridge", "retrain"], recipe=TINY,
-              cache_dir=tmp_path, threads=2, progress=False, reuse_trials=False)
-    by_process = P.run_poison(**kw)
-    monkeypatch.setattr(P, "can_start_processes", lambda: False)
-    by_thread = P.run_poison(**kw)
-    key = lambda t: (t.method, t.epochs, t.seed)  # noqa: E731
-    a, b = sorted(by_process.trials, key=key), sorted(by_thread.trials, key=key)
-    assert len(a) == 4 * 2 * 3 and [key(t) for t in a] == [key(t) for t in b]
-    assert [t.sup_error for t in a] == [t.sup_error for t in b]  # the same stacks, so the same bits
-    assert by_process.curves == by_thread.curves
-    # the figure seed's fit is kept for every method and T, whichever worker ran it
-    wanted = {f"{m}@{T}" for m in kw["methods"] for T in kw["epochs"]} | {"original", "ground_truth"}
-    assert set(by_process.curves) == wanted
-    assert all(len(c) == TINY.grid_points for c in by_process.curves.values())
-
-
-def test_unlearning_stack_size_changes_only_rounding(tmp_path):
-    kw = dict(seeds=[1, 2, 3], epochs=[4], methods=["gd", "ngp", "ridge"], recipe=TINY, cache_dir=tmp_path,
-              threads=2, progress=False, reuse_trials=False)
-    alone = P.run_poison(unlearn_group=1, **kw)  # every trial its own ensemble
-    stacked = P.run_poison(unlearn_group=3, **kw)
-    key = lambda t: (t.method, t.epochs, t.seed)  # noqa: E731
-    a, b = sorted(alone.trials, key=key), sorted(stacked.trials, key=key)
-    assert [key(t) for t in a] == [key(t) for t in b] and len(a) == 9
-    for x, y in zip(a, b, strict=True):
-        assert x.sup_error == pytest.approx(y.sup_error, rel=1e-4)
-    with pytest.raises(ValueError, match="unlearn_group"):
-        P.run_poison(unlearn_group=0, **kw)
-
-
-def test_unlearning_without_shared_memory_falls_back_to_threads(tmp_path, monkeypatch):
-    from overunlearn.workers import TaskCounter
-
-    class NoSharedMemory(TaskCounter):
-        def __init__(self, n: int, processes: bool) -> None:
-            if processes:
-                raise OSError("no /dev/shm here")
-            super().__init__(n, processes)
-
-    monkeypatch.setattr(P, "TaskCounter", NoSharedMemory)
-    monkeypatch.setattr(P, "run_in_processes", lambda *a, **k: pytest.fail("processes without a shared counter"))
-    run = P.run_poison(seeds=[1, 2], epochs=[3], methods=["gd", "ridge"], recipe=TINY, cache_dir=tmp_path,
-                       threads=2, progress=False, reuse_trials=False)
-    assert sorted((t.method, t.seed) for t in run.trials) == [("gd", 1), ("gd", 2), ("ridge", 1), ("ridge", 2)]
-
-
-def test_unlearning_tasks_are_small_and_largest_first():
-    jobs = [(m, T, s) for T in (10, 1000) for m in ("gd", "ngd") for s in range(1, 8)]
-    chunks = P._chunks(jobs, 3)
-    assert sorted(j for c in chunks for j in c) == sorted(jobs)  # every job once
-    for c in chunks:  # one method and T per task, at most 3 seeds, near-equal sizes (7 = 2 + 2 + 3)
-        assert len({(m, T) for m, T, _ in c}) == 1 and 2 <= len(c) <= 3
-    work = [c[0][1] * len(c) for c in chunks]
-    assert work == sorted(work, reverse=True)
-
-
 @pytest.mark.parametrize("processes", [False, True])
 def test_task_counter_hands_out_every_task_once(processes):
     from overunlearn.workers import TaskCounter, can_start_processes, run_in_processes, run_in_threads
@@ -398,67 +341,136 @@ def test_task_counter_hands_out_every_task_once(processes):
     assert stopped.next() is None
 
 
-@linux_only
-def test_unlearning_worker_error_is_raised_here(tmp_path, monkeypatch):
-    import overunlearn.ensemble_unlearn as EU
-
-    P.run_poison(seeds=[1, 2], epochs=[2], methods=["gd"], recipe=TINY, cache_dir=tmp_path, threads=1,
-                 progress=False)  # train the models here first
-
-    def broken(runs, *a, **k):
-        raise ValueError("boom in the unlearning worker")
-
-    monkeypatch.setattr(EU, "unlearn_batched", broken)
-    with pytest.raises(ValueError, match="boom in the unlearning worker") as info:
-        P.run_poison(seeds=[1, 2], epochs=[2, 3], methods=["gd", "ridge"], recipe=TINY, cache_dir=tmp_path,
-                     threads=2, progress=False, reuse_trials=False)
-    assert any("unlearning worker process" in n for n in getattr(info.value, "__notes__", []))
 
 
-# ---- the CLI end to end ----------------------------------------------------------------------------
+# ---- the CLI end to end: a sweep with a journal ----------------------------------------------------
 
-def test_cli_end_to_end_reuses_cache(tmp_path):
+SMOKE = ["bench", "poison", "--recipe", "smoke", "--seeds", "1-2", "--epochs", "4", "--methods", "minnorm_og,gd",
+         "--threads", "1", "-q", "--device", "cpu"]
+
+
+def _cli(args):
     from typer.testing import CliRunner
 
     from overunlearn.cli import _register, app
 
     _register()
+    return CliRunner().invoke(app, args)
+
+
+def _journal_trials(path):
+    from overunlearn.sweep.journal import read_journal
+
+    return read_journal(path).trials()
+
+
+def test_cli_writes_a_journal_resumes_it_and_its_table_is_the_journals(tmp_path):
+    import csv
+
+    from overunlearn.report.poison import central_range, median
+
     out, cache = tmp_path / "out", tmp_path / "cache"
-    args = ["bench", "poison", "--recipe", "smoke", "--seeds", "1-2", "--epochs", "4", "--methods",
-            "minnorm_og,gd", "--out", str(out), "--cache", str(cache), "--threads", "2", "--no-progress",
-            "--device", "cpu"]
-    res = CliRunner().invoke(app, args)
+    args = SMOKE + ["--out", str(out), "--cache", str(cache)]
+    res = _cli(args)
     assert res.exit_code == 0, res.output
     assert "minnorm_og" in res.output and "(ground truth)" in res.output and str(out) in res.output
+    journal = out / "poison_smoke.jsonl"
     for name in ("poison_summary.csv", "poison_trials.csv", "poison_results.json", "poison_table.txt",
                  "poison_fits_T4.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "poison_fits_T4.png").read_bytes()[:4] == b"\x89PNG"
     first = json.loads((out / "poison_results.json").read_text())
-    assert first["trained_models"] == 4
+    assert first["trained_models"] == 4 and first["reused_trials"] == 0 and first["journal"] == str(journal)
     assert len(first["trials"]) == 2 * 2
+
+    # every number of the table is the journal's
+    recs = [r for r in _journal_trials(journal) if r["status"] == "finished"]
+    assert len(recs) == 4 and {r["arithmetic"] for r in recs} == {"vectorised"}
+    by_trial = {(r["method"], r["seed"]): r["metrics"]["sup_error"] for r in recs}
+    assert {(t["method"], t["seed"]): t["sup_error"] for t in first["trials"]} == by_trial
+    rows = {r["method"]: r for r in csv.DictReader((out / "poison_summary.csv").open())}
+    for m in ("minnorm_og", "gd"):
+        vals = [by_trial[(m, s)] for s in (1, 2)]
+        assert float(rows[m]["median"]) == median(vals)
+        assert (float(rows[m]["range_lo"]), float(rows[m]["range_hi"])) == central_range(vals)
+    refs = {r["seed"]: r["reference"] for r in read_refs(journal)}
+    assert float(rows["original"]["median"]) == median([refs[s]["original"]["sup_error"] for s in (1, 2)])
     models = sorted(cache.rglob("seed*.pt"))
     assert len(models) == 4
     mtimes = [p.stat().st_mtime_ns for p in models]
 
-    res = CliRunner().invoke(app, args)
+    # the same command again: nothing trained, no trial recomputed, the same numbers
+    res = _cli(args)
     assert res.exit_code == 0, res.output
+    assert "0 of 4 trials run, 4 from the journal" in res.output
     second = json.loads((out / "poison_results.json").read_text())
-    assert second["trained_models"] == 0  # everything came from the cache
-    assert second["reused_trials"] == 4
+    assert second["trained_models"] == 0 and second["reused_trials"] == 4
     assert [p.stat().st_mtime_ns for p in models] == mtimes
-    assert [t["sup_error"] for t in second["trials"]] == [t["sup_error"] for t in first["trials"]]
+    assert len([r for r in _journal_trials(journal) if r["status"] == "finished"]) == 4
+    assert second["trials"] == first["trials"] and second["summary"] == first["summary"]
 
-    # recomputing the same trials from the cached models gives the same numbers (deterministic on CPU)
-    res = CliRunner().invoke(app, args + ["--recompute"])
+    # a subset (one seed) reuses the journal too; the engine one trial at a time (--per-trial) gets its own
+    # journal and agrees to floating-point rounding
+    res = _cli(args + ["--seeds", "2"])
+    assert res.exit_code == 0 and "0 of 2 trials run" in res.output, res.output
+    res = _cli(args + ["--per-trial"])
     assert res.exit_code == 0, res.output
+    engine = [r for r in _journal_trials(journal) if r["status"] == "finished"]
+    assert len(engine) == 4  # the default journal is untouched
+    other = [p for p in out.glob("poison_smoke_*.jsonl")]
+    assert len(other) == 1 and {r["arithmetic"] for r in _journal_trials(other[0])} == {"engine"}
     third = json.loads((out / "poison_results.json").read_text())
-    assert third["trained_models"] == 0 and third["reused_trials"] == 0
-    assert [t["sup_error"] for t in third["trials"]] == [t["sup_error"] for t in first["trials"]]
-    # a different batch (one seed) or the one-at-a-time engine: the same up to floating-point rounding
-    for extra in (["--seeds", "2"], ["--seeds", "2", "--per-trial"]):
-        res = CliRunner().invoke(app, args + ["--recompute", *extra])
+    assert [t["sup_error"] for t in third["trials"]] == pytest.approx([t["sup_error"] for t in first["trials"]],
+                                                                      rel=1e-3)
+
+
+def read_refs(journal):
+    from overunlearn.sweep.journal import read_journal
+
+    return [r for r in read_journal(journal).of_kind("reference") if r["status"] == "finished"]
+
+
+def test_diverging_trial_is_recorded_not_raised(tmp_path, monkeypatch):
+    real = P.preset
+
+    def wild(method, epochs):
+        if method == "ga":
+            return P.Preset("ga", epochs, (("lr", 1e6),))
+        return real(method, epochs)
+
+    monkeypatch.setattr(P, "preset", wild)
+    res = _cli(["bench", "poison", "--recipe", "smoke", "--seeds", "1", "--epochs", "5", "--methods", "ga,gd",
+                "--threads", "1", "-q", "--device", "cpu", "--out", str(tmp_path / "out"),
+                "--cache", str(tmp_path / "cache")])
+    assert res.exit_code == 0, res.output
+    got = {t["method"]: t for t in json.loads((tmp_path / "out" / "poison_results.json").read_text())["trials"]}
+    assert got["ga"]["status"] == "diverged" and got["ga"]["sup_error"] == "inf"
+    assert got["gd"]["status"] == "ok"
+    ga_row = next(line for line in res.output.splitlines() if line.startswith("ga "))
+    assert "inf" in ga_row and ga_row.rstrip().endswith("1/1")
+
+
+def test_cli_rejects_bad_options_before_training(tmp_path):
+    base = ["bench", "poison", "--recipe", "smoke", "--cache", str(tmp_path / "c"), "-q"]
+    for extra, needle in [(["--recipe", "huge"], "unknown recipe"), (["--methods", "gd,nope"], "nope"),
+                          (["--epochs", "0"], "positive"), (["--seeds", "1-2", "--figure-seed", "5"], "figure seed"),
+                          (["--out", str(tmp_path / "x.csv")], "folder")]:
+        res = _cli(base + extra)
+        assert res.exit_code == 2, (extra, res.output)
+        assert needle in res.output, (extra, res.output)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_cli_numbers_do_not_depend_on_the_worker_count(tmp_path):
+    """--jobs 2 (spawned workers, other batches) computes bit for bit what --jobs 1 (this process) does."""
+    cache = tmp_path / "cache"
+    args = SMOKE + ["--cache", str(cache), "--seeds", "1-3", "--methods", "minnorm_og,gd,ridge", "--epochs", "3,5"]
+    got = []
+    for jobs in ("1", "2"):
+        res = _cli(args + ["--jobs", jobs, "--out", str(tmp_path / jobs)])
         assert res.exit_code == 0, res.output
-        again = json.loads((out / "poison_results.json").read_text())
-        expect = [t["sup_error"] for t in first["trials"] if t["seed"] == 2]
-        assert [t["sup_error"] for t in again["trials"]] == pytest.approx(expect, rel=1e-2)
+        got.append(json.loads((tmp_path / jobs / "poison_results.json").read_text())["trials"])
+    key = lambda t: (t["method"], t["epochs"], t["seed"])  # noqa: E731
+    a, b = sorted(got[0], key=key), sorted(got[1], key=key)
+    assert len(a) == 18 and [(key(t), t["sup_error"]) for t in a] == [(key(t), t["sup_error"]) for t in b]
