@@ -391,8 +391,9 @@ def test_unregistered_layer_goes_through_torch_func():
 
 
 class MHA(nn.Module):
-    """nn.MultiheadAttention computes its projections with raw parameters, not as module calls: declined
-    (torch.func), while the layers around it take blocks."""
+    """nn.MultiheadAttention computes its projections with raw parameters, not as module calls: its block
+    (``blocks/attention.py``, more cases in ``tests/test_blocks_attention.py``) covers them and its
+    ``out_proj``'s, like the layers around it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -406,10 +407,10 @@ class MHA(nn.Module):
         return self.head(torch.tanh(self.wide(self.att(h, h, h, need_weights=False)[0])).mean(1))
 
 
-def test_multihead_attention_is_declined_to_torch_func():
+def test_multihead_attention_takes_its_block():
     torch.manual_seed(9)
     model = MHA().to(F64)
-    check(model, torch.randn(4, 5, 3, dtype=F64), dense=4)  # in_proj weight+bias, out_proj weight+bias
+    check(model, torch.randn(4, 5, 3, dtype=F64), dense=0)  # in_proj and out_proj weight+bias on the block
 
 
 class OneProto(nn.Module):

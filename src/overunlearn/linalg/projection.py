@@ -106,6 +106,7 @@ from torch import nn  # noqa: E402
 from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 
 from overunlearn.linalg.blocks import Block, Budget, Decline, block_for  # noqa: E402
+from overunlearn.linalg.blocks.base import param_of  # noqa: E402
 from overunlearn.linalg.blocks.conv import patches2d as _patches  # noqa: E402,F401  (the name tests use)
 from overunlearn.linalg.blocks.positional import PositionalBlock  # noqa: E402
 
@@ -143,12 +144,27 @@ def _budget() -> Budget:
     return Budget(positional=lambda *a: _conv_factored_cheaper(*a), max_ghost_entries=_MAX_GHOST_ENTRIES)
 
 
-def _owners(model: nn.Module) -> dict[int, list[nn.Module]]:
+def _owners(model: nn.Module, kinds: dict[nn.Module, type[Block]] | None = None) -> dict[int, list[nn.Module]]:
+    """The modules holding each parameter (``id(p) -> modules``); a submodule's parameter that a hooked
+    layer's block claims by a dotted name (``"out_proj.weight"``) is held by that layer instead."""
     out: dict[int, list[nn.Module]] = {}
     for m in model.modules():
         for p in m._parameters.values():
             if p is not None:
                 out.setdefault(id(p), []).append(m)
+    for m, cls in (kinds or {}).items():
+        for _, sub, p in _claimed(m, cls):
+            held = out.get(id(p), [])
+            out[id(p)] = [m if h is sub else h for h in held]
+    return out
+
+
+def _claimed(m: nn.Module, cls: type[Block]) -> list[tuple[str, nn.Module, Tensor]]:
+    """``(name, submodule, parameter)`` of the submodules' parameters the block of ``m`` computes."""
+    out = []
+    for name in cls.param_names:
+        if "." in name and (p := param_of(m, name)) is not None:
+            out.append((name, m.get_submodule(name.rpartition(".")[0]), p))
     return out
 
 
@@ -159,11 +175,14 @@ def _plan(model: nn.Module, params: list[Tensor]) -> dict[nn.Module, type[Block]
     trainable = {id(p) for p in params}
     kinds: dict[nn.Module, type[Block]] = {}
     for m in model.modules():
-        if any(p is not None and id(p) in trainable for p in m._parameters.values()):
-            cls = block_for(m)
-            if cls is not None:
-                kinds[m] = cls
-    owners = _owners(model)
+        own = any(p is not None and id(p) in trainable for p in m._parameters.values())
+        cls = block_for(m)
+        if cls is not None and (own or any(id(p) in trainable for _, _, p in _claimed(m, cls))):
+            kinds[m] = cls
+    for m, cls in list(kinds.items()):
+        for _, sub, _ in _claimed(m, cls):
+            kinds.pop(sub, None)  # computed by m's block: never called as a module of its own
+    owners = _owners(model, kinds)
     covered = [p for p in params if _statically_covered(p, owners, kinds)]
     if not covered:
         return None
@@ -177,7 +196,7 @@ def _plan(model: nn.Module, params: list[Tensor]) -> dict[nn.Module, type[Block]
 
 def _statically_covered(p: Tensor, owners: dict[int, list[nn.Module]], kinds: dict[nn.Module, type[Block]]) -> bool:
     ms = owners.get(id(p), [])
-    return bool(ms) and all(m in kinds and any(m._parameters.get(nm) is p for nm in kinds[m].param_names)
+    return bool(ms) and all(m in kinds and any(param_of(m, nm) is p for nm in kinds[m].param_names)
                             for m in ms)
 
 
@@ -412,6 +431,8 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
             shape = blk.output.shape
             target.register_hook(lambda g, s=slot, shape=shape: grads.__setitem__(s, g.detach().reshape(shape)))
         hookable[slot] = target is not None
+        if blk.module_output is not None:
+            return blk.module_output
         return out if expanded and expanded[-1] is m else None
 
     # (a copy: the model may work in place on its input)
@@ -445,15 +466,15 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
             changed = blk.output._version != versions[s][1]
             if blk.batch != n or [t._version for t in blk.saved] != versions[s][0] or (changed and not hookable[s]):
                 cs[j] = None
-    owners = _owners(model)
+    owners = _owners(model, kinds)
     uses = _Uses()
     covered: list[Tensor] = []
     for p in params:
         ms = owners.get(id(p), [])
         if not ms or any(m not in kinds or not calls[m] or any(b is None for b in calls[m]) for m in ms):
             continue
-        names = [next(nm for nm in kinds[m].param_names if m._parameters.get(nm) is p) for m in ms
-                 if any(m._parameters.get(nm) is p for nm in kinds[m].param_names)]
+        names = [next(nm for nm in kinds[m].param_names if param_of(m, nm) is p) for m in ms
+                 if any(param_of(m, nm) is p for nm in kinds[m].param_names)]
         if len(names) != len(ms):
             continue
         uses.of[id(p)] = [(b, nm) for m, nm in zip(ms, names) for b in calls[m]]  # type: ignore[misc]

@@ -53,8 +53,15 @@ class Block:
     that the engine can check no in-place operation changed them after the call.
     """
 
-    #: the parameter attributes this block computes, in the module's ``parameters()`` order
+    #: the parameter attributes this block computes, in the module's ``parameters()`` order; a dotted
+    #: name (``"out_proj.weight"``) is a parameter of a submodule that the layer uses without calling it
+    #: as a module: the engine attributes it to this block and does not hook that submodule
     param_names: ClassVar[tuple[str, ...]] = ("weight", "bias")
+
+    #: what the layer call returns to the model instead of its own output (``None``: its own output),
+    #: set in ``__init__`` where ``self.output`` is not the call's output itself (e.g. a batch-major
+    #: copy of a sequence-major output, from which the returned value is then computed)
+    module_output: Any = None
 
     def __init__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         self.module = module
@@ -74,7 +81,7 @@ class Block:
         """``(name, parameter)`` of the trainable parameters this block computes."""
         out = []
         for name in self.param_names:
-            p = self.module._parameters.get(name)
+            p = param_of(self.module, name)
             if isinstance(p, nn.Parameter) and p.requires_grad:
                 out.append((name, p))
         return out
@@ -200,6 +207,17 @@ def stock(module: nn.Module, base: type) -> bool:
     return (type(module).forward is base.forward and not parametrize.is_parametrized(module)
             and (w is None or isinstance(w, nn.Parameter)) and "weight" not in module.__dict__
             and not module._forward_hooks and not module._forward_pre_hooks)
+
+
+def param_of(module: nn.Module, name: str) -> Tensor | None:
+    """``module``'s own parameter ``name``, or its submodule's for a dotted name (``"out_proj.weight"``);
+    ``None`` if there is none."""
+    *path, last = name.split(".")
+    for part in path:
+        module = module._modules.get(part)  # type: ignore[assignment]
+        if module is None:
+            return None
+    return module._parameters.get(last)
 
 
 def count(index: Tensor | slice, size: int) -> int:
