@@ -1,4 +1,7 @@
-"""``overunlearn privacy``: the privacy report on the command line (fast: Data Poisoning, smoke recipe)."""
+"""``overunlearn privacy``: the privacy report on the command line (fast: Data Poisoning, smoke recipe).
+
+Defaults (methods, their points, epochs, N, ground truth) come from the benchmark; the tests read them
+from the benchmark instead of naming values."""
 
 from __future__ import annotations
 
@@ -29,8 +32,8 @@ def runner() -> CliRunner:
 def test_privacy_poison_smoke(runner, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     args = ["privacy", "poison", "--recipe", "smoke", "--models", "4", "--epochs", "5", "--methods",
-            "gd,minnorm_og", "--out", str(out), "--cache", str(cache), "--device", "cpu", "--no-progress",
-            "--seed", "1"]
+            "gd,minnorm_og", "--out", str(out), "--cache", str(cache), "--device", "cpu", "-q",
+            "--seed", "1", "--ground-truth", "extra"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
@@ -47,14 +50,18 @@ def test_privacy_poison_smoke(runner, tmp_path):
     assert [r["label"] for r in rows] == labels
     assert all(r["n_models"] == 4 and r["setup"] == "poison-smoke" for r in rows)
     assert all(0.0 <= r["ulira_auc"] <= 1.0 and np.isfinite(r["klom_forget_mean"]) for r in rows)
-    # hyperparameters are the benchmark's presets (paper Table 6 at the nearest tabulated T)
-    from overunlearn.benchmarks.poison import preset
+    # hyperparameters are the benchmark's points (poison: paper Table 6 at the nearest tabulated T)
+    from overunlearn.benchmarks import get_benchmark
+    from overunlearn.benchmarks.base import method_points
+    from overunlearn.privacy.runner import privacy_defaults
 
+    bench = get_benchmark("poison", recipe="smoke")
     by_label = {r["label"]: r for r in rows}
-    assert by_label["minnorm_og"]["hyper"] == preset("minnorm_og", 5).kwargs()
+    assert by_label["minnorm_og"]["hyper"] == method_points(bench, 5, ["minnorm_og"])["minnorm_og"]
     assert by_label["gd"]["budget"]["epochs"] == 5
     config = json.loads((out / "privacy_config.json").read_text())
-    assert config["n_models"] == 4 and config["ground_truth"] == "extra" and config["klom_bins"] == 3
+    assert config["n_models"] == 4 and config["klom_bins"] == 3 and config["ground_truth"] == "extra"
+    assert privacy_defaults(bench)["ground_truth"] in ("extra", "split")
     assert (out / "loss_hist.png").read_bytes()[:4] == b"\x89PNG"
     assert any(cache.glob("privacy/poison-smoke-*/original/*.pt"))  # models and signals went to --cache
 
@@ -67,9 +74,17 @@ def test_privacy_poison_smoke(runner, tmp_path):
     (["privacy", "poison", "--models", "3"], ["--models 3", "at least 4"]),
     (["privacy", "poison", "--ground-truth", "both"], ["extra", "split"]),
     (["privacy", "poison", "--klom-bins", "many"], ["auto"]),
+    (["privacy", "poison", "--dataset", "mnist"], ["'poison' takes no option 'dataset'", "recipe"]),
+    (["privacy", "poison", "--option", "bogus=1"], ["bogus"]),
+    (["privacy", "poison", "--option", "no-equals"], ["KEY=VALUE"]),
+    (["privacy", "poison", "--epochs", "0"], ["positive"]),
+    (["privacy", "poison", "--out", "x.json"], ["folder"]),
+    (["privacy", "poison", "--quiet", "true"], ["true"]),
 ])
 def test_privacy_bad_arguments(runner, tmp_path, args, expected):
-    res = runner.invoke(app, args + ["--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")])
+    if "--out" not in args:
+        args = args + ["--out", str(tmp_path / "o")]
+    res = runner.invoke(app, args + ["--cache", str(tmp_path / "c")])
     assert res.exit_code != 0
     text = res.output + (str(res.exception) if res.exception and not isinstance(res.exception, SystemExit) else "")
     text = " ".join(text.replace("│", " ").split())  # undo the error box's line wrapping
@@ -78,20 +93,39 @@ def test_privacy_bad_arguments(runner, tmp_path, args, expected):
     assert not (tmp_path / "o").exists()  # nothing was run
 
 
-def test_method_specs_use_the_shipped_presets():
-    from overunlearn.benchmarks.erase import ERASE_METHOD_POINTS
-    from overunlearn.benchmarks.poison import POISON_METHODS, preset
+def test_method_specs_use_the_benchmarks_points():
+    from overunlearn.benchmarks import get_benchmark, list_benchmarks
+    from overunlearn.benchmarks.base import method_points
     from overunlearn.cli.privacy import method_specs, resolve_methods
 
-    assert resolve_methods("poison", "all") == list(POISON_METHODS)
-    specs = method_specs("poison", ["gd", "minnorm_og"], 100)
-    assert specs == [("gd", "gd", preset("gd", 100).kwargs(), 100),
-                     ("minnorm_og", "minnorm_og", preset("minnorm_og", 100).kwargs(), 100)]
+    poison = get_benchmark("poison", recipe="smoke")
+    specs = method_specs(poison, ["gd", "minnorm_og"], 100)
+    points = method_points(poison, 100, ["gd", "minnorm_og"])
+    assert specs == [("gd", "gd", points["gd"], 100), ("minnorm_og", "minnorm_og", points["minnorm_og"], 100)]
     two = method_specs("erase", ["scrub"], [2, 5], overrides={"scrub": {"lr": 0.5}})
     assert [s[0] for s in two] == ["scrub@2", "scrub@5"]
-    assert two[0][2] == {**ERASE_METHOD_POINTS["scrub"], "lr": 0.5}
-    assert "kl_unif" in resolve_methods("collapse", None)
+    assert two[0][2] == {**method_points(get_benchmark("erase"), 2, ["scrub"])["scrub"], "lr": 0.5}
+    # 'all': every method the benchmark runs by default, for every registered benchmark that names some
+    for name in list_benchmarks():
+        try:
+            bench = get_benchmark(name)
+        except ImportError:  # an optional dependency (facts: transformers)
+            continue
+        if callable(getattr(bench, "method_points", None)):
+            assert resolve_methods(bench, "all", 10) == list(method_points(bench, 10))
 
+
+def test_factory_options_are_read_from_the_signature():
+    from overunlearn.cli.privacy import benchmark_options, factory_parameters
+
+    names, open_ended = factory_parameters("poison")
+    assert "recipe" in names and not open_ended
+    assert benchmark_options("poison", recipe="smoke", options={"workers": 2})["recipe"] == "smoke"
+    names, open_ended = factory_parameters("erase")  # the image benchmarks pass **kwargs on to their base
+    assert {"dataset", "preset", "cache_dir", "device"} <= set(names) and open_ended
+    opts = benchmark_options("erase", recipe="test", dataset="digits", n_train=100, n_test=None)
+    assert opts["preset"] == "test" and opts["dataset"] == "digits" and opts["n_train"] == 100
+    assert "n_test" not in opts and opts["progress"] is False
 
 
 @pytest.fixture

@@ -44,7 +44,8 @@ def poison(tmp_path_factory):
     journal = root / "j.jsonl"
     run_sweep(parse_spec(raw), journal, device="cpu")
     out = root / "report"
-    options = PrivacyOptions(n_models=N, device="cpu", plots=False, progress=False)
+    # the ground truth named: the default is the benchmark's privacy_defaults (tested in test_privacy_cli)
+    options = PrivacyOptions(n_models=N, device="cpu", plots=False, progress=False, ground_truth="extra")
     files = build_report(journal, out, figures=False, sections=[privacy_section(options)])
     return {"journal": journal, "out": out, "cache": cache, "files": files}
 
@@ -125,7 +126,8 @@ def test_report_cli_privacy(poison, tmp_path):
     _register()
     runner = CliRunner()
     res = runner.invoke(app, ["report", str(poison["journal"]), "--out", str(tmp_path / "r"), "--no-figures",
-                              "--privacy", "--privacy-models", str(N), "--device", "cpu"])
+                              "--privacy", "--privacy-models", str(N), "--device", "cpu",
+                              "--privacy-ground-truth", "extra"])
     assert res.exit_code == 0, res.output
     assert "[privacy] tiny [T=5]" in res.output and "done in" in res.output
     assert (tmp_path / "r/tiny/privacy.md").exists()

@@ -39,5 +39,10 @@ class CacheFileError(OverunlearnError, RuntimeError):
         self.path = path
 
 
+class PluginError(OverunlearnError, ImportError):
+    """A plugin module (``--plugin``, ``$OVERUNLEARN_PLUGINS`` or an ``overunlearn.plugins`` entry point)
+    could not be imported; the message names it and the reason."""
+
+
 class CacheRebuiltWarning(UserWarning):
     """A cache entry could not be used (corrupt, of another format) and is rebuilt; the message names it."""

@@ -21,9 +21,19 @@ import torch
 
 
 def default_cache_dir() -> Path:
-    """``$OVERUNLEARN_CACHE`` if set, else ``~/.cache/overunlearn``."""
+    """The cache root of trained models and signals: ``$OVERUNLEARN_CACHE`` if set, else
+    ``$XDG_CACHE_HOME/overunlearn`` if ``XDG_CACHE_HOME`` is set, else ``~/.cache/overunlearn``.
+
+    An empty variable counts as unset, and so does a relative ``XDG_CACHE_HOME`` (the XDG base directory
+    specification says to ignore it). The CLI's ``--cache`` options default to this root.
+    """
     env = os.environ.get("OVERUNLEARN_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "overunlearn"
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "overunlearn"
+    return Path.home() / ".cache" / "overunlearn"
 
 
 def _read_umask() -> int:

@@ -96,3 +96,36 @@ def echo_log(quiet: bool):
 CACHE_HELP = ("cache root of trained models (default: $OVERUNLEARN_CACHE, else $XDG_CACHE_HOME/overunlearn, "
               "else ~/.cache/overunlearn)")
 JOBS_HELP = "worker processes (1: run in this process)"
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: an int, a float, ``true``/``false``, ``none``, else the string itself."""
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    return text
+
+
+def parse_options(items: Sequence[str] | None, option: str = "'--option'") -> dict[str, Any]:
+    """``--option``: ``["recipe=smoke", "n_train=500"]`` -> ``{"recipe": "smoke", "n_train": 500}`` (the
+    benchmark's constructor options; values as :func:`parse_value` reads them)."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise typer.BadParameter(f"expects KEY=VALUE (a benchmark constructor option), got {item!r}",
+                                     param_hint=option)
+        out[key] = parse_value(value.strip())
+    return out
+
+
+OPTION_HELP = ("a benchmark constructor option KEY=VALUE, as get_benchmark(name, KEY=VALUE) takes it "
+               "(repeatable; e.g. recipe=smoke, n_train=500)")

@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from overunlearn.cli import app
+from overunlearn.cli.options import CACHE_HELP, QUIET_HELP, THREADS_HELP, check_out
 
 
 @app.command("report")
@@ -29,18 +30,22 @@ def report_cmd(
                                  "for privacy (MIA, U-LiRA, KLoM; trains N originals, N or 2N oracles and N "
                                  "unlearned models per method and setting): privacy.md / .csv"),
     privacy_models: int | None = typer.Option(None, "--privacy-models", help="N (default: as `overunlearn "
-                                              "privacy`: 16 for poison, 8 for images; at least 4)"),
+                                              "privacy`: the benchmark's privacy default, else 8; at least 4)"),
     privacy_seed: int | None = typer.Option(None, "--privacy-seed", help="data seed of the privacy evaluation "
                                             "(default: the first seed of each setting)"),
     privacy_pareto_metric: str | None = typer.Option(None, "--privacy-pareto-metric", help="Pareto sweeps: "
                                                      "evaluate each method's front point that is best on this "
                                                      "metric (default: the first report metric)"),
+    privacy_ground_truth: str | None = typer.Option(None, "--privacy-ground-truth", help="extra (N further "
+                                                    "oracles) | split (one half of the oracles vs the other); "
+                                                    "default: the benchmark's, else split"),
     device: str = typer.Option("auto", "--device", help="privacy: unlearning and signal device (auto | cpu | cuda)"),
-    cache: Path | None = typer.Option(None, "--cache", help="privacy: cache root of the trained models (default: "
-                                      "the benchmark's cache_dir option, else $OVERUNLEARN_CACHE or "
-                                      "~/.cache/overunlearn)"),
-    imports: list[str] | None = typer.Option(None, "--import", help="privacy: module to import first (a plugin "
-                                             "registering the benchmark; repeatable)"),
+    cache: Path | None = typer.Option(None, "--cache", help="privacy: " + CACHE_HELP.replace(
+                                      "(default: ", "(default: the benchmark's cache_dir option, else ")),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="privacy: " + THREADS_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    imports: list[str] | None = typer.Option(None, "--import", metavar="MODULE", help="same as --plugin MODULE "
+                                             "(a plugin registering the sweep's benchmark or methods; repeatable)"),
 ) -> None:
     """Write Table 1/2-style tables, Pareto-front figures and the winning hyperparameters.
 
@@ -53,11 +58,24 @@ def report_cmd(
     if not journal.exists():
         typer.echo(f"error: journal {str(journal)!r} does not exist; run `overunlearn sweep SPEC` first", err=True)
         raise typer.Exit(2)
+    check_out(out, ("",))
     given = [name for name, v in (("--privacy-models", privacy_models), ("--privacy-seed", privacy_seed),
                                   ("--privacy-pareto-metric", privacy_pareto_metric), ("--cache", cache),
-                                  ("--import", imports)) if v is not None and v != []]
+                                  ("--privacy-ground-truth", privacy_ground_truth)) if v is not None]
     if given and not privacy:
         raise typer.BadParameter(f"{', '.join(given)} need --privacy")
+    gt = privacy_ground_truth.strip().lower() if privacy_ground_truth is not None else None
+    if gt is not None and gt not in ("extra", "split"):
+        raise typer.BadParameter(f"must be 'extra' or 'split', got {privacy_ground_truth!r}",
+                                 param_hint="'--privacy-ground-truth'")
+    if imports:
+        from overunlearn.cli import _load_plugins
+
+        _load_plugins(imports)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     chosen: list[int] | None = None
     if select_seeds is not None:
         from overunlearn.cli.options import parse_seeds
@@ -71,7 +89,7 @@ def report_cmd(
         try:
             options = PrivacyOptions(n_models=privacy_models, seed=privacy_seed, device=device, cache_dir=cache,
                                      pareto_metric=privacy_pareto_metric, imports=tuple(imports or ()),
-                                     plots=not no_figures)
+                                     plots=not no_figures, ground_truth=gt, progress=not quiet)  # type: ignore[arg-type]
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
     try:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import typer
 
 from overunlearn.cli import app
+from overunlearn.cli.options import JOBS_HELP, QUIET_HELP, THREADS_HELP
 
 if TYPE_CHECKING:  # the package imports torch: loaded only when a command runs
     from overunlearn.sweep.spec import SweepSpec
@@ -17,13 +18,13 @@ if TYPE_CHECKING:  # the package imports torch: loaded only when a command runs
 @app.command("sweep")
 def sweep_cmd(
     spec: Path = typer.Argument(..., help="sweep spec (.toml), e.g. configs/table1_poison.toml"),
-    journal: Path | None = typer.Option(None, "--journal", "-j",
-                                           help="JSONL journal (default: results/<spec name>.jsonl)"),
+    journal: Path | None = typer.Option(None, "--journal", help="JSONL journal (default: results/<spec name>.jsonl)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the expanded trial table and counts; run nothing"),
     summary_only: bool = typer.Option(False, "--summary", help="with --dry-run: counts only, no per-trial table"),
     executor: str = typer.Option("local", "--executor", "-e", help="'local' or 'ray'"),
-    jobs: int = typer.Option(1, "--jobs", "-n", help="local worker processes (1: run in this process)"),
-    threads: int | None = typer.Option(None, "--threads", help="torch threads per trial / worker"),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="local executor: " + JOBS_HELP),
+    jobs_alias: int | None = typer.Option(None, "-n", min=1, hidden=True, help="old spelling of --jobs"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: start a local Ray)"),
     gpus: float | None = typer.Option(None, "--gpus",
                                          help="local: GPUs to spread workers over; ray: GPUs per trial"),
@@ -33,7 +34,7 @@ def sweep_cmd(
     batch: int | None = typer.Option(None, "--batch", min=0,
                                      help="run up to N epoch-budget trials as one vectorised ensemble where the "
                                           "model allows (default: the spec's [engine] batch; 0: one at a time)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no per-trial lines (warnings are still printed)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
     limit: int | None = typer.Option(None, "--limit", min=1,
                                      help="refuse a spec that expands to more trials than this (default 200000)"),
     rerun_stale: bool = typer.Option(False, "--rerun-stale", help="rerun finished trials that other code (another "
@@ -49,6 +50,9 @@ def sweep_cmd(
     from overunlearn.sweep.run import SweepAborted, run_sweep
     from overunlearn.sweep.spec import DEFAULT_TRIAL_LIMIT, SpecError, load_spec
 
+    if jobs_alias is not None:
+        jobs = jobs_alias
+
     try:
         sp = load_spec(spec, limit=DEFAULT_TRIAL_LIMIT if limit is None else limit)
     except SpecError as exc:
@@ -62,7 +66,7 @@ def sweep_cmd(
         return
     dev = _check_device(device, sp.device)
     ex = _executor(sp, executor, jobs, threads, address, gpus)
-    log = (lambda _m: None) if quiet else (lambda m: typer.echo(m))
+    log = (lambda _m: None) if quiet else (lambda m: typer.echo(m))  # progress on stdout, as the summary
     try:
         with ex:
             res = run_sweep(sp, jpath, ex, device=dev, threads=threads, retry_failed=retry_failed,
@@ -95,7 +99,10 @@ def _warn(message: str) -> None:
 
 def _resume_command(spec: Path, journal: Path | None, jobs: int, executor: str, batch: int | None) -> str:
     """The command line that continues this sweep."""
-    parts = ["overunlearn", "sweep", shlex.quote(str(spec))]
+    from overunlearn.plugins import active_plugins
+
+    parts = ["overunlearn", *(f"--plugin={shlex.quote(m)}" for m in active_plugins()), "sweep",
+             shlex.quote(str(spec))]
     if journal is not None:
         parts += ["--journal", shlex.quote(str(journal))]
     if executor != "local":

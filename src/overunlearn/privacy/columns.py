@@ -20,15 +20,15 @@ Which point is evaluated:
   ``PrivacyOptions.pareto_metric`` (default: the first report metric, i.e. the front's first
   point, the one ``runtime.md`` times); ties go to the earlier point of the front.
 
-Defaults (``N``, ground-truth protocol) are those of ``overunlearn privacy``
-(:data:`overunlearn.privacy.runner.DEFAULT_MODELS`: 16 for poison, 8 for the image benchmarks).
+Defaults (``N``, ground-truth protocol) are those of ``overunlearn privacy``: the benchmark's
+``privacy_defaults`` (:func:`overunlearn.privacy.runner.privacy_defaults`; 8 models and the ``split``
+ground truth for a benchmark that declares none).
 A setting whose benchmark has no privacy setup (or any other failure) is reported, with the
 reason, in ``privacy.md`` and in :attr:`SweepPrivacy.failures`; the other settings go on.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import re
@@ -86,14 +86,15 @@ class PrivacyOptions:
         seed: the data seed (which split); ``None``: the first seed of each setting.
         device: unlearning and signal device (training follows the benchmark's own ``device`` option).
         cache_dir: cache root of the privacy models (``<cache_dir>/privacy/...``); ``None``: the benchmark's
-            ``cache_dir`` option if the journal records one, else ``$OVERUNLEARN_CACHE`` / ``~/.cache/overunlearn``.
+            ``cache_dir`` option if the journal records one, else the default cache root
+            (:func:`overunlearn.storage.default_cache_dir`).
         pareto_metric: Pareto sweeps: evaluate each method's front point with the best mean on this
             metric (``None``: the first report metric). Ignored by best-mean sweeps.
         ground_truth: ``"extra"`` | ``"split"`` (see :func:`~overunlearn.privacy.runner.privacy_report`);
-            ``None``: the default of ``overunlearn privacy`` (poison ``extra``, images ``split``).
+            ``None``: the default of ``overunlearn privacy`` (the benchmark's ``privacy_defaults``).
         klom_bins: KLoM bins (``"auto"``, the CLI default, or a number >= 2).
         imports: modules imported before the benchmark is built (plugins registering benchmarks or
-            methods; a journal does not record the spec's imports).
+            methods, as ``--plugin`` loads them; a journal does not record the spec's imports).
         plots: also draw the loss histograms and KLoM CDFs of every setting.
         progress: print progress lines (and privacy_report's line per trained model).
     """
@@ -119,18 +120,20 @@ class PrivacyOptions:
             raise ValueError(f"klom_bins={self.klom_bins!r}: 'auto' or an integer >= 2")
 
 
-def default_models(benchmark: str) -> int:
-    """``N`` of ``overunlearn privacy`` for ``benchmark`` (poison 16, images 8; 8 for other benchmarks)."""
-    from overunlearn.privacy.runner import DEFAULT_MODELS
+def default_models(benchmark: Any) -> int:
+    """``N`` of ``overunlearn privacy`` for ``benchmark`` (an object or a registered name): its
+    ``privacy_defaults["n_models"]``, else 8."""
+    from overunlearn.privacy.runner import privacy_defaults
 
-    return int(DEFAULT_MODELS.get(benchmark, 8))
+    return int(privacy_defaults(benchmark)["n_models"])
 
 
-def default_ground_truth(benchmark: str) -> Literal["extra", "split"]:
-    """The ground-truth protocol of ``overunlearn privacy`` (poison ``extra``, images ``split``; else ``extra``)."""
-    from overunlearn.privacy.runner import DEFAULT_GROUND_TRUTH
+def default_ground_truth(benchmark: Any) -> Literal["extra", "split"]:
+    """The ground-truth protocol of ``overunlearn privacy`` for ``benchmark`` (an object or a registered name):
+    its ``privacy_defaults["ground_truth"]``, else ``"split"``."""
+    from overunlearn.privacy.runner import privacy_defaults
 
-    return "split" if DEFAULT_GROUND_TRUTH.get(benchmark, "extra") == "split" else "extra"
+    return "extra" if privacy_defaults(benchmark)["ground_truth"] == "extra" else "split"
 
 
 @dataclass(frozen=True)
@@ -247,13 +250,13 @@ def _benchmark_of(contents: JournalContents, sweep: str, setting: str) -> tuple[
 def _build_benchmark(name: str, options: dict[str, Any], imports: tuple[str, ...]) -> Any:
     """``get_benchmark(name, **options)`` after importing ``imports``, as the sweep's workers build it."""
     from overunlearn.benchmarks import get_benchmark, list_benchmarks
+    from overunlearn.plugins import load_plugins
 
-    for mod in imports:
-        importlib.import_module(mod)
+    load_plugins(imports)
     if name not in list_benchmarks():
         raise PrivacyUnsupportedError(
             f"benchmark {name!r} is not registered in this process (valid: {', '.join(list_benchmarks())}); "
-            "if a plugin module registers it, name that module with --import")
+            "if a plugin module registers it, name that module with --plugin (or --import)")
     return get_benchmark(name, **options)
 
 
@@ -287,11 +290,11 @@ def _run_setting(sp: SettingPrivacy, folder: Path, options: PrivacyOptions, benc
         if not sp.points:
             raise ValueError("no method has a selected hyperparameter setting (sweep unfinished? try --allow-partial)")
         sp.seed = options.seed if options.seed is not None else int(s.seeds[0])
-        sp.n_models = options.n_models or default_models(sp.benchmark)
-        sp.ground_truth = options.ground_truth or default_ground_truth(sp.benchmark)
         key = benchmark_key(sp.benchmark, sp.benchmark_options)
         if key not in benches:
             benches[key] = _build_benchmark(sp.benchmark, sp.benchmark_options, options.imports)
+        sp.n_models = options.n_models or default_models(benches[key])
+        sp.ground_truth = options.ground_truth or default_ground_truth(benches[key])
         setup = _setup_of(benches[key], sp.benchmark, sp.seed)
         if engine.get("forget_bn_stats") and not setup.forget_bn_stats:
             sp.notes.append("the sweep unlearned with forget_bn_stats=true; the privacy setup does not")

@@ -62,10 +62,46 @@ from overunlearn.storage import (
 Which = Literal["original", "oracle"]
 SPLITS: tuple[str, ...] = ("forget", "retain", "test")
 
-#: default number of models of each kind per benchmark (KLoM and U-LiRA need many; images are costly)
-DEFAULT_MODELS: Mapping[str, int] = {"poison": 16, "erase": 8, "collapse": 8}
-#: where the ground-truth models come from by default: extra retrained models, or half of the oracles
-DEFAULT_GROUND_TRUTH: Mapping[str, str] = {"poison": "extra", "erase": "split", "collapse": "split"}
+#: the defaults of a benchmark that declares no ``privacy_defaults`` (or leaves a key out): ``N`` models of
+#: each kind, and the ground-truth row from one half of the oracles against the other (the cheaper protocol)
+FALLBACK_PRIVACY_DEFAULTS: Mapping[str, Any] = {"n_models": 8, "ground_truth": "split"}
+
+
+def privacy_defaults(benchmark: Any) -> dict[str, Any]:
+    """The privacy defaults of ``benchmark`` (an object, or a registered name: its factory's class attribute).
+
+    Read from the benchmark's optional ``privacy_defaults`` mapping, with generic fallbacks:
+    ``n_models`` (``N``; default 8), ``ground_truth`` (``"extra"`` | ``"split"``; default ``"split"``),
+    ``epochs`` (the unlearning epochs ``T``; default the first of
+    :func:`overunlearn.benchmarks.base.default_epochs`, ``None`` when the benchmark names none) and
+    ``options`` (constructor options for a privacy run, e.g. a lighter recipe; default none).
+    """
+    from overunlearn.benchmarks.base import default_epochs
+
+    source = benchmark
+    if isinstance(benchmark, str):
+        from overunlearn.benchmarks import base
+
+        base.list_benchmarks()  # loads the built-in benchmarks
+        source = base._BENCHMARKS.get(benchmark)
+    raw = getattr(source, "privacy_defaults", None)
+    raw = dict(raw) if isinstance(raw, Mapping) else {}
+    out: dict[str, Any] = {**FALLBACK_PRIVACY_DEFAULTS, **{k: v for k, v in raw.items() if v is not None}}
+    out["n_models"] = int(out["n_models"])
+    if out["ground_truth"] not in ("extra", "split"):
+        raise ValueError(f"{getattr(source, 'name', source)!r}.privacy_defaults: ground_truth "
+                         f"{out['ground_truth']!r} is not 'extra' or 'split'")
+    if out.get("epochs") is None:
+        out["epochs"] = None
+        if not isinstance(benchmark, str):
+            try:
+                out["epochs"] = int(default_epochs(benchmark)[0])
+            except (ValueError, TypeError, IndexError):
+                pass
+    else:
+        out["epochs"] = int(out["epochs"])
+    out["options"] = dict(out.get("options") or {})
+    return out
 
 
 # ---------------------------------------------------------------------------------------

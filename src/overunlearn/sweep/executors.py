@@ -88,6 +88,7 @@ def _pool_init(threads: int | None, devices: Any, parent_pid: int | None = None)
     from overunlearn.workers import exit_with_parent
 
     exit_with_parent(parent_pid)
+    _load_plugins_from_env()
     dev = None
     if devices is not None:
         dev = devices.get()
@@ -269,16 +270,38 @@ class RayExecutor(_Base):
 
 
 def _ray_run_task(task: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover - runs inside Ray workers
+    _load_plugins_from_env()
     return run_task(task)
 
 
+def _load_plugins_from_env() -> None:
+    """Import the plugin modules ``$OVERUNLEARN_PLUGINS`` names (set by the parent), as the parent did.
+
+    A module that cannot be imported here is not fatal at start: every task names it in its ``imports``
+    too, so the task fails with the import error in its record (instead of the worker dying).
+    """
+    from overunlearn.errors import PluginError
+    from overunlearn.plugins import load_from_env
+
+    try:
+        load_from_env()
+    except PluginError:
+        pass
+
+
 def _worker_env() -> dict[str, str]:
-    """Environment variables Ray workers need to import this package and its plugins."""
+    """Environment variables Ray workers need to import this package and its plugins (``PYTHONPATH``, and
+    ``OVERUNLEARN_PLUGINS``: the plugin modules this process loaded), and to find the same cache and data."""
     import sys
+
+    from overunlearn.plugins import ENV_VAR, active_plugins
 
     paths = [p for p in sys.path if p and os.path.isdir(p)]
     env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
-    for var in ("OVERUNLEARN_CACHE", "OVERUNLEARN_DATA"):
+    plugins = active_plugins()
+    if plugins:
+        env[ENV_VAR] = os.pathsep.join(plugins)
+    for var in ("OVERUNLEARN_CACHE", "XDG_CACHE_HOME", "OVERUNLEARN_DATA"):
         if var in os.environ:
             env[var] = os.environ[var]
     return env

@@ -49,12 +49,22 @@ class SweepResult:
     seconds: float = 0.0
 
 
+def task_imports(imports: tuple[str, ...] | list[str]) -> list[str]:
+    """The modules a worker imports before it runs a task: the spec's ``imports`` and the plugins loaded in
+    this process (``--plugin``, entry points), so that spawned and Ray workers register the same methods
+    and benchmarks."""
+    from overunlearn.plugins import active_plugins
+
+    return list(dict.fromkeys([*imports, *active_plugins()]))
+
+
 def trial_task(trial: Trial, device: str, threads: int | None = None) -> dict[str, Any]:
     ident = trial.identity()
     labels = {"sweep": trial.sweep, "setting": trial.setting, "hyper": trial.hyper}
     return {"kind": "trial", "id": trial.id, "config_key": trial.config_key,
             "benchmark_key": benchmark_key(trial.benchmark, trial.benchmark_options),
-            "trial": {**ident, **labels}, "imports": list(trial.imports), "device": device, "threads": threads}
+            "trial": {**ident, **labels}, "imports": task_imports(trial.imports), "device": device,
+            "threads": threads}
 
 
 def batch_key(trial: Trial) -> tuple[Any, ...] | None:
@@ -212,7 +222,7 @@ def reference_tasks(spec: SweepSpec, done: set[tuple[str, int]], device: str,
                 continue
             seen.add((bkey, seed))
             tasks.append({"kind": "reference", "benchmark": {"name": spec.benchmark, "options": s.benchmark_options},
-                          "benchmark_key": bkey, "seed": seed, "imports": list(spec.imports), "device": device,
+                          "benchmark_key": bkey, "seed": seed, "imports": task_imports(spec.imports), "device": device,
                           "threads": threads})
     return tasks
 

@@ -53,7 +53,6 @@ unknown method, or an unknown hyperparameter key is an error.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import itertools
 import math
 import typing
@@ -286,11 +285,13 @@ def parse_spec(raw: dict[str, Any], source: str = "<spec>", default_name: str = 
     imports = bench.get("imports", [])
     if not isinstance(imports, list) or not all(isinstance(m, str) for m in imports):
         fail("[benchmark].imports must be a list of module names")
-    for mod in imports:  # plugins register benchmarks / methods on import
-        try:
-            importlib.import_module(mod)
-        except ImportError as exc:
-            fail(f"[benchmark].imports: cannot import {mod!r}: {exc}")
+    from overunlearn.errors import PluginError
+    from overunlearn.plugins import load_plugins
+
+    try:  # plugins register benchmarks / methods on import (workers import them again: Trial.imports)
+        load_plugins(imports, what="module", record=False)
+    except PluginError as exc:
+        fail(f"[benchmark].imports: {exc}")
 
     engine = _table(raw.get("engine", {}), "[engine]", fail)
     bad = set(engine) - _ENGINE_KEYS
