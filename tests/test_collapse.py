@@ -157,11 +157,13 @@ def test_bench_cli_collapse_digits(tmp_path):
     from overunlearn.cli import _register, app
 
     _register()
-    out = tmp_path / "rows.csv"
+    out = tmp_path / "out"
     res = CliRunner().invoke(app, ["bench", "collapse", "--dataset", "digits", "--preset", "test", "--cache",
                                    str(tmp_path / "c"), "--methods", "gd,retrain", "--seeds", "1-2", "--out",
-                                   str(out), "-q"])
+                                   str(out), "-q", "-j", "1"])
     assert res.exit_code == 0, res.output
     assert "color_acc" in res.output and "±" in res.output  # two seeds: mean ± SE
-    lines = out.read_text().splitlines()
-    assert lines[0].startswith("row,seed") and len(lines) == 1 + 2 * 4
+    lines = (out / "collapse_digits_test_table.csv").read_text().splitlines()
+    # long format: (original, ground truth, gd, retrain) x (color_acc, content_acc)
+    assert lines[0] == "model,metric,n,mean,se" and len(lines) == 1 + 4 * 2
+    assert (out / "collapse_digits_test.jsonl").exists()

@@ -222,20 +222,41 @@ def test_bench_cli_erase_digits(tmp_path):
     from typer.testing import CliRunner
 
     from overunlearn.cli import _register, app
+    from overunlearn.sweep.journal import read_journal
 
     _register()
-    out = tmp_path / "rows.json"
-    res = CliRunner().invoke(app, ["bench", "erase", "--dataset", "digits", "--preset", "test", "--cache",
-                                   str(tmp_path / "c"), "--methods", "gd,minnorm_og", "--out", str(out), "-q",
-                                   "--hp", "gd.lr=0.01"])
+    out = tmp_path / "out"
+    args = ["bench", "erase", "--dataset", "digits", "--preset", "test", "--cache", str(tmp_path / "c"),
+            "--methods", "gd,minnorm_og", "--out", str(out), "-q", "--hp", "gd.lr=0.01", "--threads", "1"]
+    res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    assert "original" in res.output and "ground_truth" in res.output and "minnorm_og" in res.output
-    data = json.loads(out.read_text())
-    assert {r["row"] for r in data["rows"]} == {"original", "ground_truth", "gd", "minnorm_og"}
-    assert data["config"]["methods"]["gd"]["lr"] == 0.01
+    rows = [line.split("|")[1].strip() for line in res.output.splitlines() if line.startswith("| ")]
+    assert rows == ["model", "original", "ground truth", "gd", "**minnorm_og**"]
+    (journal,) = out.glob("erase_digits_test_*.jsonl")  # --hp: not the default run's journal
+    trials = [r for r in read_journal(journal).records if r.get("kind") == "trial"]
+    assert {r["method"]: r["config"]["lr"] for r in trials}["gd"] == 0.01
+    stem = journal.with_suffix("").name
+    assert (out / f"{stem}_table.md").exists() and (out / f"{stem}_table.csv").exists()
+    assert (out / f"{stem}.png").exists()
+    assert list((tmp_path / "c" / "models").rglob("*.pt"))  # --cache is the cache root, as CACHE_HELP says
+    # rerunning the same command recomputes nothing
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert len([r for r in read_journal(journal).records if r.get("kind") == "trial"]) == len(trials)
     res = CliRunner().invoke(app, ["bench", "erase", "--dataset", "cifar10", "--data-root", str(tmp_path / "none"),
-                                   "--preset", "test", "--no-cache"])
+                                   "--preset", "test", "--no-cache", "--out", str(tmp_path / "o2")])
     assert res.exit_code == 2 and "cifar-10-batches-py" in res.output
+
+
+def test_image_benchmarks_declare_their_defaults():
+    from overunlearn.benchmarks.base import default_epochs, method_points
+    from overunlearn.benchmarks.collapse import COLLAPSE_METHOD_POINTS
+
+    erase = get_benchmark("erase", dataset="digits", preset="cpu", device="cpu")
+    assert default_epochs(erase) == (2,) and method_points(erase, 2) == ERASE_METHOD_POINTS
+    assert erase.privacy_defaults == {"n_models": 8, "ground_truth": "split", "epochs": 2}
+    collapse = get_benchmark("collapse", dataset="digits", preset="cpu", device="cpu")
+    assert default_epochs(collapse) == (10,) and method_points(collapse, 10) == COLLAPSE_METHOD_POINTS
+    assert collapse.privacy_defaults["epochs"] == 10
 
 
 def test_resnet50_renormalises_to_imagenet_statistics():

@@ -21,8 +21,9 @@ from torch import Tensor, nn
 from overunlearn.benchmarks.base import MetricSpec, cached_reference, retrain_seed
 from overunlearn.benchmarks.training import ModelCache, Phase, TrainRecipe, accuracy, build_model, train
 from overunlearn.data.color import ColoredImages
-from overunlearn.data.sources import ImageSet, canonical_name, load_images
+from overunlearn.data.sources import ImageSet, canonical_name, default_data_root, get_source, load_images
 from overunlearn.engine import resolve_device
+from overunlearn.errors import DatasetNotFoundError
 from overunlearn.problem import ClassificationTask, UnlearningProblem
 from overunlearn.storage import default_cache_dir, stable_hash
 
@@ -100,11 +101,18 @@ def count(p: float, n: int) -> int:
 
 
 class ImageBenchmark:
-    """Base class; subclasses set ``name``, ``metrics``, ``PRESETS`` and implement the split and metrics."""
+    """Base class; subclasses set ``name``, ``metrics``, ``METHOD_POINTS``, ``get_preset`` and implement the
+    split and metrics."""
 
     name: str = ""
     metrics: tuple[MetricSpec, ...] = ()
     color_classes: int | None = None
+    #: the hyperparameter point of each method for ``overunlearn bench NAME`` (see :meth:`method_points`)
+    METHOD_POINTS: dict[str, dict[str, Any]] = {}
+    #: models of each kind of ``overunlearn privacy`` (originals, oracles, unlearned per method) and where its
+    #: ground truth comes from (``split``: one half of the oracles against the other)
+    PRIVACY_MODELS = 8
+    PRIVACY_GROUND_TRUTH = "split"
 
     def __init__(self, dataset: str = "fashion-mnist", *, preset: str | ImagePreset = "auto",
                  data_root: str | Path | None = None, cache_dir: str | Path | None = None, use_cache: bool = True,
@@ -132,7 +140,44 @@ class ImageBenchmark:
     def get_preset(cls, name: str, dataset: str, device: torch.device) -> ImagePreset:  # pragma: no cover
         raise NotImplementedError
 
+    # -- defaults of the command line (optional members of the benchmark protocol, benchmarks/base.py) ---
+    @property
+    def default_epochs(self) -> int:
+        """The unlearning epochs ``T`` of ``overunlearn bench NAME``: the preset's."""
+        return self.preset.epochs
+
+    def method_points(self, epochs: int) -> dict[str, dict[str, Any]]:
+        """The methods ``overunlearn bench NAME`` runs and their preset points (the same at every ``epochs``)."""
+        return {m: dict(hp) for m, hp in self.METHOD_POINTS.items()}
+
+    @property
+    def privacy_defaults(self) -> dict[str, Any]:
+        """Defaults of ``overunlearn privacy NAME``: models per set, ground truth, unlearning epochs."""
+        return {"n_models": self.PRIVACY_MODELS, "ground_truth": self.PRIVACY_GROUND_TRUTH,
+                "epochs": self.preset.epochs}
+
     # -- data ---------------------------------------------------------------------
+    def oversized(self) -> dict[str, tuple[int, int]]:
+        """The preset's subset sizes above its dataset's splits, ``{"n_train": (asked, available), ...}``
+        (such a subset is the whole split). Loads the dataset only when the preset asks for a subset,
+        else only checks that its files are there; raises :class:`~overunlearn.errors.DatasetNotFoundError`
+        when they are not. Trains nothing."""
+        p = self.preset
+        if p.n_train is None and p.n_test is None:
+            root = Path(self.data_root) if self.data_root is not None else default_data_root()
+            source = get_source(self.dataset)
+            if not self.download and source.find(root) is None:
+                raise DatasetNotFoundError(source.how_to(root))
+            return {}
+        out: dict[str, tuple[int, int]] = {}
+        if p.n_train is not None and p.n_train > len(self.train_set()):
+            out["n_train"] = (p.n_train, len(self.train_set()))
+        if p.n_test is not None:
+            n_test = len(load_images(self.dataset, "test", self.data_root, self.download))
+            if p.n_test > n_test:
+                out["n_test"] = (p.n_test, n_test)
+        return out
+
     def train_set(self) -> ImageSet:
         if self._train is None:
             self._train = load_images(self.dataset, "train", self.data_root, self.download)

@@ -108,6 +108,7 @@ class CollapseBenchmark(ImageBenchmark):
     name = "collapse"
     metrics = COLLAPSE_METRICS
     color_classes = None
+    METHOD_POINTS = COLLAPSE_METHOD_POINTS
 
     def __init__(self, dataset: str = "fashion-mnist", *, unlearn_weights: bool = False, **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)

@@ -132,6 +132,7 @@ class EraseBenchmark(ImageBenchmark):
     name = "erase"
     metrics = ERASE_METRICS
     color_classes = 3
+    METHOD_POINTS = ERASE_METHOD_POINTS
 
     @classmethod
     def get_preset(cls, name: str, dataset: str, device: torch.device) -> ImagePreset:

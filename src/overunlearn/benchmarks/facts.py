@@ -176,6 +176,22 @@ class FactsBenchmark:
         self._reference: dict[int, dict[str, dict[str, float]]] = {}
         self._wrong = self._wrong_answers()
 
+    # -- defaults of the command line (optional members of the benchmark protocol, benchmarks/base.py) ---
+    @property
+    def default_epochs(self) -> int:
+        """The unlearning epochs ``T`` of ``overunlearn bench facts``: the preset's."""
+        return self.preset.epochs
+
+    def method_points(self, epochs: int) -> dict[str, dict[str, Any]]:
+        """The methods ``overunlearn bench facts`` runs and their points (:data:`FACTS_METHOD_POINTS`, at every T)."""
+        return {m: dict(hp) for m, hp in FACTS_METHOD_POINTS.items()}
+
+    @property
+    def privacy_defaults(self) -> dict[str, Any]:
+        """Defaults of the privacy report (``bench facts --privacy``): 4 models per set (each is a GPT-2
+        trained from scratch), extra retrained ground-truth models, the preset's epochs."""
+        return {"n_models": 4, "ground_truth": "extra", "epochs": self.preset.epochs}
+
     # -- data ---------------------------------------------------------------------
     def forget_people(self, seed: int) -> list[int]:
         g = torch.Generator().manual_seed(int(seed) * 7919 + 11)

@@ -17,7 +17,8 @@ from typing import Any
 import typer
 
 from overunlearn.cli import bench_app
-from overunlearn.cli.options import QUIET_HELP, SEEDS_HELP, THREADS_HELP, echo_log, parse_overrides, parse_seeds
+from overunlearn.cli.options import (JOBS_HELP, QUIET_HELP, SEEDS_HELP, THREADS_HELP, check_out, echo_log,
+                                     parse_overrides, parse_seeds)
 from overunlearn.cli.errors import friendly_errors
 
 REF_LABELS = {"original": "original model", "ground_truth": "ground truth (retrained without the forget facts)"}
@@ -38,29 +39,6 @@ def facts_spec(preset: str, seeds: list[int], epochs: int, methods: list[str], p
                       metrics={m.name: m.direction for m in FACTS_METRICS}, report_metrics=order, device=device)
 
 
-def method_table(setting: Any, metrics: list[str]) -> tuple[str, str]:
-    """Rows: the reference models, then every method; columns: metrics as median (range) over seeds."""
-    from overunlearn.report.tables import fmt_stat, markdown, to_csv
-
-    header = ["model", *metrics, "seconds"]
-    rows, csv_rows = [], []
-    for kind, stats in setting.reference.items():
-        rows.append([REF_LABELS.get(kind, kind), *[fmt_stat(stats[m], "median") if m in stats else "—"
-                                                  for m in metrics], ""])
-        csv_rows.extend([kind, m, stats[m].median, stats[m].lo, stats[m].hi] for m in metrics if m in stats)
-    for mr in setting.methods:
-        if not mr.selected:
-            rows.append([mr.method, *["failed" for _ in metrics], ""])
-            continue
-        g = mr.selected[0]
-        secs = sorted(g.seconds.values())
-        rows.append([f"**{mr.method}**" if mr.method == "minnorm_og" else mr.method,
-                     *[fmt_stat(g.stats(m), "median") for m in metrics],
-                     f"{secs[len(secs) // 2]:.1f}" if secs else ""])
-        csv_rows.extend([mr.method, m, g.stats(m).median, g.stats(m).lo, g.stats(m).hi] for m in metrics)
-    return markdown(header, rows), to_csv(["model", "metric", "median", "lo", "hi"], csv_rows)
-
-
 @bench_app.command("facts")
 def facts_cmd(
     preset: str = typer.Option("cpu", "--preset", help="cpu | gpu | test"),
@@ -75,7 +53,7 @@ def facts_cmd(
                                           help="unlearning batch size (retain and forget; default: the preset's)"),
     hp: list[str] = typer.Option([], "--hp", help="override a hyperparameter: METHOD.KEY=VALUE (repeatable)"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="worker processes"),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help=JOBS_HELP),
     threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     out: Path = typer.Option(Path("results/facts"), "--out", help="output folder (journal, table, figure)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
@@ -86,11 +64,10 @@ def facts_cmd(
     """Unlearn memorised facts from a GPT-2 built from a config; ground truth retrained without them."""
     from overunlearn.benchmarks.facts import FACTS_METHOD_POINTS, FACTS_METRICS, get_preset
     from overunlearn.methods import get_method
-    from overunlearn.cli.bench_sweep import run_bench
-    from overunlearn.report.figures import frontier_plot
-    from overunlearn.storage import atomic_write_text
+    from overunlearn.cli.bench_sweep import run_bench, write_bench_tables
 
     # every option is checked before anything trains
+    check_out(out, [""])
     try:
         base = get_preset(preset)
         options = {k: v for k, v in {"forget_fraction": forget_fraction, "p_retain": p_retain, "people": people,
@@ -117,9 +94,7 @@ def facts_cmd(
     raw = facts_spec(preset, seed_list, T, names, points, options, device)
     run = run_bench(raw, out, jobs=jobs, threads=threads, device=device, log=echo_log(quiet))
     journal, result = run.journal, run.result
-    setting = run.settings[0]
     metrics = [m.name for m in FACTS_METRICS]
-    md, csv = method_table(setting, metrics)
     prior = f"{math.nan:.3f}"
     try:
         from overunlearn.benchmarks.facts import FactsBenchmark
@@ -130,13 +105,9 @@ def facts_cmd(
     title = (f"facts ({preset} preset: {chosen.people} people x {chosen.attributes} attributes, forget "
              f"{chosen.n_forget()} people; T = {T}; seeds {seed_list}; median (range) over seeds). Prior exact "
              f"match (most frequent answer per attribute): {prior}")
-    typer.echo("")
-    typer.echo(title)
-    typer.echo(md)
-    atomic_write_text(out / f"{raw['name']}_table.md", f"{title}\n\n{md}\n")
-    atomic_write_text(out / f"{raw['name']}_table.csv", csv)
-    fig = frontier_plot(setting, out / f"{raw['name']}.png", title=f"facts ({preset}), T = {T}")
-    typer.echo(f"wrote {journal}, {out / (raw['name'] + '_table.md')}, {fig}")
+    written = write_bench_tables(run, out, raw["name"], metrics, title=title, ref_labels=REF_LABELS,
+                                 figure_title=f"facts ({preset}), T = {T}")
+    typer.echo(f"wrote {journal}, {', '.join(str(p) for p in written if not p.name.endswith('.csv'))}")
     if privacy:
         from overunlearn.benchmarks.facts import FactsBenchmark
         from overunlearn.privacy.runner import format_rows, privacy_report

@@ -41,11 +41,12 @@ def sweep_name(base: str, variant: Mapping[str, Any], default: bool) -> str:
 def bench_spec(*, name: str, title: str, benchmark: str, options: Mapping[str, Any], seeds: Sequence[int],
                settings: Sequence[tuple[str, int, Mapping[str, Mapping[str, Any]]]], metrics: Mapping[str, str],
                report_metrics: Sequence[str] | None = None, device: str = "auto", batch: int = 0,
-               imports: Sequence[str] = ()) -> dict[str, Any]:
+               imports: Sequence[str] = (), statistic: str = "median") -> dict[str, Any]:
     """The sweep spec of one bench run: every method at one hyperparameter point per setting.
 
     ``settings``: ``(setting name, epochs, {method: {hyperparameter: value}})`` -- one per budget
     (e.g. ``T = 10``, ``100``, ``1000``); the methods of the first setting give the report order.
+    ``statistic``: the report's statistic over seeds, ``"median"`` or ``"mean_se"``.
     """
     methods: list[str] = []
     for _, _, points in settings:
@@ -53,7 +54,7 @@ def bench_spec(*, name: str, title: str, benchmark: str, options: Mapping[str, A
     engine: dict[str, Any] = {"device": device}
     if batch:
         engine["batch"] = batch
-    report: dict[str, Any] = {"selection": "best_mean", "statistic": "median"}
+    report: dict[str, Any] = {"selection": "best_mean", "statistic": statistic}
     if report_metrics:
         report["metrics"] = list(report_metrics)
     benchmark_section: dict[str, Any] = {"name": benchmark, "options": dict(options)}
@@ -89,3 +90,39 @@ def run_bench(raw: Mapping[str, Any], out: Path, *, jobs: int = 1, threads: int 
             result = run_sweep(spec, journal, ex, device=device, threads=threads, log=log)
         reports, _ = load(journal, allow_partial=True, sweeps=[name])
     return BenchRun(journal, result, reports[0])
+
+
+def write_bench_tables(run: BenchRun, out: Path, name: str, metrics: Sequence[str], *, title: str,
+                       ref_labels: Mapping[str, str] | None = None, figure_title: str | None = None,
+                       echo: Callable[[str], Any] | None = None) -> list[Path]:
+    """Print and write the table of every setting of ``run`` (:func:`overunlearn.report.bench_table.method_table`,
+    in the setting's statistic): ``<out>/<name>_table.md`` and ``.csv`` and the figure ``<out>/<name>.png``
+    (forget against retain: the first two metrics; none with one metric). With several settings (several
+    epoch counts) each one's files carry ``_<setting>`` (``T=5`` -> ``_T5``) and its title its name.
+    Returns the paths written."""
+    import re
+
+    import typer
+
+    from overunlearn.report.bench_table import method_table
+    from overunlearn.report.figures import frontier_plot
+    from overunlearn.storage import atomic_write_text
+
+    say = echo or typer.echo
+    written: list[Path] = []
+    settings = run.settings
+    for s in settings:
+        several = len(settings) > 1
+        stem = f"{name}_{re.sub(r'[^A-Za-z0-9_.-]+', '', s.setting)}" if several else name
+        head = f"{title}, {s.setting}" if several else title
+        md, csv = method_table(s, list(metrics), s.statistic, ref_labels)
+        say("")
+        say(head)
+        say(md)
+        written.append(atomic_write_text(out / f"{stem}_table.md", f"{head}\n\n{md}\n"))
+        written.append(atomic_write_text(out / f"{stem}_table.csv", csv))
+        if len(s.metrics) >= 2 and any(mr.selected for mr in s.methods):
+            fig_title = figure_title or head
+            written.append(frontier_plot(s, out / f"{stem}.png", title=f"{fig_title}, {s.setting}" if several
+                                         else fig_title))
+    return written
