@@ -116,3 +116,12 @@ def test_no_cycles():
     for node in graph:
         if node not in state:
             visit(node, [])
+
+
+def test_fingerprinted_sources_exist():
+    """Caches are keyed by a hash of the sources that compute their numbers: every listed path must
+    still name files (a renamed module would silently drop out of the hash)."""
+    from overunlearn.sweep.journal import CODE_PATHS
+
+    for pattern in CODE_PATHS:
+        assert list(SRC.glob(pattern)), f"CODE_PATHS entry {pattern!r} matches no file"

@@ -411,8 +411,8 @@ def environment() -> dict[str, Any]:
 
 
 #: the package sources that determine a trial's numbers (relative to the package; globs allowed)
-CODE_PATHS = ["engine.py", "batching.py", "problem.py", "structure.py", "ensemble_unlearn.py", "methods/*.py",
-              "linalg/*.py", "models/*.py", "benchmarks/*.py", "training/*.py", "data/*.py", "sweep/worker.py"]
+CODE_PATHS = ["engine/*.py", "batching.py", "problem.py", "structure.py", "methods/*.py",
+              "linalg/*.py", "linalg/blocks/*.py", "models/*.py", "benchmarks/*.py", "training/*.py", "data/*.py", "sweep/worker.py"]
 
 
 def code_fingerprint() -> str:
