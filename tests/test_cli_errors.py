@@ -32,8 +32,8 @@ def _images(benchmark: str, tmp_path, *args: str) -> list[str]:
 
 @pytest.mark.parametrize("benchmark", ["erase", "collapse"])
 @pytest.mark.parametrize("args, expected", [
-    (["--methods", "gd", "-T", "-3"], ["T must be positive", "-3"]),
-    (["--methods", "gd", "-T", "0"], ["T must be positive"]),
+    (["--methods", "gd", "-T", "-3"], ["epoch counts must be positive", "-3"]),
+    (["--methods", "gd", "-T", "0"], ["epoch counts must be positive"]),
     (["--dataset", "imagenet", "--data-root", "/nonexistent"], ["unknown dataset 'imagenet'", "digits"]),
     (["--preset", "bogus"], ["preset 'bogus'", "paper"]),
     (["--methods", "gd", "--hp", "gd.learning_rate=0.1"], ["learning_rate", "lr"]),
@@ -43,9 +43,12 @@ def _images(benchmark: str, tmp_path, *args: str) -> list[str]:
     (["--methods", "gd", "--seeds", "abc"], ["cannot read seeds", "abc"]),
     (["--methods", "gd", "--device", "bogus"], ["bogus"]),
     (["--methods", "foo"], ["no method matches 'foo'"]),
+    # a subset larger than the data is an error, not silently the whole split (digits: 1437 / 360 images)
+    (["--methods", "gd", "--n-train", "5000"], ["--n-train", "5000 training images", "digits has 1437"]),
+    (["--methods", "gd", "--n-test", "999"], ["--n-test", "999 test images", "digits has 360"]),
 ])
 def test_bench_images_bad_options_fail_before_training(runner, tmp_path, benchmark, args, expected):
-    out = tmp_path / "rows.json"
+    out = tmp_path / "out"
     res = runner.invoke(app, _images(benchmark, tmp_path, "--out", str(out), *args))
     assert res.exit_code == 2, res.output
     assert not isinstance(res.exception, Exception)  # a clean exit, not a traceback
@@ -56,8 +59,27 @@ def test_bench_images_bad_options_fail_before_training(runner, tmp_path, benchma
     assert not list((tmp_path / "c").rglob("*.pt")) and not out.exists()  # nothing was trained or written
 
 
+@pytest.mark.parametrize("benchmark", ["erase", "collapse"])
+def test_bench_images_out_is_a_folder(runner, tmp_path, benchmark):
+    res = runner.invoke(app, _images(benchmark, tmp_path, "--methods", "gd", "--out", str(tmp_path / "rows.xlsx")))
+    assert res.exit_code == 2 and "folder" in _text(res), res.output
+    assert not (tmp_path / "rows.xlsx").exists()
+
+
+def test_bench_images_preset_larger_than_the_data_is_a_warning():
+    from overunlearn.benchmarks import get_benchmark
+    from overunlearn.cli.bench_images import check_sizes
+
+    said: list[str] = []
+    bench = get_benchmark("erase", dataset="digits", preset="cpu", device="cpu")  # n_train 5000, n_test 2000
+    check_sizes(bench, {}, echo=lambda msg, err=False: said.append(msg))
+    assert any("n_train asks for 5000 training images but digits has 1437: using all 1437" in m for m in said)
+    assert any("2000 test images but digits has 360" in m for m in said)
+
+
 def test_bench_erase_failed_methods_exit_1(runner, tmp_path, monkeypatch):
     import overunlearn.engine as engine
+    from overunlearn.sweep.journal import read_journal
 
     real = engine.unlearn
 
@@ -67,19 +89,17 @@ def test_bench_erase_failed_methods_exit_1(runner, tmp_path, monkeypatch):
         return real(problem, method, *a, **k)
 
     monkeypatch.setattr(engine, "unlearn", flaky)
-    # with --out: what succeeded is written, the summary points at the file, the exit code is 1
-    out = tmp_path / "rows.json"
+    # what succeeded is in the table and the journal, the summary points at the journal, the exit code is 1
+    out = tmp_path / "out"
     res = runner.invoke(app, _images("erase", tmp_path, "--methods", "gd,ridge", "-q", "--out", str(out)))
     assert res.exit_code == 1, res.output
-    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
-    assert rows["ridge"]["status"] == "ok" and "boom from gd" in rows["gd"]["status"]
-    assert f"failed: gd (the messages are in {out})" in res.output
-    # without --out: the messages themselves, and no mention of --out
-    res = runner.invoke(app, _images("erase", tmp_path, "--methods", "gd,ridge", "-q"))
-    assert res.exit_code == 1, res.output
-    assert "--out" not in res.output
+    (journal,) = out.glob("*.jsonl")
+    status = {r["method"]: r["status"] for r in read_journal(journal).records if r.get("kind") == "trial"}
+    assert status == {"gd": "failed", "ridge": "finished"}
+    assert f"failed: gd (the messages are in {journal})" in res.output
     tail = res.output[res.output.index("failed: gd"):]
     assert "gd seed 1: error: FloatingPointError: boom from gd" in tail
+    assert "| gd | failed |" in res.output
 
 
 def test_bench_poison_figure_seed_not_among_seeds(runner, tmp_path):
