@@ -169,6 +169,25 @@ def test_module_called_twice(ghost):
     check(Twice().to(F64), torch.randn(4, 5, 3, dtype=F64))
 
 
+class InPlace(Attn):
+    """The attention output changed in place afterwards (a residual ``+=``, then an in-place tanh)."""
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        q = h if self.batch_first else h.transpose(0, 1)
+        out = self.att(q, q, q, need_weights=False)[0]
+        out += q
+        out.tanh_()
+        out = out if self.batch_first else out.transpose(0, 1)
+        return self.out(out).mean(1)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_output_changed_in_place(batch_first):
+    torch.manual_seed(12)
+    check(InPlace(batch_first=batch_first).to(F64), torch.randn(4, 5, 3, dtype=F64))
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_transformer_encoder_layer(batch_first, norm_first):
