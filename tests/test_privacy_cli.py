@@ -141,7 +141,7 @@ def test_bench_poison_privacy_flag(runner, tmp_path, fake_report):
     out = tmp_path / "out"
     res = runner.invoke(app, ["bench", "poison", "--recipe", "smoke", "--seeds", "2", "--epochs", "1",
                               "--methods", "gd", "--out", str(out), "--cache", str(tmp_path / "cache"),
-                              "--no-progress", "--device", "cpu", "--privacy", "--privacy-models", "6"])
+                              "-q", "--device", "cpu", "--privacy", "--privacy-models", "6"])
     assert res.exit_code == 0, res.output
     (args, kwargs), = fake_report
     assert args == ("poison", ["gd"], [1])
