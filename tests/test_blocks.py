@@ -192,8 +192,8 @@ def test_sequence_linear_random_shapes(n, t, i, o, heads, bias, ghost, seed):
     x = torch.randn(n, t, i, dtype=F64)
     saved = P._conv_factored_cheaper
     P._conv_factored_cheaper = lambda *a: ghost
-    try:
-        check(model, x, qr=False)
+    try:  # random tiny models can be ill-conditioned (more rows than parameters): the QR check's 1e-8
+        check(model, x, tol=1e-8, qr=False)
     finally:
         P._conv_factored_cheaper = saved
 
