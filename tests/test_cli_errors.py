@@ -3,7 +3,6 @@ a run in which some methods fail exits 1; small output fixes (progress lines, ta
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import pytest
