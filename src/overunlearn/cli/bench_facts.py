@@ -17,9 +17,17 @@ from typing import Any
 import typer
 
 from overunlearn.cli import bench_app
-from overunlearn.cli.options import (JOBS_HELP, QUIET_HELP, SEEDS_HELP, THREADS_HELP, check_out, echo_log,
-                                     parse_overrides, parse_seeds)
 from overunlearn.cli.errors import friendly_errors
+from overunlearn.cli.options import (
+    JOBS_HELP,
+    QUIET_HELP,
+    SEEDS_HELP,
+    THREADS_HELP,
+    check_out,
+    echo_log,
+    parse_overrides,
+    parse_seeds,
+)
 
 REF_LABELS = {"original": "original model", "ground_truth": "ground truth (retrained without the forget facts)"}
 
@@ -63,8 +71,8 @@ def facts_cmd(
 ) -> None:
     """Unlearn memorised facts from a GPT-2 built from a config; ground truth retrained without them."""
     from overunlearn.benchmarks.facts import FACTS_METHOD_POINTS, FACTS_METRICS, get_preset
-    from overunlearn.methods import get_method
     from overunlearn.cli.bench_sweep import run_bench, write_bench_tables
+    from overunlearn.methods import get_method
 
     # every option is checked before anything trains
     check_out(out, [""])
