@@ -105,7 +105,7 @@ def test_bench_poison_figure_seed_not_among_seeds(runner, tmp_path):
     out = tmp_path / "p"
     res = runner.invoke(app, ["bench", "poison", "--recipe", "smoke", "--seeds", "1", "--epochs", "3",
                               "--figure-seed", "7", "--out", str(out), "--cache", str(tmp_path / "c"),
-                              "--no-progress", "--device", "cpu"])
+                              "-q", "--device", "cpu"])
     assert res.exit_code == 2, res.output
     text = _text(res)
     assert "figure seed 7 is not among the seeds [1]" in text and "--figure-seed" in text
@@ -146,14 +146,14 @@ def test_sweep_progress_shows_reference_values(tmp_path):
 
 
 def test_poison_table_columns_line_up():
-    from overunlearn.benchmarks.poison import format_table
+    from overunlearn.report.poison import format_table
 
     summary = [{"method": m, "T": T, "n": 3, "median": 0.5, "range_lo": 0.25, "range_hi": 0.75, "diverged": 0,
                 "paper_median": pm, "paper_lo": pl, "paper_hi": ph}
                for m, T, pm, pl, ph in [("minnorm_og", 100, 0.6, 0.3, 0.9), ("gd", 100, None, None, None),
                                         ("original", None, None, None, None),
                                         ("ground_truth", None, None, None, None)]]
-    run = SimpleNamespace(recipe=SimpleNamespace(name="smoke", original_steps=10, ground_truth_steps=5),
+    run = SimpleNamespace(recipe={"name": "smoke", "original_steps": 10, "ground_truth_steps": 5},
                           seeds=[1, 2, 3], summary=lambda: summary)
     lines = format_table(run).splitlines()  # type: ignore[arg-type]
     header = next(i for i, line in enumerate(lines) if line.startswith("method"))

@@ -395,6 +395,10 @@ def test_cli_writes_a_journal_resumes_it_and_its_table_is_the_journals(tmp_path)
         assert (float(rows[m]["range_lo"]), float(rows[m]["range_hi"])) == central_range(vals)
     refs = {r["seed"]: r["reference"] for r in read_refs(journal)}
     assert float(rows["original"]["median"]) == median([refs[s]["original"]["sup_error"] for s in (1, 2)])
+    # the figure seed's fits come from its trials run again with the journal's arithmetic: the same numbers
+    figs = first["figure_sup_errors"]
+    assert {m: figs[f"{m}@4"] for m in ("minnorm_og", "gd")} == {m: by_trial[(m, 1)] for m in ("minnorm_og", "gd")}
+    assert figs["original@4"] == refs[1]["original"]["sup_error"]
     models = sorted(cache.rglob("seed*.pt"))
     assert len(models) == 4
     mtimes = [p.stat().st_mtime_ns for p in models]

@@ -6,8 +6,8 @@ method at its Table 6 preset, one setting per ``T``) and runs it through the swe
 journal (``<out>/poison_<recipe>.jsonl``; trials stacked into vectorised ensembles of
 :data:`BATCH_CPU` where the model allows), so a run is resumable and its finished trials are never
 recomputed; then prints the table and writes the CSV / JSON files and one figure of fits per ``T``
-(:mod:`overunlearn.report.poison`). The journal keeps no models, so the figure seed's fits are
-recomputed here with the engine.
+(:mod:`overunlearn.report.poison`). The journal keeps no models, so the figure seed's trials are
+run again here (with the journal's arithmetic: the same numbers) for the figures.
 """
 
 from __future__ import annotations
@@ -107,15 +107,19 @@ def cache_root(cache: Path | None) -> Iterator[None]:
                 os.environ["OVERUNLEARN_CACHE"] = old
 
 
-def fit_figures(bench: Any, results: Any, seed: int, device: str) -> list[Any]:
+def fit_figures(bench: Any, epochs: Sequence[int], methods: Sequence[str], seed: int, device: str,
+                vectorise: bool = True) -> list[Any]:
     """One :class:`~overunlearn.report.poison.FitFigure` per T: the reference models of ``seed`` and every
-    method's unlearned model, recomputed here with the engine (the sweep keeps no models)."""
+    method's unlearned model. The sweep keeps no models, so the figure seed's trials are run again here
+    through :func:`overunlearn.engine.unlearn_many`, with the journal's arithmetic (``vectorise``: the
+    vectorised runner, whose numbers do not depend on what is computed with them; else the engine one
+    trial at a time), so the curves are those of the trials in the table."""
     import math
 
     import torch
 
     from overunlearn.benchmarks.poison import preset
-    from overunlearn.engine import Budget, unlearn
+    from overunlearn.engine import BatchedRun, Budget, unlearn_many
     from overunlearn.methods import create
     from overunlearn.report.poison import FitFigure, FitPanel
 
@@ -132,24 +136,50 @@ def fit_figures(bench: Any, results: Any, seed: int, device: str) -> list[Any]:
     for kind, title in (("original", "original model"), ("ground_truth", "ground truth (retain only)")):
         model = bench.load_model(seed, kind)
         refs.append(FitPanel(kind, title, curve(model), bench.evaluate(model, seed)["sup_error"]))
-    figures = []
-    for T in results.epochs:
-        panels = list(refs)
-        for m in results.methods:
-            try:
-                res = unlearn(bench.problem(seed), create(m, **preset(m, T).kwargs()), Budget(epochs=T), seed=seed,
-                              device=device)
-                panels.append(FitPanel(m, m, curve(res.model), bench.evaluate(res.model, seed)["sup_error"]))
-            except FloatingPointError:  # NonFiniteLossError: diverged
-                panels.append(FitPanel(m, m, None, math.inf))
-        figures.append(FitFigure(
-            epochs=T, seed=seed, recipe=bench.recipe.name, grid=grid.tolist(),
-            retain=(retain.inputs.reshape(-1).tolist(), retain.targets.reshape(-1).tolist()),  # type: ignore[union-attr]
-            forget=(forget.inputs.reshape(-1).tolist(), forget.targets.reshape(-1).tolist()),  # type: ignore[union-attr]
-            panels=panels,
-            note="fits recomputed with the engine from the cached original model (the journal keeps no models); "
-                 "their errors agree with the journal's to float32 rounding"))
-    return figures
+    problem = bench.problem(seed)
+    runs = [BatchedRun(problem, create(m, **preset(m, T).kwargs()), Budget(epochs=T), seed=seed, key=(m, T))
+            for T in epochs for m in methods]
+    panels: dict[tuple[str, int], FitPanel] = {}
+    for out in unlearn_many(runs, device, vectorise=vectorise):
+        m, T = out.key
+        if out.model is None:  # diverged
+            panels[(m, T)] = FitPanel(m, m, None, math.inf)
+        else:
+            panels[(m, T)] = FitPanel(m, m, curve(out.model), bench.evaluate(out.model, seed)["sup_error"])
+    return [FitFigure(
+        epochs=T, seed=seed, recipe=bench.recipe.name, grid=grid.tolist(),
+        retain=(retain.inputs.reshape(-1).tolist(), retain.targets.reshape(-1).tolist()),  # type: ignore[union-attr]
+        forget=(forget.inputs.reshape(-1).tolist(), forget.targets.reshape(-1).tolist()),  # type: ignore[union-attr]
+        panels=refs + [panels[(m, T)] for m in methods])
+        for T in epochs]
+
+
+class Background:
+    """``fn()`` in a daemon thread started now (``concurrent``), else on :meth:`result`; :meth:`result` returns
+    its value or raises its exception here."""
+
+    def __init__(self, fn: Any, concurrent: bool) -> None:
+        import threading
+
+        self.fn, self.box, self.thread = fn, {}, None
+        if concurrent:
+            self.thread = threading.Thread(target=self._run, daemon=True, name="bench-poison-figures")
+            self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.box["value"] = self.fn()
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+            self.box["error"] = exc
+
+    def result(self) -> Any:
+        if self.thread is None:
+            self._run()
+        else:
+            self.thread.join()
+        if "error" in self.box:
+            raise self.box["error"]
+        return self.box["value"]
 
 
 @bench_app.command("poison")
@@ -227,13 +257,29 @@ def poison_cmd(
         bench = PoisonBenchmark(recipe, cache_dir=cache, device=dev, workers=n_threads, progress=not quiet)
         trained = bench.prepare(seed_list)  # all seeds as one ensemble, before the sweep's workers need them
     t_trained = time.perf_counter()
+    fig_seconds: list[float] = []
+
+    def draw() -> list[Any]:
+        t0 = time.perf_counter()
+        figs = fit_figures(bench, epoch_list, method_list, fig_seed, str(dev), vectorise=batch > 1)
+        fig_seconds.append(time.perf_counter() - t0)
+        return figs
+
     try:
+        if dev.type == "cpu":  # the trials' arithmetic (one intra-op thread), for the figures' trials too
+            torch.set_num_threads(UNLEARN_THREADS)
+        # the figure seed's trials run again for the figures: next to the sweep's worker processes (this
+        # process only waits for them), or after the sweep when it runs in this process
+        figures_job = Background(draw, concurrent=n_jobs > 1)
         with cache_root(cache):
             run = run_bench(raw, out, jobs=n_jobs, threads=UNLEARN_THREADS if dev.type == "cpu" else None,
                             device=str(dev), log=log, on_failure="lower --jobs")
+        t_end = time.perf_counter()
+        with friendly_errors(KEPT, "lower --threads"):
+            figures = figures_job.result()
     finally:
         torch.set_num_threads(prev_threads)
-    t_end = time.perf_counter()
+    t_figures = time.perf_counter()
     presets = {f"{m}@{T}": {"hyper": preset(m, T).kwargs(), "note": preset(m, T).note}
                for T in epoch_list for m in method_list}
     results = load_results(run.journal, raw["name"], recipe=r.to_dict(), paper=PAPER_TABLE5, presets=presets)
@@ -241,27 +287,21 @@ def poison_cmd(
     typer.echo(format_table(results))
     for note in results.notes:
         typer.echo(f"note: {note}")
-    with friendly_errors(KEPT, "lower --threads"):
-        prev = torch.get_num_threads()
-        if dev.type == "cpu":  # the trials' arithmetic (one intra-op thread)
-            torch.set_num_threads(UNLEARN_THREADS)
-        try:
-            figures = fit_figures(bench, results, fig_seed, str(dev))
-        finally:
-            torch.set_num_threads(prev)
-    t_figures = time.perf_counter()
-    timings = {"train_s": t_trained - t_start, "unlearn_s": t_end - t_trained, "figures_s": t_figures - t_end,
+    timings = {"train_s": t_trained - t_start, "unlearn_s": t_end - t_trained, "figures_s": sum(fig_seconds),
                "total_s": t_figures - t_start}
     extra = {"device": str(dev), "threads": n_threads, "jobs": n_jobs, "batch": batch, "timings_s": timings,
-             "trained_models": trained, "reused_trials": run.result.skipped, "preset_source": PRESET_SOURCE}
+             "trained_models": trained, "reused_trials": run.result.skipped, "preset_source": PRESET_SOURCE,
+             "figure_seed": fig_seed,
+             "figure_sup_errors": {f"{p.key}@{f.epochs}": p.sup_error for f in figures for p in f.panels}}
     with friendly_errors(KEPT):
         paths = write_outputs(results, out, figures, extra)
     res = run.result
     typer.echo("")
     trained_txt = "all cached" if trained == 0 else f"{timings['train_s']:.1f} s for {trained} models"
     typer.echo(f"time: {timings['total_s']:.1f} s (training: {trained_txt}, unlearning {timings['unlearn_s']:.1f} s: "
-               f"{res.total - res.skipped} of {res.total} trials run, {res.skipped} from the journal; figures "
-               f"{timings['figures_s']:.1f} s)")
+               f"{res.total - res.skipped} of {res.total} trials run, {res.skipped} from the journal; the figure "
+               f"seed's trials again for the figures: {timings['figures_s']:.1f} s"
+               f"{', alongside' if n_jobs > 1 else ''})")
     typer.echo("written:")
     for key, path in {"journal": run.journal, **paths}.items():
         label = "Figure 1" if key == "figure_T100" else key

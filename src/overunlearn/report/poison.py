@@ -59,7 +59,7 @@ class FitFigure:
     retain: tuple[Sequence[float], Sequence[float]]  # (x, y)
     forget: tuple[Sequence[float], Sequence[float]]
     panels: list[FitPanel]
-    note: str = ""
+    note: str = ""  # a footnote
 
 
 @dataclass
