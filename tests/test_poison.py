@@ -402,6 +402,8 @@ def test_cli_writes_a_journal_resumes_it_and_its_table_is_the_journals(tmp_path)
     models = sorted(cache.rglob("seed*.pt"))
     assert len(models) == 4
     mtimes = [p.stat().st_mtime_ns for p in models]
+    fits = out / "poison_smoke_fits.json"  # the figure seed's curves, kept for the next run
+    fits_mtime = fits.stat().st_mtime_ns
 
     # the same command again: nothing trained, no trial recomputed, the same numbers
     res = _cli(args)
@@ -412,6 +414,7 @@ def test_cli_writes_a_journal_resumes_it_and_its_table_is_the_journals(tmp_path)
     assert [p.stat().st_mtime_ns for p in models] == mtimes
     assert len([r for r in _journal_trials(journal) if r["status"] == "finished"]) == 4
     assert second["trials"] == first["trials"] and second["summary"] == first["summary"]
+    assert second["figure_sup_errors"] == first["figure_sup_errors"] and fits.stat().st_mtime_ns == fits_mtime
 
     # a subset (one seed) reuses the journal too; the engine one trial at a time (--per-trial) gets its own
     # journal and agrees to floating-point rounding

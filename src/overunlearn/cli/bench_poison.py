@@ -108,12 +108,18 @@ def cache_root(cache: Path | None) -> Iterator[None]:
 
 
 def fit_figures(bench: Any, epochs: Sequence[int], methods: Sequence[str], seed: int, device: str,
-                vectorise: bool = True) -> list[Any]:
+                vectorise: bool = True, store: Path | None = None,
+                ids: dict[tuple[str, int], str] | None = None) -> list[Any]:
     """One :class:`~overunlearn.report.poison.FitFigure` per T: the reference models of ``seed`` and every
     method's unlearned model. The sweep keeps no models, so the figure seed's trials are run again here
     through :func:`overunlearn.engine.unlearn_many`, with the journal's arithmetic (``vectorise``: the
     vectorised runner, whose numbers do not depend on what is computed with them; else the engine one
-    trial at a time), so the curves are those of the trials in the table."""
+    trial at a time), so the curves are those of the trials in the table.
+
+    ``store``: a JSON file of the curves computed before, by trial id (``ids``: (method, T) -> the sweep's
+    trial id), valid for the same source fingerprint and arithmetic; its curves are reused, new ones added.
+    """
+    import json
     import math
 
     import torch
@@ -121,7 +127,9 @@ def fit_figures(bench: Any, epochs: Sequence[int], methods: Sequence[str], seed:
     from overunlearn.benchmarks.poison import preset
     from overunlearn.engine import BatchedRun, Budget, unlearn_many
     from overunlearn.methods import create
-    from overunlearn.report.poison import FitFigure, FitPanel
+    from overunlearn.report.poison import FitFigure, FitPanel, jsonable
+    from overunlearn.storage import atomic_write_json
+    from overunlearn.sweep.journal import code_fingerprint
 
     grid = bench.grid()
     dev = bench.device
@@ -136,16 +144,37 @@ def fit_figures(bench: Any, epochs: Sequence[int], methods: Sequence[str], seed:
     for kind, title in (("original", "original model"), ("ground_truth", "ground truth (retain only)")):
         model = bench.load_model(seed, kind)
         refs.append(FitPanel(kind, title, curve(model), bench.evaluate(model, seed)["sup_error"]))
+    ids = ids or {}
+    tag = {"code": code_fingerprint(), "arithmetic": "vectorised" if vectorise else "engine",
+           "grid_points": int(grid.numel())}
+    kept: dict[str, Any] = {}
+    if store is not None and store.is_file():
+        try:
+            data = json.loads(store.read_text())
+            if {k: data.get(k) for k in tag} == tag and isinstance(data.get("fits"), dict):
+                kept = data["fits"]
+        except (OSError, ValueError):  # unreadable: computed again, and the file rewritten
+            kept = {}
+    panels: dict[tuple[str, int], FitPanel] = {}
+    for T in epochs:
+        for m in methods:
+            hit = kept.get(ids.get((m, T), ""))
+            if isinstance(hit, dict) and "sup_error" in hit:
+                panels[(m, T)] = FitPanel(m, m, hit.get("curve"), float(hit["sup_error"]))
     problem = bench.problem(seed)
     runs = [BatchedRun(problem, create(m, **preset(m, T).kwargs()), Budget(epochs=T), seed=seed, key=(m, T))
-            for T in epochs for m in methods]
-    panels: dict[tuple[str, int], FitPanel] = {}
-    for out in unlearn_many(runs, device, vectorise=vectorise):
+            for T in epochs for m in methods if (m, T) not in panels]
+    for out in unlearn_many(runs, device, vectorise=vectorise) if runs else []:
         m, T = out.key
         if out.model is None:  # diverged
             panels[(m, T)] = FitPanel(m, m, None, math.inf)
         else:
             panels[(m, T)] = FitPanel(m, m, curve(out.model), bench.evaluate(out.model, seed)["sup_error"])
+        if (m, T) in ids:
+            kept[ids[(m, T)]] = {"curve": panels[(m, T)].curve, "sup_error": panels[(m, T)].sup_error}
+    if store is not None and runs:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(store, jsonable({**tag, "fits": kept}))
     return [FitFigure(
         epochs=T, seed=seed, recipe=bench.recipe.name, grid=grid.tolist(),
         retain=(retain.inputs.reshape(-1).tolist(), retain.targets.reshape(-1).tolist()),  # type: ignore[union-attr]
@@ -259,9 +288,15 @@ def poison_cmd(
     t_trained = time.perf_counter()
     fig_seconds: list[float] = []
 
+    from overunlearn.sweep.spec import parse_spec
+
+    ids = {(t.method, int(t.budget["epochs"])): t.id
+           for t in parse_spec(dict(raw), source="bench poison", default_name=raw["name"]).trials if t.seed == fig_seed}
+
     def draw() -> list[Any]:
         t0 = time.perf_counter()
-        figs = fit_figures(bench, epoch_list, method_list, fig_seed, str(dev), vectorise=batch > 1)
+        figs = fit_figures(bench, epoch_list, method_list, fig_seed, str(dev), vectorise=batch > 1,
+                           store=out / f"{raw['name']}_fits.json", ids=ids)
         fig_seconds.append(time.perf_counter() - t0)
         return figs
 
