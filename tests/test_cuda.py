@@ -140,7 +140,7 @@ def test_bench_poison_cli_on_cuda(tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     res = CliRunner().invoke(app, ["bench", "poison", "--recipe", "smoke", "--seeds", "1-2", "--epochs", "4",
                                    "--methods", "minnorm_og,gd,retrain", "--out", str(out), "--cache", str(cache),
-                                   "--no-progress", "--device", "cuda"])
+                                   "-q", "--device", "cuda"])
     assert res.exit_code == 0, res.output
     trials = json.loads((out / "poison_results.json").read_text())["trials"]
     assert len(trials) == 6 and all(t["status"] == "ok" for t in trials)
