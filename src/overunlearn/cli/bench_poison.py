@@ -334,9 +334,8 @@ def poison_cmd(
     typer.echo("")
     trained_txt = "all cached" if trained == 0 else f"{timings['train_s']:.1f} s for {trained} models"
     typer.echo(f"time: {timings['total_s']:.1f} s (training: {trained_txt}, unlearning {timings['unlearn_s']:.1f} s: "
-               f"{res.total - res.skipped} of {res.total} trials run, {res.skipped} from the journal; the figure "
-               f"seed's trials again for the figures: {timings['figures_s']:.1f} s"
-               f"{', alongside' if n_jobs > 1 else ''})")
+               f"{res.total - res.skipped} of {res.total} trials run, {res.skipped} from the journal; fits of the figure "
+               f"seed {timings['figures_s']:.1f} s{' alongside' if n_jobs > 1 else ''})")
     typer.echo("written:")
     for key, path in {"journal": run.journal, **paths}.items():
         label = "Figure 1" if key == "figure_T100" else key
