@@ -54,7 +54,8 @@ class Benchmark(Protocol):
 #                                               the methods run by default and their preset points
 #   privacy_setup(seed) -> privacy.runner.PrivacySetup
 #                                               what a privacy evaluation needs (data split, training)
-#   privacy_defaults: {"n_models": int, "ground_truth": "extra" | "split", "epochs": int}
+#   privacy_defaults: {"n_models": int, "ground_truth": "extra" | "split", "epochs": int,
+#                      "options": {constructor options of privacy runs, e.g. a lighter recipe}}
 
 
 def method_points(bench: Any, epochs: int, methods: list[str] | None = None) -> dict[str, dict[str, Any]]:
