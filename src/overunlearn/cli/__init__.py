@@ -136,16 +136,16 @@ def methods_cmd(pattern: str = typer.Argument("*", help="shell-style filter, e.g
 
 def _register() -> None:
     # imported for their side effect of adding commands; each module owns its commands
-    import importlib
-
-    from overunlearn.cli import bench_facts, bench_images, bench_poison, data, privacy, report, sweep  # noqa: F401
-
-    for optional in ("bench_run",):  # commands other modules may add
-        try:
-            importlib.import_module(f"overunlearn.cli.{optional}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"overunlearn.cli.{optional}":
-                raise
+    from overunlearn.cli import (  # noqa: F401
+        bench_facts,
+        bench_images,
+        bench_poison,
+        bench_run,
+        data,
+        privacy,
+        report,
+        sweep,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
