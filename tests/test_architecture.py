@@ -125,3 +125,12 @@ def test_fingerprinted_sources_exist():
 
     for pattern in CODE_PATHS:
         assert list(SRC.glob(pattern)), f"CODE_PATHS entry {pattern!r} matches no file"
+
+
+def test_fingerprint_of_a_missing_source_fails_loudly():
+    from overunlearn.privacy.runner import unlearning_fingerprint
+    from overunlearn.storage import source_fingerprint
+
+    assert len(unlearning_fingerprint()) == 12  # every path the privacy cache hashes exists
+    with pytest.raises(FileNotFoundError, match="no_such_module.py"):
+        source_fingerprint(["no_such_module.py"])

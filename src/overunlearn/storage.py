@@ -139,7 +139,10 @@ def source_fingerprint(paths: list[str]) -> str:
     root = Path(overunlearn.__file__).resolve().parent
     files: list[Path] = []
     for p in paths:
-        files += sorted(root.glob(p)) if any(c in p for c in "*?[") else [root / p]
+        found = sorted(root.glob(p)) if any(c in p for c in "*?[") else [root / p]
+        if not any(f.is_file() for f in found):  # a renamed module must not silently leave the hash
+            raise FileNotFoundError(f"source_fingerprint: {p!r} names no file under {root}")
+        files += found
     h = hashlib.sha256(torch.__version__.encode())
     for f in files:
         h.update(f.name.encode())

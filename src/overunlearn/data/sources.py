@@ -91,7 +91,7 @@ class ImageSet:
 
 
 def default_data_root() -> Path:
-    """``$OVERUNLEARN_DATA`` if set, else ``~/.cache/overunlearn/data``."""
+    """``$OVERUNLEARN_DATA`` if set, else ``data/`` under the cache root (:func:`overunlearn.storage.default_cache_dir`)."""
     env = os.environ.get("OVERUNLEARN_DATA")
     if env:
         return Path(env)

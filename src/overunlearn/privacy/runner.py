@@ -213,8 +213,8 @@ class MethodSpec:
 def unlearning_fingerprint() -> str:
     """Hash of the sources that decide an unlearned model and its signals (engine, methods, linear
     algebra, models, this module and the signals) and of torch's version."""
-    return source_fingerprint(["engine.py", "batching.py", "problem.py", "ensemble_unlearn.py", "methods/*.py",
-                               "linalg/*.py", "models/*.py", "metrics/privacy.py", "metrics/signals.py"])
+    return source_fingerprint(["engine/*.py", "batching.py", "problem.py", "methods/*.py", "linalg/*.py",
+                               "linalg/blocks/*.py", "models/*.py", "privacy/runner.py", "metrics/signals.py"])
 
 
 def parse_methods(methods: Any) -> list[MethodSpec]:
