@@ -1,8 +1,9 @@
 """CPU work split over worker processes (one process per shard, one pipe back from each), or over
 threads where processes cannot be used.
 
-Used by the ensemble trainer (``training/ensemble.py``) and by the Data Poisoning benchmark's
-batched unlearning. Small PyTorch models spend much of each step in Python dispatch, so threads
+Used by the ensemble trainer (``training/ensemble.py``), which shards one training job over forked
+workers; trials of sweeps and bench commands run in the sweep's executors (``sweep/executors.py``),
+whose spawned pool calls :func:`exit_with_parent` from here. Small PyTorch models spend much of each step in Python dispatch, so threads
 of one process take turns on the GIL; processes do not. On Linux the workers are started with
 ``fork`` (no re-import of ``__main__``, milliseconds to start; like PyTorch's ``DataLoader``
 workers they use the CPU only, with one intra-op thread each). Elsewhere, or inside a daemon
