@@ -360,3 +360,19 @@ def test_saturated_logits_keep_their_constraint_under_a_loss_clamp():
     # the loss itself is clamped
     y = torch.zeros(6, dtype=torch.long)
     assert clamped.per_sample_loss(model(x), y).max() <= 60 + 2 * np.log(4)
+
+
+def test_solve_gram_vector_and_matrix_right_hand_sides_agree():
+    """Both arithmetic paths of solve_gram give the pseudo-inverse solution (to float64 rounding); the
+    matrix one is the vectorised engine's."""
+    from overunlearn.linalg.projection import solve_gram
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 9, dtype=torch.float64, generator=g)
+    a[5] = a[0] + a[1]  # rank deficient
+    gram, b = a @ a.T, torch.randn(6, dtype=torch.float64, generator=g)
+    ref = torch.linalg.pinv(gram, rtol=1e-12) @ b
+    vec, mat = solve_gram(gram, b), solve_gram(gram, b.unsqueeze(-1))
+    assert mat.shape == (6, 1)
+    assert torch.allclose(vec, ref, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(mat.squeeze(-1), vec, rtol=1e-12, atol=1e-14)

@@ -233,7 +233,7 @@ def _row_sum(x: Tensor, out: Tensor | None = None) -> Tensor:
 
 def _solve_gram(gram: Tensor, rhs: Tensor, rcond: float) -> Tensor:
     """``alpha_i = G_i^+ b_i`` for every member ``i`` (``(E, k, 1)``): the engine's own solve, once per member."""
-    return torch.stack([solve_gram(gram[i], _aligned(rhs[i]), rcond) for i in range(gram.shape[0])]).unsqueeze(-1)
+    return torch.stack([solve_gram(gram[i], _aligned(rhs[i].unsqueeze(-1)), rcond) for i in range(gram.shape[0])])
 
 
 # ---- the stacked ensemble -----------------------------------------------------------------------------

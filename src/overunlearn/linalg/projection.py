@@ -53,13 +53,22 @@ def gram_and_rhs(jac: Tensor, v: Tensor, chunk: int | None = None) -> tuple[Tens
 
 
 def solve_gram(gram: Tensor, rhs: Tensor, rcond: float = 1e-12) -> Tensor:
-    """Minimum-norm solution of ``G a = b`` for symmetric PSD ``G`` (pseudo-inverse)."""
+    """Minimum-norm solution of ``G a = b`` for symmetric PSD ``G`` (pseudo-inverse); ``b`` is a vector
+    ``(k,)`` or a matrix ``(k, m)`` of right-hand sides.
+
+    A matrix ``b`` is solved with matrix products on row-major eigenvectors (the vectorised engine's
+    arithmetic, which its committed results were computed with); a vector with matrix-vector products
+    (the per-trial projection's). The two agree to float64 rounding, not bit for bit.
+    """
     evals, evecs = torch.linalg.eigh(gram)
     top = evals.max().clamp_min(0.0)
     keep = evals > rcond * top
     if not bool(keep.any()):
         return torch.zeros_like(rhs)
     inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), torch.zeros_like(evals))
+    if rhs.dim() == 2:
+        evecs = evecs.contiguous()
+        return evecs @ (inv.unsqueeze(-1) * (evecs.T @ rhs))
     return evecs @ (inv * (evecs.T @ rhs))
 
 
