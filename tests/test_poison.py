@@ -280,7 +280,11 @@ def test_benchmark_protocol_members_are_the_papers_presets():
         assert list(points) == list(P.POISON_METHODS)
         assert points == {m: P.preset(m, T).kwargs() for m in P.POISON_METHODS}
     assert method_points(bench, 100, ["gd"]) == {"gd": {"lr": 1e-3}}
-    assert dict(bench.privacy_defaults) == {"n_models": 16, "ground_truth": "extra", "epochs": 100}
+    assert dict(bench.privacy_defaults) == {"n_models": 16, "ground_truth": "extra", "epochs": 100,
+                                            "options": {"recipe": "quick"}}
+    from overunlearn.privacy.runner import privacy_defaults
+
+    assert privacy_defaults("poison")["options"] == {"recipe": "quick"}  # privacy trains the quick recipe
 
 
 # ---- the benchmark protocol and the cache --------------------------------------------------------

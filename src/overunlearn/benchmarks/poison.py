@@ -278,7 +278,9 @@ class PoisonBenchmark:
     default_epochs: tuple[int, ...] = (10, 100, 1000)
     #: ``overunlearn privacy`` / ``bench poison --privacy``: N models, a ground truth trained on extra
     #: data, at T = 100 (Figure 1's budget)
-    privacy_defaults: Mapping[str, Any] = MappingProxyType({"n_models": 16, "ground_truth": "extra", "epochs": 100})
+    # privacy trains 3N models per method: the quick recipe unless --recipe says otherwise
+    privacy_defaults: Mapping[str, Any] = MappingProxyType({"n_models": 16, "ground_truth": "extra", "epochs": 100,
+                                                            "options": {"recipe": "quick"}})
 
     @staticmethod
     def method_points(epochs: int) -> dict[str, dict[str, Any]]:

@@ -214,7 +214,7 @@ class Background:
 @bench_app.command("poison")
 def poison_cmd(
     seeds: str = typer.Option("1-10", "--seeds", help=SEEDS_HELP),
-    epochs: str = typer.Option("10,100,1000", "--epochs", help="unlearning epochs T (one full-batch step each), "
+    epochs: str = typer.Option("10,100,1000", "--epochs", "-T", help="unlearning epochs T (one full-batch step each), "
                                "e.g. '10,100,1000'"),
     methods: str = typer.Option("all", "--methods", help="comma-separated methods or 'all': "
                                 "retrain,minnorm_og,gd,ga,ngp,ngd,ridge,l1_sparse"),
