@@ -24,6 +24,7 @@ from overunlearn.cli.options import (
     SEEDS_HELP,
     THREADS_HELP,
     check_out,
+    choose_methods,
     echo_log,
     parse_overrides,
     parse_seeds,
@@ -83,11 +84,7 @@ def facts_cmd(
         chosen = base.replace(**options)
     except (ValueError, TypeError) as exc:
         raise typer.BadParameter(str(exc)) from None
-    names = [m.strip().lower() for m in methods.split(",") if m.strip()] if methods else list(FACTS_METHOD_POINTS)
-    unknown = [m for m in names if m not in FACTS_METHOD_POINTS]
-    if unknown:
-        raise typer.BadParameter(f"unknown method(s) {unknown}; valid: {', '.join(FACTS_METHOD_POINTS)}",
-                                 param_hint="'--methods'")
+    names = choose_methods(methods, list(FACTS_METHOD_POINTS))
     points = {m: dict(FACTS_METHOD_POINTS[m]) for m in names}
     for m, kv in parse_overrides(hp).items():
         if m not in points:

@@ -25,6 +25,7 @@ from overunlearn.cli.options import (
     SEEDS_HELP,
     THREADS_HELP,
     check_out,
+    choose_methods,
     echo_log,
     parse_epochs,
     parse_overrides,
@@ -40,27 +41,6 @@ def _message(exc: BaseException) -> str:
     if isinstance(exc, KeyError) and exc.args:
         return str(exc.args[0])
     return str(exc)
-
-
-def choose_methods(methods: str | None, available: list[str]) -> list[str]:
-    """``--methods``: comma-separated names or shell patterns of classification methods (default: all)."""
-    from overunlearn.methods import list_methods
-
-    if not methods:
-        return list(available)
-    chosen: list[str] = []
-    for pat in methods.split(","):
-        if not pat.strip():
-            continue
-        found = list_methods(pat.strip())
-        if not found:
-            raise typer.BadParameter(f"no method matches {pat.strip()!r}; valid: {', '.join(available)}",
-                                     param_hint="'--methods'")
-        chosen += [m for m in found if m in available and m not in chosen]
-    if not chosen:
-        raise typer.BadParameter(f"no classification method matches {methods!r}; valid: {', '.join(available)}",
-                                 param_hint="'--methods'")
-    return chosen
 
 
 def check_sizes(bench: Any, explicit: dict[str, Any], echo: Any = typer.echo,

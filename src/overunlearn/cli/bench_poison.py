@@ -28,6 +28,7 @@ from overunlearn.cli.options import (
     QUIET_HELP,
     SEEDS_HELP,
     check_out,
+    choose_methods,
     echo_log,
     parse_epochs,
     parse_seeds,
@@ -44,19 +45,6 @@ BATCH_GPU = 256
 #: the ``--jobs`` worker processes): a product's rounding may depend on how its sums are split over threads,
 #: so a trial's numbers would otherwise depend on the machine that put it in the journal
 UNLEARN_THREADS = 1
-
-
-def parse_methods(text: str) -> list[str]:
-    from overunlearn.benchmarks.poison import POISON_METHODS
-
-    if text.strip().lower() in ("all", "*", ""):
-        return list(POISON_METHODS)
-    names = list(dict.fromkeys(m.strip().lower().replace("-", "_") for m in text.split(",") if m.strip()))
-    bad = [m for m in names if m not in POISON_METHODS]
-    if bad:
-        raise typer.BadParameter(f"unknown method(s) {bad}; choose from {', '.join(POISON_METHODS)} or 'all'",
-                                 param_hint="'--methods'")
-    return names
 
 
 def _cpu_count() -> int:
@@ -259,7 +247,9 @@ def poison_cmd(
                                  param_hint="'--recipe'")
     seed_list = parse_seeds(seeds)
     epoch_list = parse_epochs(epochs)
-    method_list = parse_methods(methods)
+    from overunlearn.benchmarks.poison import POISON_METHODS
+
+    method_list = choose_methods(methods, list(POISON_METHODS))
     check_out(out, [""])
     fig_seed = seed_list[0] if figure_seed is None else figure_seed
     if fig_seed not in seed_list:

@@ -24,6 +24,7 @@ from overunlearn.cli.options import (
     SEEDS_HELP,
     THREADS_HELP,
     check_out,
+    choose_methods,
     echo_log,
     parse_epochs,
     parse_options,
@@ -32,25 +33,6 @@ from overunlearn.cli.options import (
 )
 
 STATISTICS = {"mean_se": "mean ± SE over seeds", "median": "median (range) over seeds"}
-
-
-def _choose(methods: str, known: list[str]) -> list[str]:
-    """``--methods``: comma-separated names or shell patterns of registered methods."""
-    from overunlearn.methods import list_methods
-
-    chosen: list[str] = []
-    for pat in methods.split(","):
-        pat = pat.strip().lower()
-        if not pat:
-            continue
-        found = list_methods(pat)
-        if not found:
-            raise typer.BadParameter(f"no method matches {pat!r}; registered: {', '.join(known)}",
-                                     param_hint="'--methods'")
-        chosen += [m for m in found if m not in chosen]
-    if not chosen:
-        raise typer.BadParameter(f"no method in {methods!r}", param_hint="'--methods'")
-    return chosen
 
 
 def bench_run_spec(benchmark: str, bench: Any, *, options: dict[str, Any], seeds: list[int], epochs: list[int],
@@ -121,7 +103,7 @@ def run_cmd(
             raise typer.BadParameter(str(exc), param_hint="'--epochs'") from None
     epoch_list = list(epoch_arg) if epoch_arg is not None else list(own_epochs or ())
     known = list_methods()
-    chosen = _choose(methods, known) if methods else None
+    chosen = choose_methods(methods, known) if methods else None
     points: dict[int, dict[str, dict[str, Any]]] = {}
     for T in epoch_list:
         try:

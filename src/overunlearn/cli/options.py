@@ -129,3 +129,23 @@ def parse_options(items: Sequence[str] | None, option: str = "'--option'") -> di
 
 OPTION_HELP = ("a benchmark constructor option KEY=VALUE, as get_benchmark(name, KEY=VALUE) takes it "
                "(repeatable; e.g. recipe=smoke, n_train=500)")
+
+
+def choose_methods(text: str | None, available: Sequence[str]) -> list[str]:
+    """``--methods``: comma-separated names or shell patterns (``n*``) out of ``available``, in the order
+    given; empty, ``all`` or ``*`` -> every one of ``available``."""
+    import fnmatch
+
+    if text is None or text.strip().lower() in ("", "all", "*"):
+        return list(available)
+    chosen: list[str] = []
+    for pat in text.split(","):
+        pat = pat.strip().lower().replace("-", "_")
+        if not pat:
+            continue
+        found = [m for m in available if fnmatch.fnmatchcase(m, pat)]
+        if not found:
+            raise typer.BadParameter(f"no method matches {pat!r} (an unknown method for this command); valid: "
+                                     f"{', '.join(available)} or 'all'", param_hint="'--methods'")
+        chosen += [m for m in found if m not in chosen]
+    return chosen
