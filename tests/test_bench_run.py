@@ -177,3 +177,22 @@ def test_every_registered_benchmark_declares_registered_methods_at_valid_points(
             assert privacy["ground_truth"] in ("extra", "split"), name
         checked.append(name)
     assert {"erase", "collapse", "facts"} <= set(checked)
+
+
+def test_bench_runs_trials_of_other_code_again(tmp_path, monkeypatch):
+    """A bench table shows what this code computes: after a code change the journalled trials run again."""
+    import overunlearn.sweep.journal as journal_module
+    import overunlearn.sweep.run as run_module
+
+    out = tmp_path / "out"
+    args = (NAME, "--seeds", "1", "--out", str(out), "-q", "--device", "cpu")
+    assert _invoke(*args).exit_code == 0
+    journal = out / f"{NAME}.jsonl"
+    before = _trials(journal)
+    monkeypatch.setattr(run_module, "code_fingerprint", lambda: "othercode000")
+    monkeypatch.setattr(journal_module, "code_fingerprint", lambda: "othercode000")
+    res = _invoke(*args)
+    assert res.exit_code == 0, res.output
+    after = _trials(journal)
+    assert len(after) == 2 * len(before)  # every trial ran again under the new fingerprint
+    assert {t["code"] for t in after[len(before):]} == {"othercode000"}

@@ -172,3 +172,24 @@ def _is_json(line: bytes) -> bool:
         return True
     except ValueError:
         return False
+
+
+def test_code_fingerprint_covers_loaded_plugin_sources(tmp_path, monkeypatch):
+    """Editing a plugin's method must make its journalled trials stale, as editing the package does."""
+    import sys
+
+    import overunlearn.plugins as plugins
+    from overunlearn.sweep.journal import code_fingerprint
+
+    base = code_fingerprint()
+    mod = tmp_path / "fp_plugin_mod.py"
+    mod.write_text("SCALE = 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import fp_plugin_mod  # noqa: F401
+
+    monkeypatch.setattr(plugins, "active_plugins", lambda: ["fp_plugin_mod"])
+    with_plugin = code_fingerprint()
+    assert with_plugin != base
+    mod.write_text("SCALE = 0.0\n")
+    assert code_fingerprint() not in (base, with_plugin)
+    monkeypatch.delitem(sys.modules, "fp_plugin_mod")

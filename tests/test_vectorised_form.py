@@ -160,3 +160,23 @@ def test_methods_and_linalg_never_import_the_engine():
                     [node.module or ""] if isinstance(node, ast.ImportFrom) else []
                 assert not any(n == "overunlearn.engine" or n.startswith("overunlearn.engine.") or
                                n == "overunlearn.ensemble_unlearn" for n in names), path
+
+
+def test_a_subclass_that_changes_the_step_does_not_inherit_the_vectorised_form():
+    """A user's subclass of GD with another loss must run its own step, not GD's vectorised one."""
+
+    class ZeroLossGD(get_method("gd")):
+        name = "zero_loss_gd"
+
+        def loss(self, ctx, info, retain, forget):
+            return 0.0 * ctx.batch_loss(retain)
+
+    problem = _problem(0)
+    method = ZeroLossGD()
+    assert "redefines loss" in batchable(problem, method, Budget(epochs=3))
+    out = unlearn_many([BatchedRun(problem, method, Budget(epochs=3), seed=0, key=0)])[0]
+    assert not out.vectorised
+    alone = unlearn(problem, ZeroLossGD(), Budget(epochs=3), seed=0).model
+    gd = unlearn(problem, create("gd"), Budget(epochs=3), seed=0).model
+    assert _max_diff(out.model, alone) == 0.0  # its own step, through the engine
+    assert _max_diff(out.model, gd) > 0.0

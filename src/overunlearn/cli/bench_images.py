@@ -171,8 +171,8 @@ def run_image_benchmark(benchmark: str, *, dataset: str, seeds: list[int], prese
         hyper = {**presets.get(name, {}), **overrides.get(name, {})}
         try:
             create(name, **hyper)
-        except (KeyError, ValueError, TypeError) as exc:
-            raise typer.BadParameter(_message(exc), param_hint="'--hp'" if name in overrides else None) from None
+        except Exception as exc:  # noqa: BLE001 - a plugin method's constructor may raise anything
+            raise typer.BadParameter(f"{name}: {_message(exc)}", param_hint="'--hp'" if name in overrides else None) from None
         points[name] = hyper
     check_sizes(bench, sizes, echo)  # loads the dataset: a missing one is reported now, not by the workers
     p = bench.preset

@@ -134,7 +134,7 @@ def fit_figures(bench: Any, epochs: Sequence[int], methods: Sequence[str], seed:
         refs.append(FitPanel(kind, title, curve(model), bench.evaluate(model, seed)["sup_error"]))
     ids = ids or {}
     tag = {"code": code_fingerprint(), "arithmetic": "vectorised" if vectorise else "engine",
-           "grid_points": int(grid.numel())}
+           "device": str(torch.device(device).type), "grid_points": int(grid.numel())}
     kept: dict[str, Any] = {}
     if store is not None and store.is_file():
         try:

@@ -125,8 +125,9 @@ def run_cmd(
             points[T][m].update(overrides.get(m, {}))
             try:
                 create(m, **points[T][m])
-            except (KeyError, ValueError, TypeError) as exc:
-                msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+            except Exception as exc:  # noqa: BLE001 - a plugin method's constructor may raise anything
+                msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else f"{type(exc).__name__}: {exc}"
+                msg = msg.removeprefix("ValueError: ").removeprefix("TypeError: ")
                 raise typer.BadParameter(f"{m}: {msg}", param_hint="'--hp'" if m in overrides else None) from None
     # the default journal: the benchmark's own options, epochs and points (a subset of its methods included)
     default = not options and points == presets and epoch_list == own_epochs

@@ -48,6 +48,11 @@ def bench_spec(*, name: str, title: str, benchmark: str, options: Mapping[str, A
     (e.g. ``T = 10``, ``100``, ``1000``); the methods of the first setting give the report order.
     ``statistic``: the report's statistic over seeds, ``"median"`` or ``"mean_se"``.
     """
+    from overunlearn.engine import resolve_device
+
+    kind = resolve_device(device).type
+    if kind != "cpu":  # another device rounds differently: its trials go to a journal of their own
+        name = f"{name}_{kind}"
     methods: list[str] = []
     for _, _, points in settings:
         methods += [m for m in points if m not in methods]
@@ -74,7 +79,8 @@ def bench_spec(*, name: str, title: str, benchmark: str, options: Mapping[str, A
 def run_bench(raw: Mapping[str, Any], out: Path, *, jobs: int = 1, threads: int | None = None,
               device: str = "auto", log: Callable[[str], None] = lambda _m: None,
               on_failure: str = "try --jobs 1 or a smaller preset", executor: str = "local") -> BenchRun:
-    """Run the spec ``raw`` (resuming its journal under ``out``) and load its report."""
+    """Run the spec ``raw`` (resuming its journal under ``out``; trials that other code journalled -- another
+    source fingerprint of the package or of a plugin, another torch -- run again) and load its report."""
     from overunlearn.report.aggregate import load
     from overunlearn.sweep.executors import make_executor
     from overunlearn.sweep.run import run_sweep
@@ -87,7 +93,8 @@ def run_bench(raw: Mapping[str, Any], out: Path, *, jobs: int = 1, threads: int 
         spec = parse_spec(dict(raw), source=f"bench {raw['benchmark']['name']}", default_name=name)
         out.mkdir(parents=True, exist_ok=True)
         with make_executor(executor, jobs=jobs, threads=threads) as ex:
-            result = run_sweep(spec, journal, ex, device=device, threads=threads, log=log)
+            # a bench table shows what this code computes: trials journalled by other code are run again
+            result = run_sweep(spec, journal, ex, device=device, threads=threads, log=log, rerun_stale=True)
         reports, _ = load(journal, allow_partial=True, sweeps=[name])
     return BenchRun(journal, result, reports[0])
 

@@ -107,10 +107,31 @@ class BatchedOutcome:
     traceback: str | None = None
 
 
+#: what a method's step is made of: a subclass overriding any of these after the class that declared the
+#: vectorised form has another step than that form describes
+_STEP_MEMBERS = ("Config", "setup", "before_step", "loss", "on_gradients", "after_step", "teardown", "reinitialise")
+
+
+def _form_is_current(method: Method) -> str | None:
+    """``None`` if the class that declares ``vectorised`` also defines (or inherits) every part of the step;
+    else why not (a subclass of a built-in method that changes its hooks but not its vectorised form)."""
+    mro = type(method).__mro__
+    owner = next(c for c in mro if "vectorised" in vars(c))
+    later = [name for name in _STEP_MEMBERS
+             if not issubclass(owner, next((c for c in mro if name in vars(c)), owner))]
+    if later:
+        return (f"method {method.name!r} ({type(method).__name__}) redefines {', '.join(later)} after its "
+                f"vectorised form (declared by {owner.__name__}); it runs per trial")
+    return None
+
+
 def batchable(problem: UnlearningProblem, method: Method, budget: Budget) -> str | None:
     """``None`` if the run can be vectorised, else the reason it cannot (for logs and fallbacks)."""
     if method.vectorised(budget.epochs or 0, 0) is None:
         return method.why_not_vectorised()
+    stale = _form_is_current(method)
+    if stale:
+        return stale
     if method.config.optimizer != "adamw":
         return "only AdamW is vectorised"
     if budget.epochs is None or budget.seconds is not None or budget.steps is not None:

@@ -419,10 +419,29 @@ def code_fingerprint() -> str:
     """A hash of torch's version and of the sources that determine a trial's numbers (:data:`CODE_PATHS`).
 
     Every record a sweep writes carries it as ``"code"``; a finished trial with another fingerprint was
-    computed by other code, and resuming says so (or reruns it)."""
+    computed by other code, and resuming says so (or reruns it). The sources of loaded plugin modules
+    (:func:`overunlearn.plugins.active_plugins`) count too: editing a plugin's method changes its numbers."""
+    import hashlib
+    import inspect
+    import sys
+
+    from overunlearn.plugins import active_plugins
     from overunlearn.storage import source_fingerprint
 
-    return source_fingerprint(CODE_PATHS)
+    base = source_fingerprint(CODE_PATHS)
+    h = hashlib.sha256(base.encode())
+    extra = False
+    for name in sorted(active_plugins()):
+        module = sys.modules.get(name)
+        try:
+            path = inspect.getsourcefile(module) if module is not None else None
+        except TypeError:  # a built-in or namespace module: no source to hash
+            path = None
+        if path and Path(path).is_file():
+            h.update(name.encode())
+            h.update(Path(path).read_bytes())
+            extra = True
+    return h.hexdigest()[:12] if extra else base
 
 
 def stale_trials(contents: JournalContents, ids: set[str], code: str) -> dict[str, str]:
