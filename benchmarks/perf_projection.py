@@ -35,6 +35,14 @@ Cases ((a) and (c) are models of the paper's experiments, Appendices F.2 and F.3
 * (f) ViT-Tiny-shaped image transformer (12 layers, width 192, 3 heads, MLP 768, patch 16,
   10 classes): 224x224 images (197 tokens), batch 64, k = 50 on a GPU; on CPU 112x112 images
   (50 tokens, ``--cpu-vit-image``), labelled.
+* (g) / (h) a small ``nn.TransformerEncoder`` classifier (``Linear(16, 64)``, two
+  ``nn.TransformerEncoderLayer(64, 4, dim_feedforward=128)``, mean over 32 tokens, ``Linear(64, 10)``;
+  68.7k parameters), batch 32, k = 32: (g) ``batch_first=True``, (h) ``batch_first=False``
+  (sequence-first inside: the engine hands its per-position layers to their blocks batch-major).
+
+``--ablate attention`` / ``--ablate sequence-first`` also times the fast projection with that part of
+the blocks switched off (``nn.MultiheadAttention`` unregistered: its parameters through
+``torch.func``; sequence-first calls declined), interleaved with the other two, and prints the ratio.
 
 Transformers are built from configs with random weights (no downloads) and eager attention, for
 the GD step and the projection alike (MinNorm-OG's step switches Hugging Face models to eager
@@ -59,6 +67,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -68,7 +77,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +131,23 @@ def lm_batch(n: int, tokens: int, vocab: int, prompt: int, g: torch.Generator) -
     labels = ids.clone()
     labels[:, :prompt] = -100
     return Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels)
+
+
+class TinyEncoder(nn.Module):
+    """``Linear(16, 64)``, two ``nn.TransformerEncoderLayer(64, 4, 128)``, mean over tokens, ``Linear(64, 10)``."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.inp = nn.Linear(16, 64)
+        layer = nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, dropout=0.0, batch_first=batch_first)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        h = self.enc(h if self.batch_first else h.transpose(0, 1))
+        return self.out(h.mean(1 if self.batch_first else 0))
 
 
 class _FallbackCNN(nn.Module):  # pragma: no cover
@@ -211,6 +238,12 @@ def build_case(key: str, device: torch.device, args: argparse.Namespace) -> Case
         batch = Batch(torch.randn(n, 3, image, image, generator=g), torch.randint(0, 10, (n,), generator=g))
         return Case("f", f"ViT-Tiny shape (12 x 192, patch 16), {image}x{image}", vit_tiny(image), batch,
                     ClassificationTask(), 50, note).to(device)
+    if key in ("g", "h"):
+        n = 32
+        batch = Batch(torch.randn(n, 32, 16, generator=g), torch.randint(0, 10, (n,), generator=g))
+        layout = "batch-first" if key == "g" else "sequence-first"
+        return Case(key, f"nn.TransformerEncoder 2 x 64, 32 tokens, {layout}", TinyEncoder(key == "g"), batch,
+                    ClassificationTask(), 32).to(device)
     raise ValueError(f"unknown case {key!r}")
 
 
@@ -266,15 +299,47 @@ def gd_step(case: Case) -> Callable[[], None]:
     return step
 
 
-def projection(case: Case, implementation: str) -> Callable[[], None]:
+def projection(case: Case, implementation: str, ablate: str = "") -> Callable[[], None]:
     gen = torch.Generator().manual_seed(0)
     strata = case.task.strata(case.batch.targets)
 
     def step() -> None:
-        minnorm_projection_step(case.model, case.batch, case.task.scores, strata, 0.01, case.n_pert, gen,
-                                "per_sample", implementation, with_targets=case.with_targets)
+        with ablated(ablate):
+            minnorm_projection_step(case.model, case.batch, case.task.scores, strata, 0.01, case.n_pert, gen,
+                                    "per_sample", implementation, with_targets=case.with_targets)
 
     return step
+
+
+@contextlib.contextmanager
+def ablated(part: str) -> Iterator[None]:
+    """Switch part of the blocks off for the duration (``""``: nothing): ``"attention"`` unregisters
+    ``nn.MultiheadAttention``'s block, ``"sequence-first"`` makes sequence-first calls decline."""
+    from overunlearn.linalg import projection as lp
+    from overunlearn.linalg.blocks.base import _REGISTRY
+
+    if not part:
+        yield
+        return
+    if part not in ("attention", "sequence-first"):
+        raise ValueError(f"unknown --ablate {part!r}")
+    # the ablated calls keep their own memo of checked models (a check passed with every block on
+    # says nothing about the ablated plan)
+    saved = lp._VERIFIED, lp._LAYOUTS, lp._sequence_first, _REGISTRY.get(nn.MultiheadAttention)
+    lp._VERIFIED, lp._LAYOUTS = _ABLATED_MEMO.setdefault(part, (weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()))
+    if part == "attention":
+        _REGISTRY.pop(nn.MultiheadAttention, None)
+    else:
+        lp._sequence_first = lambda *a: False
+    try:
+        yield
+    finally:
+        lp._VERIFIED, lp._LAYOUTS, lp._sequence_first = saved[:3]
+        if saved[3] is not None:
+            _REGISTRY[nn.MultiheadAttention] = saved[3]
+
+
+_ABLATED_MEMO: dict[str, tuple[weakref.WeakKeyDictionary, weakref.WeakKeyDictionary]] = {}
 
 
 def cuda_peak(fn: Callable[[], None], device: torch.device) -> float:
@@ -352,13 +417,22 @@ def run_case(key: str, device: torch.device, args: argparse.Namespace) -> dict:
     res: dict = {"case": key, "label": case.label, "note": case.note, "device": str(device), "d": case.d,
                  "batch": len(case.batch), "k_samples": case.n_pert, "jacobian_rows": rows,
                  "repeats": repeats, "jacobian_mib_fp32": rows * case.d * 4 / 2**20}
-    if args.interleave:
-        both = timed_interleaved({"gd": gd_step(case), "fast": projection(case, "fast")}, device, repeats, warmup)
-        gd, fast = both["gd"], both["fast"]
+    from overunlearn.linalg import projection as lp
+
+    if args.interleave or args.ablate:
+        fns = {"gd": gd_step(case), "fast": projection(case, "fast")}
+        if args.ablate:
+            fns["ablated"] = projection(case, "fast", args.ablate)
+        got = timed_interleaved(fns, device, repeats, warmup)
+        gd, fast = got["gd"], got["fast"]
+        if args.ablate:
+            res["ablated"] = args.ablate
+            res["ablated_s"] = statistics.median(got["ablated"])
+            res["ablated_route"] = dataclasses.asdict(lp.last_route)
+            projection(case, "fast")()  # so that the route below is the fast call's
     else:
         gd = timed(gd_step(case), device, repeats, warmup)
         fast = timed(projection(case, "fast"), device, repeats, warmup)
-    from overunlearn.linalg import projection as lp
 
     res["route"] = dataclasses.asdict(lp.last_route)
     ref = None
@@ -388,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median reported)")
     ap.add_argument("--quick", action="store_true", help="3 repeats, ResNet-18 on CPU at batch 16 / k=4")
-    ap.add_argument("--cases", default="a,b,c,d,e,f", help="comma-separated subset of a,b,c,d,e,f")
+    ap.add_argument("--cases", default="a,b,c,d,e,f", help="comma-separated subset of a,b,c,d,e,f,g,h")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--cpu-resnet-batch", type=int, default=32)
     ap.add_argument("--cpu-resnet-k", type=int, default=10, help="samples per head for ResNet-18 on CPU")
@@ -401,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interleave", action="store_true",
                     help="time GD and fast projection calls in turn (for a machine shared with other jobs)")
     ap.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory child processes")
+    ap.add_argument("--ablate", default="", choices=["", "attention", "sequence-first"],
+                    help="also time the fast projection with this part of the blocks switched off (interleaved)")
     ap.add_argument("--probe-timeout", type=float, default=900.0)
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--_probe", nargs=2, help=argparse.SUPPRESS)
@@ -440,6 +516,11 @@ def main(argv: list[str] | None = None) -> int:
         rt = r["route"]
         print(f"      route: {rt['path']}" + (f" ({rt['reason']})" if rt["reason"] else
                                              f", parameters ghost {rt['ghost']} / rows {rt['rows']} / torch.func {rt['dense']}"))
+        if "ablated_s" in r:
+            ra = r["ablated_route"]
+            print(f"    projection, fast, without {r['ablated']:<14s}{fmt_s(r['ablated_s'])}"
+                  f"   = {r['ablated_s'] / r['gd_s']:.2f} x GD; {r['ablated_s'] / r['fast_s']:.2f} x the fast step"
+                  f"  (route: {ra['path']}, torch.func {ra['dense']})")
         if r["ref_s"] is not None:
             print(f"    projection, reference       {fmt_s(r['ref_s'])}   peak mem {fmt_b(r.get('mem_ref'))}"
                   f"   = {r['ref_s'] / r['gd_s']:.2f} x GD; fast is {r['ref_over_fast']:.2f} x faster")

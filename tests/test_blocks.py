@@ -310,6 +310,100 @@ def test_in_place_operations():
     assert torch.equal(x, before)
 
 
+# ---------------------------------------------------------------- sequence-first layers
+
+class SeqFirst(nn.Module):
+    """Token ids (n, L) run sequence-first inside: Embedding, LayerNorm, Linear (in-place ReLU on its
+    output), RMSNorm, Linear without bias on (L, n, E) and (L, n, S, E), then batch-major again."""
+
+    def __init__(self, vocab: int = 13, width: int = 6) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width, padding_idx=0)
+        self.ln = nn.LayerNorm(width)
+        self.a = nn.Linear(width, width)
+        self.rms = nn.RMSNorm(width)
+        self.b = nn.Linear(width, 4, bias=False)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        h = self.ln(self.emb(ids.transpose(0, 1)))  # (L, n, E)
+        h = torch.tanh(self.a(h))
+        h = torch.stack([h, h.roll(1, -1) + 0.5], 2)  # (L, n, 2, E)
+        h = self.b(self.rms(h))  # (L, n, 2, 4)
+        return self.head(h.mean(dim=(0, 2)))
+
+
+@pytest.mark.parametrize("length", [5, 2])
+def test_sequence_first_layers_take_the_blocks(length, ghost):
+    """A layer acting per position on a (L, n, ...) input is given to its block batch-major: every
+    parameter on the blocks, the projection equal to the vmapped Jacobian's and QR's."""
+    torch.manual_seed(7)
+    model = SeqFirst().to(F64)
+    ids = torch.randint(0, 13, (4, length))
+    out = model(ids)
+    assert (out - out[:1]).abs().max() > 1e-3  # the samples' scores differ (a model worth testing)
+    check(model, ids)
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(2, 5), length=st.integers(2, 6), heads=st.integers(1, 2), seed=st.integers(0, 99))
+def test_sequence_first_linear_random_shapes(n, length, heads, seed):
+    torch.manual_seed(seed)
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.ln, self.head = nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, heads)
+
+        def forward(self, x):  # (n, L, 3) -> (L, n, 3) inside
+            return self.head(torch.tanh(self.ln(self.lin(x.transpose(0, 1)))).sum(0))
+
+    model = M().to(F64)
+    x = torch.randn(n, length, 3, dtype=F64)
+    v = flat(model)
+    got = project_model_onto_span(model, x, identity, v)
+    route = P.last_route
+    assert relerr(got, project_onto_span(output_jacobian(model, x, identity), v)) <= 1e-9, route
+    if length != 1:
+        assert route.path == "hooked" and route.dense == 0, route  # on the blocks (L = n: by the probe)
+
+
+@pytest.mark.parametrize("case", ["length_equals_batch", "one_token", "output_in_place"])
+def test_sequence_first_ambiguous_or_mixing_stays_right(case):
+    """Shapes that read both ways (L = n: settled by a forward of one sample; L = 1: read as a row shared
+    by the samples, which the check catches) and a sequence-first output changed in place: the
+    projection is still right."""
+    torch.manual_seed(8)
+    n = 4
+    if case == "output_in_place":
+        class M(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.a, self.b = nn.Linear(3, 5), nn.Linear(5, 2)
+
+            def forward(self, x):
+                h = self.a(x.transpose(0, 1))
+                h.mul_(2.0)
+                return self.b(torch.tanh(h)).mean(0)
+
+        model, x = M().to(F64), torch.randn(n, 3, 3, dtype=F64)
+    else:
+        length = {"length_equals_batch": n, "one_token": 1}[case]
+        model = SeqFirst().to(F64)
+        x = torch.randint(1, 13, (n, length))
+    v = flat(model)
+    got = project_model_onto_span(model, x, identity, v)
+    route = P.last_route
+    ref = project_onto_span(output_jacobian(model, x, identity), v)
+    assert relerr(got, ref) <= 1e-9, route
+    if case == "output_in_place":
+        assert route.path == "hooked" and route.dense == 2, route  # that layer's two parameters: torch.func
+    elif case == "length_equals_batch":
+        assert route.path == "hooked" and route.dense == 0, route  # settled by the one-sample probe
+    else:
+        assert route.reason == "check failed", route  # (1, n, E) reads as a shared row: caught by the check
+
+
 def test_frozen_parameters_are_not_part_of_the_jacobian():
     torch.manual_seed(6)
     model = Tokens().to(F64)

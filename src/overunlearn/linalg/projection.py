@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -251,6 +252,10 @@ def _factored_layers(model: nn.Module, inputs, params: list[Tensor],
 #: a memo of :func:`_verify`, so that the check runs once per model and input shape, not every step
 _VERIFIED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool]] = weakref.WeakKeyDictionary()
 
+#: models (held weakly) -> input signature -> the layouts of their position-wise layers' calls
+#: (:func:`_probe_layouts`), read once per model and input shape
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, dict[int, list[bool | None]]]] = weakref.WeakKeyDictionary()
+
 
 def _signature(inputs, layers, params: list[Tensor]) -> tuple:
     leaves = structure.tensor_leaves(inputs)
@@ -367,6 +372,54 @@ def _hook_target(out: Tensor) -> Tensor | None:
     return None
 
 
+def _sequence_first(args: tuple, out: Any, n: int, probed: bool | None = None) -> bool:
+    """Whether a call takes its input sequence-first: the samples (``n`` of them) along dimension 1 of
+    its first input and of its output. ``probed``: what a forward of one sample showed for this call
+    (:func:`_probe_layouts`; ``None``: nothing), which settles ``L = n``. Shapes that still read both
+    ways are read batch-major (``L = 1``: a row shared by all samples); where that is wrong, the check
+    against autograd fails and the vmapped Jacobian is used."""
+    if n <= 1 or probed is False or not args or not isinstance(args[0], Tensor) or not isinstance(out, Tensor):
+        return False
+    x = args[0]
+    if not (x.dim() >= 2 and out.dim() >= 3 and tuple(x.shape[:2]) == tuple(out.shape[:2]) and x.shape[1] == n):
+        return False
+    return x.shape[0] != 1 and (probed is True or x.shape[0] != n)
+
+
+def _probe_layouts(model: nn.Module, inputs, kinds: dict[nn.Module, type[Block]]) -> dict[int, list[bool | None]]:
+    """For every call of a position-wise layer (by the layer's index in ``kinds``), whether it takes
+    its input sequence-first, read from a forward of the first sample alone: its sample dimension is
+    the one of size 1 (``None`` where both or neither are). Gradients stay on, so that modules with a
+    no-grad fast path (``nn.TransformerEncoderLayer``) call their layers as in the hooked forward."""
+    from overunlearn.linalg.jacobian import _mode
+
+    index = {m: i for i, m in enumerate(kinds) if kinds[m].positionwise}
+    seen: dict[int, list[bool | None]] = {i: [] for i in index.values()}
+    if not index:
+        return seen
+
+    def hook(m, args, kwargs, out):  # noqa: ANN001
+        x = args[0] if args else None
+        layout = None
+        if isinstance(x, Tensor) and isinstance(out, Tensor) and x.dim() >= 2 and out.dim() >= 3:
+            if x.shape[0] == 1 and x.shape[1] != 1:
+                layout = False
+            elif x.shape[1] == 1 and x.shape[0] != 1:
+                layout = True
+        seen[index[m]].append(layout)
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in index]
+    try:
+        with _mode(model, train=False), torch.enable_grad():
+            structure.call_model(model, _first(inputs, None)[0])
+    except Exception:  # noqa: BLE001 - a model that cannot run one sample: the shapes decide
+        return {i: [] for i in index.values()}
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
 def _non_finite() -> FloatingPointError:
     return FloatingPointError("the output Jacobian contains NaN or infinite values")
 
@@ -400,6 +453,11 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
     signature = _signature(inputs, kinds, params)
     if memo.get(signature) is False:
         return materialised("check failed earlier")
+    probed = _LAYOUTS.setdefault(model, {})
+    if signature not in probed:
+        probed[signature] = _probe_layouts(model, inputs, kinds)
+    layouts = probed[signature]
+    position = {m: i for i, m in enumerate(kinds)}
 
     calls: dict[nn.Module, list[Block | None]] = {m: [] for m in kinds}
     blocks: list[Block] = []
@@ -419,8 +477,16 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
             args = (args[0].expand(n_in, *args[0].shape[1:]), *args[1:])
             out = out.expand(n_in, *out.shape[1:])
             expanded.append(m)
+        cls = kinds[m]
+        seen = layouts.get(position[m], [])
+        j = len(calls[m])
+        swapped = cls.positionwise and _sequence_first(args, out, n_in, seen[j] if j < len(seen) else None)
+        if swapped:
+            # a sequence-first call (L, n, ...) of a layer acting per position: the block sees
+            # batch-major views, and the model gets the view of the block's output back (equal values)
+            args, out = (args[0].transpose(0, 1), *args[1:]), out.transpose(0, 1)
         try:
-            blk = kinds[m](m, args, kwargs, out)
+            blk = cls(m, args, kwargs, out)
         except Decline:
             calls[m].append(None)
             return out if expanded and expanded[-1] is m else None
@@ -442,6 +508,8 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
         hookable[slot] = target is not None
         if blk.module_output is not None:
             return blk.module_output
+        if swapped:
+            return blk.output.transpose(0, 1)
         return out if expanded and expanded[-1] is m else None
 
     # (a copy: the model may work in place on its input)

@@ -58,6 +58,11 @@ class Block:
     #: as a module: the engine attributes it to this block and does not hook that submodule
     param_names: ClassVar[tuple[str, ...]] = ("weight", "bias")
 
+    #: the layer acts alike on every position of its leading dimensions (linear layers, norms over the
+    #: trailing dimensions, embeddings): a call on a sequence-first input ``(L, n, ...)`` is then given
+    #: to the block as batch-major views ``(n, L, ...)`` of its input and output by the engine
+    positionwise: ClassVar[bool] = False
+
     #: what the layer call returns to the model instead of its own output (``None``: its own output),
     #: set in ``__init__`` where ``self.output`` is not the call's output itself (e.g. a batch-major
     #: copy of a sequence-major output, from which the returned value is then computed)

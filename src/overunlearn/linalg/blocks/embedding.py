@@ -21,6 +21,7 @@ from overunlearn.linalg.blocks.base import Block, Budget, Decline, count, first_
 @register_block(nn.Embedding)
 class EmbeddingBlock(Block):
     param_names = ("weight",)
+    positionwise = True
 
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:

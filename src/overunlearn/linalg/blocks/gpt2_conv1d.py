@@ -15,6 +15,7 @@ from overunlearn.linalg.blocks.positional import PositionalBlock
 @register_block("transformers.pytorch_utils.Conv1D")
 class GPT2Conv1DBlock(PositionalBlock):
     layout = "po"
+    positionwise = True
 
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:

@@ -14,6 +14,8 @@ from overunlearn.linalg.blocks.positional import PositionalBlock
 class LinearBlock(PositionalBlock):
     """A sample's weight row is ``sum_t d_t a_t^T`` over its positions (one position for 2-D inputs)."""
 
+    positionwise = True
+
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
         return stock(module, nn.Linear)

@@ -31,6 +31,9 @@ class AffineNormBlock(RowsBlock):
         x = first_input(args, kwargs, "input", "hidden_states", "x")
         if x.dim() < 2 or not isinstance(output, Tensor) or output.shape != x.shape:
             raise Decline
+        norm = getattr(module, "normalized_shape", None)
+        if norm is not None and (x.dim() <= len(norm) or tuple(x.shape[x.dim() - len(norm):]) != tuple(norm)):
+            raise Decline  # it would normalise over the samples' dimension
         self.x = x.detach()
         self.output, self.batch, self.saved = output, x.shape[0], [x]
 
@@ -53,6 +56,8 @@ class AffineNormBlock(RowsBlock):
 
 @register_block(nn.LayerNorm)
 class LayerNormBlock(AffineNormBlock):
+    positionwise = True
+
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
         return stock(module, nn.LayerNorm) and module.elementwise_affine
@@ -69,6 +74,7 @@ class LayerNormBlock(AffineNormBlock):
 @register_block(nn.RMSNorm)
 class RMSNormBlock(AffineNormBlock):
     param_names = ("weight",)
+    positionwise = True
 
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
@@ -92,6 +98,7 @@ class ScaleNormBlock(AffineNormBlock):
     the module's arithmetic (Llama's float32 upcast included)."""
 
     param_names = ("weight",)
+    positionwise = True
 
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
