@@ -605,11 +605,45 @@ def test_scores_of_the_hooked_forward_are_those_of_the_model():
 def test_rows_kept_for_the_back_projection(name, monkeypatch):
     """Formed rows kept for ``J^T alpha`` (forced for every parameter) give the same projection."""
     monkeypatch.setattr(P, "_KEEP_FACTOR", -1)
+    monkeypatch.setattr(P, "_SMALL_BYTES", -1)  # (no parameter gathered with the small ones)
     monkeypatch.setattr(P, "_conv_factored_cheaper", lambda *a: False)
     monkeypatch.setattr(EmbeddingBlock, "ghost_cheaper", lambda self, name, budget: False)
     torch.manual_seed(11)
     if name == "tied":
         model, x, score = TiedLM().to(F64), torch.randint(0, 13, (3, 4)), identity
+    else:
+        make, inputs = CASES[name]
+        model, x = make().to(F64), inputs()
+        score = (lambda out: torch.cat([identity(o) for o in out], 1)) if name == "linear_3d_4d" else identity
+    _randomise_bn(model)
+    check(model, x, score, qr=False)
+
+
+ENGINE_BUFFERS = {
+    # nothing gathered with the small parameters; rows in slices of a few columns, formed in the reused scratch
+    "slices_in_scratch": {"_SMALL_BYTES": -1, "_ROWS_BYTES": 256},
+    # every small parameter its own gathered block
+    "one_per_block": {"_STAGE_BYTES": 1},
+    # gathered blocks not kept: the blocks back-project those parameters
+    "gathered_not_kept": {"_KEEP_BYTES": 0},
+}
+
+
+@pytest.mark.parametrize("config", list(ENGINE_BUFFERS))
+@pytest.mark.parametrize("name", list(CASES) + ["tied", "sequence_first"])
+def test_engine_buffers_do_not_change_the_projection(name, config, monkeypatch):
+    """The engine's ways of batching the algebra -- small parameters' rows gathered into one product,
+    rows formed slice by slice in one reused buffer -- give the same projection in every setting."""
+    for attr, value in ENGINE_BUFFERS[config].items():
+        monkeypatch.setattr(P, attr, value)
+    monkeypatch.setattr(P, "_conv_factored_cheaper", lambda *a: False)
+    monkeypatch.setattr(EmbeddingBlock, "ghost_cheaper", lambda self, name, budget: False)
+    torch.manual_seed(13)
+    score = identity
+    if name == "tied":
+        model, x = TiedLM().to(F64), torch.randint(0, 13, (3, 4))
+    elif name == "sequence_first":
+        model, x = SeqFirst().to(F64), torch.randint(0, 13, (4, 5))
     else:
         make, inputs = CASES[name]
         model, x = make().to(F64), inputs()

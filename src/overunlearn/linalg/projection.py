@@ -13,6 +13,8 @@ authors' code does it. It assumes ``J`` has full row rank.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -46,11 +48,25 @@ def gram_and_rhs(jac: Tensor, v: Tensor, chunk: int | None = None) -> tuple[Tens
     chunk = _chunk(k, chunk, jac.device)
     gram = torch.zeros(k, k, dtype=torch.float64, device=jac.device)
     rhs = torch.zeros(k, dtype=torch.float64, device=jac.device)
+    buf = None
     for s in range(0, d, chunk):
-        block = jac[:, s : s + chunk].double()
+        block = _as_double(jac[:, s : s + chunk], chunk, buf)
+        buf = block if block.shape[1] == chunk else buf
         gram += block @ block.T
         rhs += block @ v[s : s + chunk].double()
     return gram, rhs
+
+
+def _as_double(src: Tensor, chunk: int, buf: Tensor | None) -> Tensor:
+    """``src`` (``k x w``) in float64, contiguous: a full-width block (``w = chunk``) is copied into the
+    reused buffer ``buf`` (a fresh allocation per block costs page faults on a CPU, ~20% of a large
+    Gram), a narrower last block into a fresh tensor (a strided view of the buffer would change the
+    matrix product's rounding)."""
+    if src.dtype == torch.float64 or src.shape[1] != chunk:
+        return src.double()  # (a float64 block as it is; a column slice converts to a contiguous tensor)
+    if buf is None:
+        buf = torch.empty(src.shape[0], chunk, dtype=torch.float64, device=src.device)
+    return buf.copy_(src)
 
 
 def solve_gram(gram: Tensor, rhs: Tensor, rcond: float = 1e-12) -> Tensor:
@@ -136,6 +152,13 @@ _KEEP_FACTOR = 4
 #: bytes of one slice of formed rows (``k x columns``, the model's dtype): large enough for efficient
 #: batched products; its float64 Gram is then taken in cache-sized blocks (``gram_and_rhs``)
 _ROWS_BYTES = 1 << 25
+
+#: parameters whose rows take at most this many bytes (biases, norms' affine parameters, small
+#: weights) are formed at once and gathered side by side until ``_STAGE_BYTES``, so that their Gram,
+#: ``J v`` and back-projection are a few larger products instead of a dozen small operations per
+#: parameter (kernel launches on a GPU, interpreter overhead on a CPU)
+_SMALL_BYTES = 1 << 20
+_STAGE_BYTES = 1 << 22
 
 
 def _conv_factored_cheaper(n: int, heads: int, c_out: int, patch: int, t: int) -> bool:
@@ -624,21 +647,31 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
     n_ghost = 0
     kept: dict[int, list[tuple[slice | Tensor, Tensor]]] = {}
     kept_bytes = 0
+    stage = _Stage(gram, rhs)
+    scratches: dict[torch.dtype, Tensor] = {}
     with record_function("overunlearn::gram"):
         for p in covered:
             us = uses.of[id(p)]
+            size = k * p.numel() * p.element_size()
             if len(us) == 1 and us[0][0].ghost_cheaper(us[0][1], budget):
                 g, r = us[0][0].ghost(us[0][1], part(p))
                 gram += g
                 rhs += r
                 n_ghost += 1
+            elif size <= _SMALL_BYTES and all(blk.support(name) is None for blk, name in us):
+                rows = None
+                for blk, name in us:
+                    r = blk.rows(name, slice(0, p.shape[0] if p.dim() else 1))
+                    rows = r if rows is None else rows + r
+                stage.add(p, rows, part(p).reshape(-1))  # type: ignore[arg-type]
             else:
                 keep = (sum(blk.back_flops(name) for blk, name in us) > _KEEP_FACTOR * k * p.numel()
-                        and kept_bytes + k * p.numel() * p.element_size() <= _KEEP_BYTES)
-                slices = _rows_gram(p, us, part(p), gram, rhs, keep)
+                        and kept_bytes + size <= _KEEP_BYTES)
+                slices = _rows_gram(p, us, part(p), gram, rhs, keep, scratches)
                 if slices is not None:
                     kept[id(p)] = slices
-                    kept_bytes += k * p.numel() * p.element_size()
+                    kept_bytes += size
+        stage.flush()
     _route("hooked", ghost=n_ghost, rows=len(covered) - n_ghost, dense=len(dense))
     jd = None
     if dense:
@@ -654,9 +687,12 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
 
     out = torch.empty_like(v)
     with record_function("overunlearn::back_projection"):
+        staged = stage.back(alpha)
         for p in covered:
             o, c = offsets[id(p)]
-            if id(p) in kept:
+            if id(p) in staged:
+                out[o : o + c] = staged.pop(id(p))
+            elif id(p) in kept:
                 out[o : o + c] = _back_from_rows(p, kept.pop(id(p)), alpha).to(v.dtype)
             else:
                 out[o : o + c] = uses.back(p, alpha).reshape(-1).to(v.dtype)
@@ -673,26 +709,82 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
     return out
 
 
+class _Stage:
+    """Rows of small parameters gathered side by side (``k x columns``): one Gram product and one
+    ``J v`` per ``_STAGE_BYTES``, added to ``gram`` and ``rhs``; the gathered rows (float64) are kept
+    for one back-projection product, up to ``_KEEP_BYTES`` in all (the parameters beyond that are
+    back-projected by their blocks: :meth:`back` leaves them out)."""
+
+    def __init__(self, gram: Tensor, rhs: Tensor) -> None:
+        self.gram, self.rhs = gram, rhs
+        self.pending: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.bytes = 0
+        self.done: list[tuple[Tensor, list[Tensor]]] = []
+        self.kept = 0
+
+    def add(self, p: Tensor, rows: Tensor, vp: Tensor) -> None:
+        self.pending.append((p, rows, vp))
+        self.bytes += rows.numel() * rows.element_size()
+        if self.bytes >= _STAGE_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        ps, rows, vs = zip(*self.pending)
+        widths = [r.shape[1] for r in rows]
+        block = torch.empty(self.gram.shape[0], sum(widths), dtype=torch.float64, device=self.gram.device)
+        for piece, r in zip(block.split(widths, 1), rows):
+            piece.copy_(r)  # (converted once, into place)
+        vcat = torch.cat(vs).double()
+        self.gram += block @ block.T
+        self.rhs += block @ vcat
+        size = block.numel() * block.element_size()
+        if self.kept + size <= _KEEP_BYTES:
+            self.done.append((block, list(ps)))
+            self.kept += size
+        self.pending, self.bytes = [], 0
+
+    def back(self, alpha: Tensor) -> dict[int, Tensor]:
+        """``J_p^T alpha`` of every staged parameter, flattened, in its dtype (``id(p) ->``)."""
+        out: dict[int, Tensor] = {}
+        for block, ps in self.done:
+            flat = block.T @ alpha
+            for p, piece in zip(ps, flat.split([q.numel() for q in ps])):
+                out[id(p)] = piece.to(p.dtype)
+        self.done = []
+        return out
+
+
 def _back_from_rows(p: Tensor, slices: list[tuple[slice | Tensor, Tensor]], alpha: Tensor) -> Tensor:
     """``J_p^T alpha`` from kept rows (float64 in cache-sized blocks), flattened."""
     first = p.shape[0] if p.dim() else 1
     make = torch.zeros if any(isinstance(ix, Tensor) for ix, _ in slices) else torch.empty  # (gaps: zero rows)
     out = make(first, p.numel() // max(first, 1), dtype=p.dtype, device=p.device)
+    buf = None
     for ix, rows in slices:
         k = rows.shape[0]
         flat = torch.empty(rows.shape[1], dtype=p.dtype, device=p.device)
         chunk = _chunk(k, None, rows.device)
         for s in range(0, rows.shape[1], chunk):
-            flat[s : s + chunk] = (rows[:, s : s + chunk].double().T @ alpha).to(p.dtype)
+            block = _as_double(rows[:, s : s + chunk], chunk, buf)
+            buf = block if block.shape[1] == chunk else buf
+            flat[s : s + chunk] = (block.T @ alpha).to(p.dtype)
         out[ix] = flat.view(-1, out.shape[1])
     return out.reshape(-1)
 
 
+@functools.cache
+def _takes_scratch(cls: type) -> bool:
+    """Whether ``cls.rows`` takes the ``scratch`` keyword (:meth:`Block.rows`)."""
+    return "scratch" in inspect.signature(cls.rows).parameters
+
+
 def _rows_gram(p: Tensor, us: list[tuple[Block, str]], vp: Tensor, gram: Tensor, rhs: Tensor,
-               keep: bool = False) -> list[tuple[slice | Tensor, Tensor]] | None:
+               keep: bool = False, scratches: dict | None = None) -> list[tuple[slice | Tensor, Tensor]] | None:
     """Add parameter ``p``'s Gram block and ``J_p v`` from its formed rows (summed over its calls),
     in slices of its first dimension of about ``_ROWS_BYTES`` bytes each; with ``keep``, return the
-    slices (for the back-projection)."""
+    slices (for the back-projection). ``scratches``: reusable row buffers by dtype (filled here)."""
     k = gram.shape[0]
     first = p.shape[0] if p.dim() else 1
     inner = max(1, p.numel() // max(first, 1))
@@ -702,12 +794,19 @@ def _rows_gram(p: Tensor, us: list[tuple[Block, str]], vp: Tensor, gram: Tensor,
     per = max(1, _ROWS_BYTES // (p.element_size() * k * inner))
     v2 = vp.reshape(first, inner)
     slices: list[tuple[slice | Tensor, Tensor]] = []
+    # one use whose rows are not kept may form them in the reused scratch buffer
+    scratch = None
+    if scratches is not None and not keep and len(us) == 1 and _takes_scratch(type(us[0][0])):
+        scratch = scratches.get(p.dtype)
+        if scratch is None or scratch.numel() < min(per, count) * k * inner:
+            scratch = scratches[p.dtype] = torch.empty(max(_ROWS_BYTES // p.element_size(), min(per, count) * k * inner),
+                                                       dtype=p.dtype, device=p.device)
     for s in range(0, count, per):
         # (a slice where every index is wanted: the blocks then work on views, not gathered copies)
         ix = slice(s, min(s + per, count)) if index is None else index[s : s + per]
         rows = None
         for blk, name in us:
-            r = blk.rows(name, ix)
+            r = blk.rows(name, ix, scratch=scratch) if scratch is not None else blk.rows(name, ix)
             rows = r if rows is None else rows + r
         assert rows is not None
         g, r = gram_and_rhs(rows, v2[ix].reshape(-1))

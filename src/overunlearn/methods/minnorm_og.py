@@ -124,11 +124,10 @@ def minnorm_projection_step(model: torch.nn.Module, batch: Batch, score_fn, stra
         del jac
     # theta - coef * (theta - P theta) = (1 - coef) theta + coef * P theta
     with torch.no_grad():
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.mul_(1.0 - coef).add_(in_span[offset : offset + n].view_as(p), alpha=coef)
-            offset += n
+        # one multi-tensor operation each (elementwise as p.mul_(1 - coef).add_(x, alpha=coef) per parameter)
+        pieces = [x.view_as(p) for x, p in zip(in_span.split([p.numel() for p in params]), params)]
+        torch._foreach_mul_(params, 1.0 - coef)
+        torch._foreach_add_(params, pieces, alpha=coef)
         norm = float(theta.norm())
         return coef * float((theta - in_span).norm()) / norm if norm > 0 else 0.0
 

@@ -74,7 +74,7 @@ class Block:
         self.batch = -1
         self.saved: list[Tensor] = []
         self.n = self.heads = self.k = 0
-        self.idx: Tensor | None = None
+        self._idx: Tensor | None = None
         self.deltas: Tensor | None = None
 
     @classmethod
@@ -94,7 +94,15 @@ class Block:
     def bind(self, deltas: Tensor, n: int, heads: int) -> None:
         """Attach the output gradients ``(heads * n, *output.shape[1:])``, head-major."""
         self.deltas, self.n, self.heads, self.k = deltas, n, heads, n * heads
-        self.idx = torch.arange(self.k, device=deltas.device) % n
+        self._idx = None
+        self._device = deltas.device
+
+    @property
+    def idx(self) -> Tensor:
+        """Each Jacobian row's sample (``r % n``), made on first use (only several heads need it)."""
+        if self._idx is None:
+            self._idx = torch.arange(self.k, device=self._device) % self.n
+        return self._idx
 
     def per_row(self, x: Tensor) -> Tensor:
         """``x`` (one entry per sample) repeated for every head: one entry per Jacobian row."""
@@ -116,7 +124,11 @@ class Block:
 
     def rows(self, name: str, index: Tensor | slice) -> Tensor:
         """The Jacobian rows ``(k, len(index) * inner)`` of the parameter's first-dimension slices ``index``
-        (a sorted tensor of indices, or a ``slice`` with step 1)."""
+        (a sorted tensor of indices, or a ``slice`` with step 1).
+
+        A block may also take a keyword ``scratch``: a flat buffer of the parameter's dtype that the
+        engine reuses from call to call (it does not keep the rows), in which the block may form them
+        when it is large enough (saving a fresh allocation, i.e. page faults on a CPU)."""
         raise NotImplementedError
 
     def back(self, name: str, alpha: Tensor) -> Tensor:

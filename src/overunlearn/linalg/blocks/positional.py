@@ -79,7 +79,7 @@ class PositionalBlock(Block):
         rhs = (self.d.double() * self.per_row(y.view(n, t, o))).sum(dim=(1, 2))
         return gram, rhs
 
-    def rows(self, name: str, index: Tensor) -> Tensor:
+    def rows(self, name: str, index: Tensor, scratch: Tensor | None = None) -> Tensor:
         n, k = self.n, self.k
         if name == "bias":
             return self.d[:, :, index].sum(1)
@@ -89,7 +89,10 @@ class PositionalBlock(Block):
         else:
             left, right = self.a[:, :, index].transpose(1, 2), self.d  # (n, c, T), (k, T, o)
         width = right.shape[2]
-        out = torch.empty(k, c, width, dtype=self.d.dtype, device=self.d.device)
+        if scratch is not None and scratch.numel() >= k * c * width and scratch.dtype == self.d.dtype:
+            out = scratch[: k * c * width].view(k, c, width)
+        else:
+            out = torch.empty(k, c, width, dtype=self.d.dtype, device=self.d.device)
         for h in range(self.heads):
             rows_h = slice(h * n, (h + 1) * n)
             lh = left[rows_h] if left.shape[0] == k else left
