@@ -325,16 +325,17 @@ def ablated(part: str) -> Iterator[None]:
         raise ValueError(f"unknown --ablate {part!r}")
     # the ablated calls keep their own memo of checked models (a check passed with every block on
     # says nothing about the ablated plan)
-    saved = lp._VERIFIED, lp._LAYOUTS, lp._sequence_first, _REGISTRY.get(nn.MultiheadAttention)
+    saved = lp._VERIFIED, lp._LAYOUTS, lp._reading, _REGISTRY.get(nn.MultiheadAttention)
     lp._VERIFIED, lp._LAYOUTS = _ABLATED_MEMO.setdefault(part, (weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()))
     if part == "attention":
         _REGISTRY.pop(nn.MultiheadAttention, None)
     else:
-        lp._sequence_first = lambda *a: False
+        reading = saved[2]
+        lp._reading = lambda *a: "x" if reading(*a) in ("s", "s?") else reading(*a)  # sequence-first calls declined
     try:
         yield
     finally:
-        lp._VERIFIED, lp._LAYOUTS, lp._sequence_first = saved[:3]
+        lp._VERIFIED, lp._LAYOUTS, lp._reading = saved[:3]
         if saved[3] is not None:
             _REGISTRY[nn.MultiheadAttention] = saved[3]
 

@@ -364,8 +364,7 @@ def test_sequence_first_linear_random_shapes(n, length, heads, seed):
     got = project_model_onto_span(model, x, identity, v)
     route = P.last_route
     assert relerr(got, project_onto_span(output_jacobian(model, x, identity), v)) <= 1e-9, route
-    if length != 1:
-        assert route.path == "hooked" and route.dense == 0, route  # on the blocks (L = n: by the probe)
+    assert route.path == "hooked" and route.dense == 0, route  # on the blocks (L = n: by the probe)
 
 
 @pytest.mark.parametrize("case", ["length_equals_batch", "one_token", "output_in_place"])
@@ -402,6 +401,132 @@ def test_sequence_first_ambiguous_or_mixing_stays_right(case):
         assert route.path == "hooked" and route.dense == 0, route  # settled by the one-sample probe
     else:
         assert route.reason == "check failed", route  # (1, n, E) reads as a shared row: caught by the check
+
+
+def _same_projection(model, x) -> P.Route:
+    v = flat(model)
+    got = project_model_onto_span(model, x, identity, v)
+    route = P.last_route
+    assert relerr(got, project_onto_span(output_jacobian(model, x, identity), v)) <= 1e-9, route
+    return route
+
+
+class Trimmed(nn.Module):
+    """Padding trimmed to the batch's longest sequence inside the model, then sequence-first layers:
+    the length ``L`` depends on the data, so the same input signature meets ``L != n`` and ``L = n``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.lin, self.head = nn.Embedding(13, 6, padding_idx=0), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, ids):
+        ids = ids[:, : int((ids != 0).sum(1).max())]
+        h = torch.tanh(self.lin(self.emb(ids.t())))  # (L, n, E)
+        return self.head((h * (ids != 0).t()[..., None].to(h.dtype)).sum(0))
+
+
+class KeywordCall(nn.Module):
+    """A sequence-first layer called with a keyword input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(3, 5), nn.Linear(5, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = self.b(input=torch.tanh(self.a(x.transpose(0, 1))))
+        return self.head(torch.tanh(h).sum(0))
+
+
+class Branch(nn.Module):
+    """A layer called batch-major when a separator token occurs in the batch, else sequence-first:
+    the one-sample forward (no separator) says sequence-first, which is wrong for batches with one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.lin, self.head = nn.Embedding(13, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        e = self.emb(ids)
+        if bool((ids == 1).any()):
+            return self.head(torch.tanh(self.lin(e)).sum(1))
+        return self.head(torch.tanh(self.lin(e.transpose(0, 1))).sum(0))
+
+
+class SharedRowThenNoGrad(nn.Module):
+    """A layer called on a row shared by all samples, then sequence-first outside the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table, self.lin, self.head = nn.Parameter(torch.randn(4, 3)), nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = x + self.lin(self.table[None])
+        with torch.no_grad():
+            g = self.lin(h.transpose(0, 1))
+        return self.head(torch.tanh(h) * torch.sigmoid(g.transpose(0, 1))).sum(1)
+
+
+def _ids(lengths: list[int], width: int = 8) -> torch.Tensor:
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(1, 13, (n,))
+    return ids
+
+
+def test_sequence_first_memo_rechecks_a_batch_read_differently():
+    """The check's memo is per input signature *and* per reading of the calls: batches of one
+    signature that read differently (L = n after trimming; a smaller last batch; a data-dependent
+    extra call) are checked again, or declined, never reused unchecked."""
+    torch.manual_seed(0)
+    model = Trimmed().to(F64)
+    _same_projection(model, _ids([1, 6, 3, 2]))  # L = 6, n = 4; the probe's sample has one token
+    _same_projection(model, _ids([2, 4, 3, 1]))  # L = 4 = n: the probe cannot say; declined
+    _same_projection(model, _ids([5, 6, 3, 2]))
+    model = KeywordCall().to(F64)
+    assert _same_projection(model, torch.randn(5, 4, 3, dtype=F64)).dense == 0  # keyword input swapped too
+    assert _same_projection(model, torch.randn(4, 4, 3, dtype=F64)).dense == 0  # last batch: L = n
+    model = Branch().to(F64)
+    assert _same_projection(model, torch.randint(2, 13, (5, 4))).dense == 0  # sequence-first, L != n
+    xb = torch.randint(2, 13, (4, 4))
+    xb[2, 1] = 1  # batch-major now, at L = n, where the probe says sequence-first: checked again, caught
+    assert _same_projection(model, xb).reason == "check failed"
+    _same_projection(SharedRowThenNoGrad().to(F64), torch.randn(3, 4, 3, dtype=F64))
+
+
+def test_gpt2_conv1d_and_llama_norm_sequence_first():
+    from transformers.pytorch_utils import Conv1D
+
+    from overunlearn.linalg.blocks import ScaleNormBlock
+
+    class MyRMSNorm(nn.Module):  # Llama-style: weight * x / rms(x)
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(width))
+
+        def forward(self, x):
+            return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.norm, self.head = Conv1D(6, 4), MyRMSNorm(6), Conv1D(2, 6)
+
+        def forward(self, x):  # (n, L, 4) -> (L, n, 4) inside
+            return self.head(self.norm(torch.tanh(self.c(x.transpose(0, 1).contiguous())))).sum(0)
+
+    saved = dict(_REGISTRY)
+    register_block(MyRMSNorm)(ScaleNormBlock)
+    try:
+        torch.manual_seed(9)
+        model = M().to(F64)
+        with torch.no_grad():
+            model.norm.weight.uniform_(0.5, 1.5)
+        for n, length in [(4, 3), (3, 3)]:
+            route = _same_projection(model, torch.randn(n, length, 4, dtype=F64))
+            assert route.path == "hooked" and route.dense == 0, route
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(saved)
 
 
 def test_frozen_parameters_are_not_part_of_the_jacobian():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -271,9 +272,13 @@ def _factored_layers(model: nn.Module, inputs, params: list[Tensor],
     return list(kinds), ghost
 
 
-#: models (held weakly) whose hooked projection was checked against autograd, by input signature;
-#: a memo of :func:`_verify`, so that the check runs once per model and input shape, not every step
-_VERIFIED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool]] = weakref.WeakKeyDictionary()
+#: models (held weakly) whose hooked projection was checked against autograd: input signature ->
+#: ``False`` (a check failed: the vmapped Jacobian from then on) or the set of *readings* that passed
+#: (how every layer call was read: batch-major, sequence-first, a shared row, ...; see
+#: :func:`_reading`). A memo of :func:`_verify`, so that the check runs once per model, input shape and
+#: reading, not every step; a batch read differently (a last, smaller batch making ``L = n``; a
+#: data-dependent branch) is checked again.
+_VERIFIED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool | set[tuple]]] = weakref.WeakKeyDictionary()
 
 #: models (held weakly) -> input signature -> the layouts of their position-wise layers' calls
 #: (:func:`_probe_layouts`), read once per model and input shape
@@ -395,18 +400,32 @@ def _hook_target(out: Tensor) -> Tensor | None:
     return None
 
 
-def _sequence_first(args: tuple, out: Any, n: int, probed: bool | None = None) -> bool:
-    """Whether a call takes its input sequence-first: the samples (``n`` of them) along dimension 1 of
-    its first input and of its output. ``probed``: what a forward of one sample showed for this call
-    (:func:`_probe_layouts`; ``None``: nothing), which settles ``L = n``. Shapes that still read both
-    ways are read batch-major (``L = 1``: a row shared by all samples); where that is wrong, the check
-    against autograd fails and the vmapped Jacobian is used."""
-    if n <= 1 or probed is False or not args or not isinstance(args[0], Tensor) or not isinstance(out, Tensor):
-        return False
-    x = args[0]
-    if not (x.dim() >= 2 and out.dim() >= 3 and tuple(x.shape[:2]) == tuple(out.shape[:2]) and x.shape[1] == n):
-        return False
-    return x.shape[0] != 1 and (probed is True or x.shape[0] != n)
+def _main_input(args: tuple, kwargs: dict[str, Any]) -> tuple[Tensor | None, Callable[[Tensor], tuple[tuple, dict]]]:
+    """A call's main input (the first positional argument, else the keyword ``input``,
+    ``hidden_states`` or ``x``) and a function giving ``(args, kwargs)`` with it replaced."""
+    if args and isinstance(args[0], Tensor):
+        return args[0], lambda t: ((t, *args[1:]), kwargs)
+    for name in ("input", "hidden_states", "x"):
+        if isinstance(kwargs.get(name), Tensor):
+            return kwargs[name], lambda t, name=name: (args, {**kwargs, name: t})
+    return None, lambda t: (args, kwargs)
+
+
+def _reading(x: Tensor | None, out: Any, n: int, probed: bool | None) -> str:
+    """How the engine reads one call of a position-wise layer with ``n`` samples: ``"b"`` batch-major
+    (as any other layer's call; the block then checks its batch), ``"s"`` sequence-first -- the
+    samples along dimension 1 of the input and the output, not along dimension 0 -- handed to the
+    block as batch-major views; at ``L = n`` the shapes read both ways and the forward of one
+    sample decides (``probed``, :func:`_probe_layouts`): ``"b?"``, ``"s?"``, or ``"x"`` (no answer, or
+    an answer the shapes contradict: the call is declined, its parameters take the fallback).
+    ``(1, n, ...)`` reads as a row shared by all samples (``"b"``; for a sequence-first call on one
+    token that is wrong, and the check against autograd catches it)."""
+    if (n <= 1 or not isinstance(x, Tensor) or not isinstance(out, Tensor) or x.dim() < 2 or out.dim() < 3
+            or tuple(x.shape[:2]) != tuple(out.shape[:2]) or x.shape[1] != n or x.shape[0] == 1):
+        return "b"
+    if x.shape[0] != n:
+        return "x" if probed is False else "s"
+    return {True: "s?", False: "b?", None: "x"}[probed]
 
 
 def _probe_layouts(model: nn.Module, inputs, kinds: dict[nn.Module, type[Block]]) -> dict[int, list[bool | None]]:
@@ -422,7 +441,7 @@ def _probe_layouts(model: nn.Module, inputs, kinds: dict[nn.Module, type[Block]]
         return seen
 
     def hook(m, args, kwargs, out):  # noqa: ANN001
-        x = args[0] if args else None
+        x, _ = _main_input(args, kwargs)
         layout = None
         if isinstance(x, Tensor) and isinstance(out, Tensor) and x.dim() >= 2 and out.dim() >= 3:
             if x.shape[0] == 1 and x.shape[1] != 1:
@@ -474,7 +493,8 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
         return materialised("mode" if mode != "per_sample" else "no blocks")
     memo = _VERIFIED.setdefault(model, {})
     signature = _signature(inputs, kinds, params)
-    if memo.get(signature) is False:
+    verified = memo.get(signature)
+    if verified is False:
         return materialised("check failed earlier")
     probed = _LAYOUTS.setdefault(model, {})
     if signature not in probed:
@@ -489,33 +509,43 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
     hookable: dict[int, bool] = {}
 
     n_in = structure.batch_len(inputs)
-    expanded: list[nn.Module] = []
+    readings: dict[nn.Module, list[str]] = {m: [] for m in kinds}
 
     def hook(m, args, kwargs, out):  # noqa: ANN001
+        cls = kinds[m]
+        replace = None  # what the model gets instead of the call's output (None: the output itself)
         if (n_in > 1 and args and isinstance(args[0], Tensor) and args[0].dim() > 0 and args[0].shape[0] == 1
                 and isinstance(out, Tensor) and out.dim() > 0 and out.shape[0] == 1):
             # a call on one row shared by every sample (GPT-2's and BERT's position embeddings): its
             # output is broadcast over the batch, so its per-sample gradients are those of the
             # broadcast copy; hand the model that copy (equal values) and treat the call as per sample
             args = (args[0].expand(n_in, *args[0].shape[1:]), *args[1:])
-            out = out.expand(n_in, *out.shape[1:])
-            expanded.append(m)
-        cls = kinds[m]
-        seen = layouts.get(position[m], [])
-        j = len(calls[m])
-        swapped = cls.positionwise and _sequence_first(args, out, n_in, seen[j] if j < len(seen) else None)
-        if swapped:
-            # a sequence-first call (L, n, ...) of a layer acting per position: the block sees
-            # batch-major views, and the model gets the view of the block's output back (equal values)
-            args, out = (args[0].transpose(0, 1), *args[1:]), out.transpose(0, 1)
+            out = replace = out.expand(n_in, *out.shape[1:])
+            code = "e"
+        elif cls.positionwise:
+            x, put = _main_input(args, kwargs)
+            seen = layouts.get(position[m], [])
+            j = len(calls[m])
+            code = _reading(x, out, n_in, seen[j] if j < len(seen) else None)
+            if code in ("s", "s?"):
+                # a sequence-first call (L, n, ...) of a layer acting per position: the block sees
+                # batch-major views, and the model gets the view of the block's output back (equal values)
+                args, kwargs = put(x.transpose(0, 1))  # type: ignore[union-attr]
+                out = out.transpose(0, 1)
+        else:
+            code = "b"
+        readings[m].append(code)
+        if code == "x":
+            calls[m].append(None)
+            return None
         try:
             blk = cls(m, args, kwargs, out)
         except Decline:
             calls[m].append(None)
-            return out if expanded and expanded[-1] is m else None
+            return replace
         if blk.output is None or not blk.output.requires_grad:
             calls[m].append(None)  # outside the graph
-            return out if expanded and expanded[-1] is m else None
+            return replace
         slot = len(blocks)
         blocks.append(blk)
         calls[m].append(blk)
@@ -531,25 +561,28 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
         hookable[slot] = target is not None
         if blk.module_output is not None:
             return blk.module_output
-        if swapped:
+        if code in ("s", "s?"):
             return blk.output.transpose(0, 1)
-        return out if expanded and expanded[-1] is m else None
+        return replace
 
     # (a copy: the model may work in place on its input)
     x = structure.clone(structure.detach(inputs))
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in kinds]
+    failed = False
     try:
         with _mode(model, train=False), torch.enable_grad(), record_function("overunlearn::hooked_forward"):
             scores = call_scores(score_fn, structure.call_model(model, x), targets)
     except Exception:
-        if not expanded:
+        if not any("e" in r for r in readings.values()):
             raise
-        # the model did not take a broadcast copy of a shared row: remember, and use the vmapped path
-        memo[signature] = False
-        return materialised("a shared-row call could not be expanded")
+        failed = True
     finally:
         for h in handles:
             h.remove()
+    if failed:
+        # the model did not take a broadcast copy of a shared row: remember, and use the vmapped path
+        memo[signature] = False
+        return materialised("a shared-row call could not be expanded")
     if not bool(torch.isfinite(scores).all()):
         raise FloatingPointError("the model's outputs, and so its output Jacobian, contain NaN or infinite values")
     n, heads = scores.shape
@@ -598,7 +631,10 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
             wanted[id(below)] = below
     per_head: dict[int, list[Tensor]] = {slot_of[id(b)]: [] for b in needed}
     order = list(wanted)
-    check = signature not in memo
+    # how this batch's calls were read (and which were usable): checked once per reading
+    reading = tuple((position[m], tuple(r if b is not None else r + "-" for r, b in zip(readings[m], calls[m])))
+                    for m in kinds if calls[m])
+    check = not isinstance(verified, set) or reading not in verified
     for h in range(heads):
         grads.clear()
         with record_function("overunlearn::head_backward"):
@@ -622,8 +658,9 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
         return materialised("a block declined")
     if check:
         with record_function("overunlearn::verify"):
-            memo[signature] = _verify(model, inputs, score_fn, scores, uses, covered, targets)
-        if not memo[signature]:
+            ok = _verify(model, inputs, score_fn, scores, uses, covered, targets)
+        memo[signature] = ((verified if isinstance(verified, set) else set()) | {reading}) if ok else False
+        if not ok:
             return materialised("check failed")
     # the blocks hold what they need; free the graph of the hooked forward
     del scores, wanted
