@@ -9,9 +9,13 @@ and right-hand side (``gram_and_rhs``), the eigen-solve (``solve_gram``) and the
 ``J^T alpha``; the Jacobian also with ``torch.backends.cudnn.benchmark`` on, and the GD step both
 ways; and the phases of the fast step (hooked forward, backward per head, Gram, back-projection)
 from a profile. ``--profile`` adds a ``torch.profiler`` table of one fast step, whose phases are named
-``overunlearn::*``. Medians of ``--repeats`` synchronised calls after two warm-ups.
+``overunlearn::*``. Medians of ``--repeats`` synchronised calls after two warm-ups. ``--ops`` only
+counts, for one fast step and one GD step after warm-ups, the operators dispatched from Python
+(top-level ``aten::`` calls) and, on CUDA, the kernels launched: the host-side cost that bounds small
+steps on a GPU.
 
     python benchmarks/perf_projection_parts.py --device cuda --case c --repeats 5 --profile
+    python benchmarks/perf_projection_parts.py --device cpu --case b --ops
 """
 
 from __future__ import annotations
@@ -53,6 +57,24 @@ def phases(case: pp.Case, device: torch.device) -> None:
             print(f"    {e.key:44s} {e.cpu_time_total / 1e3:9.2f} ms")
 
 
+def op_counts(fn, device: torch.device) -> tuple[int, int | None]:
+    """(top-level ``aten::`` operators, CUDA kernel launches or ``None``) of one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    fn()
+    pp.sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        pp.sync(device)
+    events = prof.events()
+    top = [e for e in events if e.name.startswith("aten::")
+           and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
+    kernels = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    return len(top), (kernels if device.type == "cuda" else None)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -66,6 +88,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--profile", action="store_true", help="also profile one fast step (torch.profiler): its "
                     "phases and top operators")
+    ap.add_argument("--ops", action="store_true", help="only count the operators (and CUDA kernels) of one fast "
+                    "step and one GD step")
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -85,6 +109,11 @@ def main() -> int:
         print(f"{label:48s} {rows[-1][1] * 1e3:9.2f} ms", flush=True)
 
     print(f"# case ({args.case}) {case.label}, d={case.d:,}, k={case.n_pert} samples, device {device}")
+    if args.ops:
+        for label, fn in (("GD step", pp.gd_step(case)), ("projection, fast", pp.projection(case, "fast"))):
+            ops, kernels = op_counts(fn, device)
+            print(f"{label:24s} {ops:6d} top-level operators" + (f", {kernels} CUDA kernel launches" if kernels is not None else ""))
+        return 0
     add("GD step (fwd+bwd+AdamW)", pp.gd_step(case))
     add("projection, fast (whole step)", pp.projection(case, "fast"))
     phases(case, device)

@@ -376,3 +376,27 @@ def test_solve_gram_vector_and_matrix_right_hand_sides_agree():
     assert mat.shape == (6, 1)
     assert torch.allclose(vec, ref, rtol=1e-9, atol=1e-12)
     assert torch.allclose(mat.squeeze(-1), vec, rtol=1e-12, atol=1e-14)
+
+
+@settings(max_examples=25, deadline=None)
+@given(k=st.integers(1, 60), d=st.integers(1, 40_000), chunk=st.sampled_from([None, 7, 1024, 5000]),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 10**6))
+def test_gram_and_rhs_blocks_equal_the_plain_blockwise_products(k, d, chunk, dtype, seed):
+    """``gram_and_rhs`` converts its float64 blocks into a reused buffer: the same numbers, bit for bit,
+    as converting each block afresh (the layout of a block decides the product's rounding), and the
+    float64 product to rounding."""
+    from overunlearn.linalg.projection import _chunk, gram_and_rhs
+
+    g = torch.Generator().manual_seed(seed)
+    jac, v = torch.randn(k, d, generator=g, dtype=dtype), torch.randn(d, generator=g, dtype=dtype)
+    gram, rhs = gram_and_rhs(jac, v, chunk)
+    step = _chunk(k, chunk)
+    ref_gram = torch.zeros(k, k, dtype=torch.float64)
+    ref_rhs = torch.zeros(k, dtype=torch.float64)
+    for s in range(0, d, step):
+        block = jac[:, s : s + step].double()
+        ref_gram += block @ block.T
+        ref_rhs += block @ v[s : s + step].double()
+    assert torch.equal(gram, ref_gram) and torch.equal(rhs, ref_rhs)
+    j64 = jac.double()
+    assert torch.allclose(gram, j64 @ j64.T, rtol=1e-12, atol=1e-12 * d)
