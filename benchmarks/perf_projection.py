@@ -233,7 +233,7 @@ def build_case(key: str, device: torch.device, args: argparse.Namespace) -> Case
                     note).to(device)
     if key == "f":
         image, note = 224, ""
-        if device.type == "cpu":
+        if device.type == "cpu" and args.cpu_vit_image != 224:
             image = args.cpu_vit_image
             note = f"CPU: {image}x{image} images ({(image // 16) ** 2 + 1} tokens) instead of 224x224 (197 tokens)"
         n = 64
