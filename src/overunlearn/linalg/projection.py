@@ -667,6 +667,7 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
     grads.clear()
     for blk in blocks:
         blk.output, blk.saved = None, []
+        blk.done()
 
     offsets, off = {}, 0
     for p in params:
@@ -708,6 +709,8 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
                 if slices is not None:
                     kept[id(p)] = slices
                     kept_bytes += size
+            for blk, _ in us:
+                blk.done()
         stage.flush()
     _route("hooked", ghost=n_ghost, rows=len(covered) - n_ghost, dense=len(dense))
     jd = None
@@ -733,6 +736,8 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
                 out[o : o + c] = _back_from_rows(p, kept.pop(id(p)), alpha).to(v.dtype)
             else:
                 out[o : o + c] = uses.back(p, alpha).reshape(-1).to(v.dtype)
+                for blk, _ in uses.of[id(p)]:
+                    blk.done()
     if jd is not None:
         back = torch.empty(jd.shape[1], dtype=v.dtype, device=v.device)
         chunk = _chunk(k, None, jd.device)

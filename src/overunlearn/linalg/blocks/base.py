@@ -135,6 +135,11 @@ class Block:
         """``J_p^T alpha`` in the parameter's shape and dtype (``alpha``: ``(k,)`` float64)."""
         raise NotImplementedError
 
+    def done(self) -> None:
+        """The engine has finished a step with this block (one parameter's Gram, or its back-projection):
+        drop what can be recomputed (e.g. unfolded convolution patches), so that only one block's such
+        tensors are held at a time. It may be called again for the same block."""
+
     def back_flops(self, name: str) -> int:
         """About how many multiply-adds :meth:`back` costs (the engine keeps formed rows instead, within
         a memory budget, where that is much more)."""

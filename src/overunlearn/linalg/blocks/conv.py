@@ -37,12 +37,24 @@ def patches1d(a: Tensor, m: nn.Conv1d) -> Tensor:
     return p.permute(0, 1, 3, 2).reshape(n, c * k, lo)
 
 
+def _positions(a: Tensor, m: nn.Module) -> int:
+    """The number of output positions the convolution ``m`` has on input ``a`` (views only, no copy)."""
+    size = 1
+    for i, (k, s, pd, dl) in enumerate(zip(m.kernel_size, m.stride, m.padding, m.dilation)):
+        size *= max(0, (a.shape[2 + i] + 2 * pd - dl * (k - 1) - 1) // s + 1)
+    return size
+
+
 def _plain(m: nn.Module, base: type) -> bool:
     return (stock(m, base) and m.groups == 1 and m.padding_mode == "zeros"
             and not isinstance(m.padding, str))
 
 
 class _ConvBlock(PositionalBlock):
+    """The unfolded patches (``a``, ``k_h k_w`` times the input) are made from the kept input when
+    needed and dropped when the engine is done with them (:meth:`done`), so that only one layer's are
+    held at a time."""
+
     dims: int = 2
 
     def __init__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
@@ -51,17 +63,33 @@ class _ConvBlock(PositionalBlock):
         if x.dim() != self.dims + 2 or not isinstance(output, Tensor):
             raise Decline
         self.x = x.detach()
+        self._a: Tensor | None = None
         self.output, self.batch, self.saved = output, x.shape[0], [x]
         self.out_positions = int(output[0, 0].numel())
 
     def bind(self, deltas: Tensor, n: int, heads: int) -> None:
-        unfold = patches2d if self.dims == 2 else patches1d
-        u = unfold(self.x, self.module)  # (n, patch, T)
-        if u.shape[2] != self.out_positions:
+        if _positions(self.x, self.module) != self.out_positions:
             raise Decline
-        self.a = u.transpose(1, 2)
-        del self.x
         super().bind(deltas, n, heads)
+
+    @property
+    def a(self) -> Tensor:  # type: ignore[override]
+        """The unfolded patches, ``(n, T, patch)``."""
+        if self._a is None:
+            unfold = patches2d if self.dims == 2 else patches1d
+            self._a = unfold(self.x, self.module).transpose(1, 2)
+        return self._a
+
+    def done(self) -> None:
+        self._a = None
+
+    @property
+    def t(self) -> int:
+        return self.out_positions
+
+    @property
+    def width(self) -> int:
+        return int(self.module.weight[0].numel())
 
     def positions(self, deltas: Tensor) -> Tensor:
         return deltas.reshape(deltas.shape[0], deltas.shape[1], -1).transpose(1, 2)

@@ -41,12 +41,18 @@ class PositionalBlock(Block):
     def bind(self, deltas: Tensor, n: int, heads: int) -> None:
         super().bind(deltas, n, heads)
         self.d = self.positions(deltas)
-        if self.d.shape[1] != self.a.shape[1]:
+        if self.d.shape[1] != self.t:
             raise ValueError("output positions do not match the input positions")
 
     @property
     def t(self) -> int:
+        """Positions per sample."""
         return int(self.a.shape[1])
+
+    @property
+    def width(self) -> int:
+        """Input features ``p`` at each position."""
+        return int(self.a.shape[2])
 
     def _w2(self, w: Tensor) -> Tensor:
         """A weight-shaped tensor as a matrix in its layout: ``(o, p)`` or ``(p, o)``."""
@@ -57,7 +63,7 @@ class PositionalBlock(Block):
             return False
         if self.t == 1:
             return True
-        o, p = self.d.shape[2], self.a.shape[2]
+        o, p = self.d.shape[2], self.width
         return budget.positional(self.n, self.heads, o, p, self.t)
 
     def ghost(self, name: str, v: Tensor) -> tuple[Tensor, Tensor]:
