@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-call GPU check, for a machine with CUDA and PyTorch but without this package installed:
-# the CUDA tests, MinNorm-OG's projection cost (performance target (c)) in total and part by part,
+# the CUDA tests, MinNorm-OG's projection cost (performance targets (c) and (e)) in total, in
+# operators and kernel launches, and part by part,
 # and the full poisoning
 # recipe with --device auto. Logs go to $OUT (default /tmp/gpu_check).
 #     bash benchmarks/gpu_check.sh              (SKIP_POISON=1: without the poisoning run)
@@ -13,8 +14,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name(0))"
 echo "== CUDA tests"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.txt" | tail -40
-echo "== projection target (c)"
-timeout 110 python3 benchmarks/perf_projection.py --device cuda --cases c --repeats 10 2>&1 | tee "$OUT/perf_projection_cuda.txt"
+echo "== projection targets (c) and (e): time and memory"
+timeout 200 python3 benchmarks/perf_projection.py --device cuda --cases c,e --repeats 10 --skip-reference 2>&1 | tee "$OUT/perf_projection_cuda.txt"
+echo "== operators and kernel launches per step (case c)"
+timeout 60 python3 benchmarks/perf_projection_parts.py --device cuda --case c --ops 2>&1 | tee "$OUT/perf_projection_ops_cuda.txt"
 echo "== projection, part by part (case c)"
 timeout 100 python3 benchmarks/perf_projection_parts.py --device cuda --case c --repeats 5 --profile 2>&1 | tee "$OUT/perf_projection_parts_cuda.txt"
 if [ -n "${SKIP_POISON:-}" ]; then exit 0; fi
