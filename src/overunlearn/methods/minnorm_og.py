@@ -126,7 +126,11 @@ def minnorm_projection_step(model: torch.nn.Module, batch: Batch, score_fn, stra
     with torch.no_grad():
         # one multi-tensor operation each (elementwise as p.mul_(1 - coef).add_(x, alpha=coef) per parameter)
         pieces = [x.view_as(p) for x, p in zip(in_span.split([p.numel() for p in params]), params)]
-        torch._foreach_mul_(params, 1.0 - coef)
+        if all(p.dtype in (torch.float32, torch.float64) for p in params):
+            torch._foreach_mul_(params, 1.0 - coef)
+        else:  # (on CPU the multi-tensor op rounds the scalar to a half-precision dtype first)
+            for p in params:
+                p.mul_(1.0 - coef)
         torch._foreach_add_(params, pieces, alpha=coef)
         norm = float(theta.norm())
         return coef * float((theta - in_span).norm()) / norm if norm > 0 else 0.0
