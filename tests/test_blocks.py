@@ -23,6 +23,8 @@ from torch import nn
 import overunlearn.linalg.projection as P
 from overunlearn.linalg.blocks import RowsBlock, register_block
 from overunlearn.linalg.blocks.base import _REGISTRY
+from overunlearn.linalg.blocks.conv import Conv2dBlock
+from overunlearn.linalg.blocks.positional import PositionalBlock
 from overunlearn.linalg.blocks.embedding import EmbeddingBlock
 from overunlearn.linalg.jacobian import call_scores, output_jacobian, output_jacobian_reference
 from overunlearn.linalg.projection import project_model_onto_span, project_onto_span, project_onto_span_qr
@@ -603,6 +605,41 @@ def test_user_registered_block_is_used_and_checked(registry, block, path):
         assert P.last_route.dense == 0
 
 
+class CircularConv(nn.Conv2d):
+    """A user convolution with its own ``forward``: circular padding done by hand, then a plain conv."""
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="circular"),
+                                          self.weight, self.bias)
+
+
+class CircularConvBlock(Conv2dBlock):
+    """A user block that sets its patches (and the rows' sample index) itself, as the base class's
+    docstring says a block may: the engine must use them, not recompute the stock unfolding."""
+
+    @classmethod
+    def accepts(cls, module):
+        return isinstance(module, CircularConv)
+
+    def __init__(self, module, args, kwargs, output):
+        super().__init__(module, args, kwargs, output)
+        x = torch.nn.functional.pad(args[0].detach(), (1, 1, 1, 1), mode="circular")
+        self.a = torch.nn.functional.unfold(x, module.kernel_size).transpose(1, 2)
+
+    def bind(self, deltas, n, heads):
+        PositionalBlock.bind(self, deltas, n, heads)  # (the stock block's position count is for zero padding)
+        self.idx = torch.arange(self.k) % n
+
+
+def test_user_block_setting_its_patches_and_row_index(registry, ghost):
+    register_block(CircularConv)(CircularConvBlock)
+    torch.manual_seed(8)
+    model = nn.Sequential(CircularConv(2, 3, 3, padding=0), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 25, 2)).to(F64)
+    x = torch.randn(4, 2, 5, 5, dtype=F64)
+    check(model, x)
+    assert P.last_route.dense == 0
+
+
 def test_unregistered_layer_goes_through_torch_func():
     torch.manual_seed(8)
     model = nn.Sequential(nn.Linear(3, 4), Gain(4), nn.Linear(4, 2)).to(F64)
@@ -751,6 +788,8 @@ ENGINE_BUFFERS = {
     "one_per_block": {"_STAGE_BYTES": 1},
     # gathered blocks not kept: the blocks back-project those parameters
     "gathered_not_kept": {"_KEEP_BYTES": 0},
+    # a few parameters per gathered block, the first blocks kept and later ones not, rows in small slices
+    "several_per_block_partly_kept": {"_STAGE_BYTES": 2048, "_KEEP_BYTES": 4096, "_ROWS_BYTES": 512},
 }
 
 
@@ -775,6 +814,24 @@ def test_engine_buffers_do_not_change_the_projection(name, config, monkeypatch):
         score = (lambda out: torch.cat([identity(o) for o in out], 1)) if name == "linear_3d_4d" else identity
     _randomise_bn(model)
     check(model, x, score, qr=False)
+
+
+@pytest.mark.parametrize("config", list(ENGINE_BUFFERS))
+def test_engine_buffers_in_float32(config, monkeypatch):
+    """The same in float32 (the float64 conversions then happen inside the engine): every setting gives
+    the default setting's projection to float32 rounding, and the vmapped one's."""
+    torch.manual_seed(13)
+    model = TiedLM()
+    x = torch.randint(0, 13, (6, 4))
+    v = flat(model)
+    default = project_model_onto_span(model, x, identity, v)
+    for attr, value in ENGINE_BUFFERS[config].items():
+        monkeypatch.setattr(P, attr, value)
+    got = project_model_onto_span(model, x, identity, v)
+    assert P.last_route.path == "hooked" and P.last_route.dense == 0
+    assert relerr(got, default) <= 1e-6
+    ref = project_onto_span(output_jacobian(model.double(), x, identity), v.double())
+    assert relerr(got.double(), ref) <= 1e-4
 
 
 def test_peft_lora_on_tiny_gpt2():

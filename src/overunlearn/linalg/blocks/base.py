@@ -104,6 +104,10 @@ class Block:
             self._idx = torch.arange(self.k, device=self._device) % self.n
         return self._idx
 
+    @idx.setter
+    def idx(self, value: Tensor) -> None:
+        self._idx = value
+
     def per_row(self, x: Tensor) -> Tensor:
         """``x`` (one entry per sample) repeated for every head: one entry per Jacobian row."""
         return x if self.heads == 1 else x[self.idx]

@@ -80,8 +80,14 @@ class _ConvBlock(PositionalBlock):
             self._a = unfold(self.x, self.module).transpose(1, 2)
         return self._a
 
+    @a.setter
+    def a(self, value: Tensor) -> None:
+        # patches a subclass sets itself are not recomputable from the input: done() keeps them
+        self._a, self._set_a = value, True
+
     def done(self) -> None:
-        self._a = None
+        if not getattr(self, "_set_a", False):
+            self._a = None
 
     @property
     def t(self) -> int:
