@@ -67,3 +67,16 @@ def reg_problem() -> UnlearningProblem:
 @pytest.fixture
 def cls_problem() -> UnlearningProblem:
     return classification_problem()
+
+
+@pytest.fixture
+def block_registry():
+    """Registrations of projection blocks made by a test are undone after it."""
+    from overunlearn.linalg.blocks import base
+
+    saved = (dict(base._REGISTRY), dict(base._LAZY), dict(base._PATTERNS))
+    yield
+    for store, old in zip((base._REGISTRY, base._LAZY, base._PATTERNS), saved):
+        store.clear()
+        store.update(old)
+    base._RESOLVED.clear()

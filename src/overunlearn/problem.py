@@ -436,6 +436,17 @@ def batch_from_items(items: Any) -> Batch:
     return Batch(x, y, items[2] if len(items) == 3 else None)
 
 
+def first_examples(data: Data, k: int, collate: Any = None) -> Batch:
+    """The first ``min(k, len(data))`` examples of a :class:`TensorData` or a map-style ``Dataset`` as one
+    batch (a ``Dataset``'s through ``collate``, default torch's ``default_collate``)."""
+    k = min(k, len(data))  # type: ignore[arg-type]
+    if isinstance(data, TensorData):
+        return data.take(torch.arange(k))
+    from torch.utils.data import default_collate
+
+    return batch_from_items((collate or default_collate)([data[i] for i in range(k)]))  # type: ignore[index]
+
+
 def _pad_stack(values: list[Tensor], pad: float, side: str, where: str) -> Tensor:
     if all(v.shape == values[0].shape for v in values):
         return torch.stack(values)

@@ -46,7 +46,7 @@ from overunlearn.problem import (
     TensorData,
     UnlearningProblem,
     as_heads,
-    batch_from_items,
+    first_examples,
 )
 
 
@@ -217,15 +217,6 @@ def reinitialise_trainable(problem: UnlearningProblem, model: nn.Module, seed: i
     return model
 
 
-def _first_batch(data, k: int, collate=None) -> Batch:
-    k = min(k, len(data))
-    if isinstance(data, TensorData):
-        return data.take(torch.arange(k))
-    from torch.utils.data import default_collate
-
-    return batch_from_items((collate or default_collate)([data[i] for i in range(k)]))
-
-
 def _max_positions(model: nn.Module) -> int | None:
     """The longest sequence a Hugging Face model's position embeddings allow (``None``: no such limit)."""
     for m in model.modules():
@@ -284,7 +275,7 @@ def check_data(problem: UnlearningProblem, model: nn.Module, dev: torch.device) 
     try:
         with torch.no_grad():
             for name, data in (("retain", problem.retain), ("forget", problem.forget)):
-                b = _first_batch(data, problem.batch_size, problem.collate).to(dev)
+                b = first_examples(data, problem.batch_size, problem.collate).to(dev)
                 _check_lengths(name, model, b.inputs)
                 _check_keywords(name, model, b.inputs)
                 try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -133,7 +134,7 @@ from torch import nn  # noqa: E402
 from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 
 from overunlearn.linalg.blocks import Block, Budget, Decline, block_for  # noqa: E402
-from overunlearn.linalg.blocks.base import param_of  # noqa: E402
+from overunlearn.linalg.blocks.base import param_of, registered_block  # noqa: E402
 from overunlearn.linalg.blocks.conv import patches2d as _patches  # noqa: E402,F401  (the name tests use)
 from overunlearn.linalg.blocks.positional import PositionalBlock  # noqa: E402
 
@@ -478,12 +479,29 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
     eval-mode BatchNorm, ...) are handled from forward and backward hooks (see above); anything else
     falls back to the vmapped ``torch.func`` Jacobian.
     """
+    out = _project(model, inputs, score_fn, v, mode, rcond, targets)
+    assert out is not None
+    return out
+
+
+def _project(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcond: float, targets,
+             explain: dict[str, Any] | None = None) -> Tensor | None:
+    """:func:`project_model_onto_span`; with ``explain`` (a dict), nothing is computed past the choice of
+    route (no Jacobian, no Gram): the dict gets ``path``, ``reason``, ``rows`` (``None`` if not known),
+    ``forms`` (``id(p) ->`` ``"ghost"``, ``"rows"``, ``"gathered"`` or ``"torch.func"``) and ``why``
+    (``id(p) ->`` why that parameter takes the ``torch.func`` Jacobian), and ``None`` is returned."""
     from torch.profiler import record_function  # phases named in profiles; free when no profiler runs
 
     from overunlearn.linalg.jacobian import _mode, output_jacobian, output_jacobian_dense
 
-    def materialised(reason: str) -> Tensor:
+    def materialised(reason: str) -> Tensor | None:
         _route("materialised", reason)
+        why = _WHY.get(reason, reason)
+        if explain is not None:
+            explain.update(path="materialised", reason=why, rows=None, forms={id(p): "torch.func" for p in params},
+                           why={id(p): why for p in params})
+            return None
+        _warn_fallback(model, params, structure.batch_len(inputs), why, at_least=True)
         return project_onto_span(output_jacobian(model, inputs, score_fn, mode=mode, targets=targets),  # type: ignore[arg-type]
                                  v, rcond)
 
@@ -662,6 +680,14 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
         memo[signature] = ((verified if isinstance(verified, set) else set()) | {reading}) if ok else False
         if not ok:
             return materialised("check failed")
+    k = n * heads
+    budget = _budget()
+    if explain is not None:
+        forms = {id(p): _form(p, uses.of[id(p)], budget, k) for p in covered}
+        forms.update({id(p): "torch.func" for p in dense})
+        explain.update(path="hooked", reason="", rows=k, forms=forms,
+                       why={id(p): _why_uncovered(p, owners, kinds, calls) for p in dense})
+        return None
     # the blocks hold what they need; free the graph of the hooked forward
     del scores, wanted
     grads.clear()
@@ -678,10 +704,8 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
         o, c = offsets[id(p)]
         return v[o : o + c].view(p.shape)
 
-    k = n * heads
     gram = torch.zeros(k, k, dtype=torch.float64, device=v.device)
     rhs = torch.zeros(k, dtype=torch.float64, device=v.device)
-    budget = _budget()
     n_ghost = 0
     kept: dict[int, list[tuple[slice | Tensor, Tensor]]] = {}
     kept_bytes = 0
@@ -691,12 +715,13 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
         for p in covered:
             us = uses.of[id(p)]
             size = k * p.numel() * p.element_size()
-            if len(us) == 1 and us[0][0].ghost_cheaper(us[0][1], budget):
+            form = _form(p, us, budget, k)
+            if form == "ghost":
                 g, r = us[0][0].ghost(us[0][1], part(p))
                 gram += g
                 rhs += r
                 n_ghost += 1
-            elif size <= _SMALL_BYTES and all(blk.support(name) is None for blk, name in us):
+            elif form == "gathered":
                 rows = None
                 for blk, name in us:
                     r = blk.rows(name, slice(0, p.shape[0] if p.dim() else 1))
@@ -715,6 +740,8 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
     _route("hooked", ghost=n_ghost, rows=len(covered) - n_ghost, dense=len(dense))
     jd = None
     if dense:
+        reasons = dict.fromkeys(_why_uncovered(p, owners, kinds, calls) for p in dense)
+        _warn_fallback(model, dense, k, "; ".join(reasons))
         jd = output_jacobian_dense(model, inputs, score_fn, dense, targets)  # (k, d_dense), same row order
         if not torch.isfinite(jd).all():
             raise _non_finite()
@@ -749,6 +776,78 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
             out[o : o + c] = back[pos : pos + c]
             pos += c
     return out
+
+
+def _form(p: Tensor, us: list[tuple[Block, str]], budget: Budget, k: int) -> str:
+    """How the engine accumulates covered parameter ``p``'s Gram block: ``"ghost"`` (factored, one
+    use), ``"gathered"`` (small rows, gathered with other small parameters' into one product) or
+    ``"rows"`` (formed rows in slices)."""
+    if len(us) == 1 and us[0][0].ghost_cheaper(us[0][1], budget):
+        return "ghost"
+    if k * p.numel() * p.element_size() <= _SMALL_BYTES and all(blk.support(name) is None for blk, name in us):
+        return "gathered"
+    return "rows"
+
+
+#: why a whole projection takes the vmapped Jacobian, by the engine's short reason
+_WHY = {
+    "mode": "the Jacobian mode is not per_sample (one batched train-mode pass couples the samples)",
+    "no blocks": "the blocks cover less than a quarter of the model's parameters, or a BatchNorm uses batch "
+                 "statistics in eval mode",
+    "check failed": "the blocks' result did not match autograd's on this model (a parameter used outside its "
+                    "layers, samples mixed by a layer, or a block that does not compute what its layer does)",
+    "a shared-row call could not be expanded": "a layer called on one row shared by all samples could not be "
+                                               "given a per-sample copy",
+    "scores": "the scores do not have one row per sample, or do not depend on the parameters",
+    "too little covered": "the usable layer calls cover less than a quarter of the model's parameters",
+    "a block declined": "a block could not read its layer's output gradients",
+}
+_WHY["check failed earlier"] = _WHY["check failed"]
+
+
+def _why_uncovered(p: Tensor, owners: dict[int, list[nn.Module]], kinds: dict[nn.Module, type[Block]],
+                   calls: dict[nn.Module, list[Block | None]]) -> str:
+    """Why covered-path parameter ``p`` is not covered by a block (so takes the ``torch.func`` Jacobian)."""
+    for m in owners.get(id(p), []):
+        name = type(m).__name__
+        if m not in kinds:
+            if registered_block(m) is None:
+                return f"{name} has no block"
+            return f"{name}'s block does not accept this module (its own forward, hooks of its own, or a parametrized weight)"
+        if not calls[m]:
+            return f"{name} was not called during the forward pass"
+        if any(b is None for b in calls[m]):
+            return (f"a call of {name} could not be used by its block (not one row per sample, its input changed "
+                    "in place, or a form of call the block declines)")
+        if not any(param_of(m, nm) is p for nm in kinds[m].param_names):
+            return f"{name}'s block does not compute this parameter"
+    return "it is held by several modules, not all of them covered"
+
+
+class JacobianFallbackWarning(UserWarning):
+    """The fast projection forms a large ``torch.func`` Jacobian for parameters no block covers."""
+
+
+#: warn when the ``torch.func`` Jacobian the fast projection forms is at least this large
+_WARN_BYTES = 1 << 30
+
+#: models (held weakly) already warned about
+_WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _warn_fallback(model: nn.Module, dense: list[Tensor], rows: int, why: str, at_least: bool = False) -> None:
+    """Warn once per model when the ``torch.func`` Jacobian of ``dense`` (``rows`` rows) is large."""
+    entries = sum(p.numel() for p in dense)
+    size = rows * sum(p.numel() * p.element_size() for p in dense)
+    if size < _WARN_BYTES or model in _WARNED:
+        return
+    _WARNED.add(model)
+    warnings.warn(
+        f"the fast projection forms the torch.func Jacobian of {len(dense)} parameter tensor(s) ({entries:,} "
+        f"entries x {'at least ' if at_least else ''}{rows} rows, {'at least ' if at_least else ''}"
+        f"{size / 2**30:.1f} GiB) because {why}. overunlearn.linalg.explain_projection (or MinNormOG.explain) "
+        "lists the parameters and why; a block for your own layer (register_block, docs/architecture.md) or "
+        "fewer samples per projection (grad_sample_size) makes it smaller", JacobianFallbackWarning, stacklevel=4)
 
 
 class _Stage:

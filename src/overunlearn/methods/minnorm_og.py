@@ -37,13 +37,14 @@ from typing import Literal
 import torch
 
 from overunlearn.errors import NonFiniteLossError
+from overunlearn.linalg.coverage import ProjectionReport, explain_projection
 from overunlearn.linalg.jacobian import output_jacobian_reference, sample_indices
 from overunlearn.linalg.projection import project_model_onto_span, project_onto_span_qr
 from overunlearn.methods.base import Method, MethodConfig, check_range
 from overunlearn.methods.context import sampling_seed
 from overunlearn.methods.registry import register_method
 from overunlearn.methods.vectorised import ProjectionSchedule, VectorisedForm
-from overunlearn.problem import Batch
+from overunlearn.problem import Batch, UnlearningProblem, first_examples
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,18 @@ class MinNormOG(Method):
             ctx.require_planned_epochs(self.name)
         self.projections = 0
         self.warned = False
+
+    def explain(self, problem: UnlearningProblem) -> ProjectionReport:
+        """How this method's fast projection handles ``problem``'s model: for every trainable parameter,
+        the per-layer block form it takes, or the ``torch.func`` Jacobian and why (see
+        :func:`overunlearn.linalg.explain_projection`), on the first ``grad_sample_size`` retain examples.
+        ``print(method.explain(problem))`` shows a table. Runs one hooked forward and backward pass on
+        the model's device; the model is not changed."""
+        p = next(q for q in problem.model.parameters())
+        batch = first_examples(problem.retain, self.config.grad_sample_size, problem.collate).to(p.device)
+        scores = problem.task.scores
+        return explain_projection(problem.model, batch.inputs, scores,
+                                  targets=batch.targets if takes_targets(scores) else None, mode=self.config.jacobian)
 
     def should_project(self, epoch: int, planned: int | None) -> bool:
         """Whether epoch ``epoch`` of a run of ``planned`` epochs projects (``None``: not known, so no

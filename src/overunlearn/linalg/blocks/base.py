@@ -18,6 +18,7 @@ against autograd once per model (``projection._verify``), so a wrong block costs
 
 from __future__ import annotations
 
+import fnmatch
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -186,20 +187,27 @@ class RowsBlock(Block):
 
 _REGISTRY: dict[type, type[Block]] = {}
 _LAZY: dict[str, type[Block]] = {}
+_PATTERNS: dict[str, type[Block]] = {}
+#: ``registered_block``'s answer per module type (cleared by every registration)
+_RESOLVED: dict[type, type[Block] | None] = {}
 
 
 def register_block(*types: type | str) -> Callable[[type[Block]], type[Block]]:
     """Class decorator: use this block for modules of these types (and their subclasses that the
     block ``accepts``). A type may be given as a dotted name (``"transformers.pytorch_utils.Conv1D"``):
     it is looked up only once its module has been imported by someone else, so registering a block
-    for an optional library never imports it. A later registration for the same type wins."""
+    for an optional library never imports it. A dotted name with ``*`` is a pattern matched against
+    ``module.qualname`` of every class in a module type's ancestry (``"transformers.models.*RMSNorm"``:
+    the RMSNorm of every Hugging Face model). A later registration for the same type or pattern wins;
+    for one class, a registered type comes before a pattern, and the nearest class in the ancestry wins."""
 
     def deco(cls: type[Block]) -> type[Block]:
         for t in types:
             if isinstance(t, str):
-                _LAZY[t] = cls
+                (_PATTERNS if "*" in t else _LAZY)[t] = cls
             else:
                 _REGISTRY[t] = cls
+        _RESOLVED.clear()
         return cls
 
     return deco
@@ -212,16 +220,35 @@ def _resolve_lazy() -> None:
         if isinstance(t, type):
             _REGISTRY[t] = cls
             del _LAZY[name]
+            _RESOLVED.clear()
+
+
+def registered_block(module: nn.Module) -> type[Block] | None:
+    """The block registered for ``module``'s type or its nearest base class, whether or not it accepts
+    ``module``."""
+    _resolve_lazy()
+    kind = type(module)
+    if kind not in _RESOLVED:
+        _RESOLVED[kind] = _lookup(kind)
+    return _RESOLVED[kind]
+
+
+def _lookup(kind: type) -> type[Block] | None:
+    for t in kind.__mro__:
+        cls = _REGISTRY.get(t)
+        if cls is not None:
+            return cls
+        name = f"{t.__module__}.{t.__qualname__}"
+        for pattern, cls in reversed(_PATTERNS.items()):
+            if fnmatch.fnmatchcase(name, pattern):
+                return cls
+    return None
 
 
 def block_for(module: nn.Module) -> type[Block] | None:
     """The block registered for ``module``'s type or its nearest base class, if it accepts ``module``."""
-    _resolve_lazy()
-    for t in type(module).__mro__:
-        cls = _REGISTRY.get(t)
-        if cls is not None:
-            return cls if cls.accepts(module) else None
-    return None
+    cls = registered_block(module)
+    return cls if cls is not None and cls.accepts(module) else None
 
 
 def stock(module: nn.Module, base: type) -> bool:

@@ -5,7 +5,9 @@
 * ghost form: ``G_rs = sum_{t,t'} [id_{i,t} = id_{j,t'}] (d_{r,t} . d_{s,t'})``: ``(k T)^2 E``.
 
 ``padding_idx`` receives no gradient (as in PyTorch's backward); ``max_norm`` (renormalises the
-weight in place) and ``scale_grad_by_freq`` (couples the samples) are declined.
+weight in place) and ``scale_grad_by_freq`` (couples the samples) are declined. Hugging Face's scaled
+word embeddings (Gemma's: the embedding times a constant ``embed_scale``) take
+:class:`ScaledEmbeddingBlock`.
 """
 
 from __future__ import annotations
@@ -83,3 +85,23 @@ class EmbeddingBlock(Block):
         out = torch.zeros_like(w)
         out.index_add_(0, self.per_row(self.ids).reshape(-1), scaled.reshape(-1, scaled.shape[-1]))
         return out
+
+
+@register_block("transformers.models.*ScaledWordEmbedding")
+class ScaledEmbeddingBlock(EmbeddingBlock):
+    """An ``nn.Embedding`` whose output is multiplied by a constant ``embed_scale`` (a number or a
+    one-element tensor): its output gradients, scaled by it, are a plain embedding's."""
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        scale = getattr(module, "embed_scale", None)
+        w = module._parameters.get("weight")
+        return (isinstance(module, nn.Embedding) and isinstance(w, nn.Parameter) and "weight" not in module.__dict__
+                and (isinstance(scale, (int, float)) or (isinstance(scale, Tensor) and scale.numel() == 1))
+                and module.max_norm is None and not module.scale_grad_by_freq
+                and not module._forward_hooks and not module._forward_pre_hooks)
+
+    def bind(self, deltas: Tensor, n: int, heads: int) -> None:
+        scale = self.module.embed_scale
+        scale = scale.to(self.module.weight.dtype) if isinstance(scale, Tensor) else scale
+        super().bind(deltas * scale, n, heads)

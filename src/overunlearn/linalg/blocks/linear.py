@@ -27,3 +27,13 @@ class LinearBlock(PositionalBlock):
             raise Decline
         self.a = x.detach().reshape(x.shape[0], -1, x.shape[-1])
         self.output, self.batch, self.saved = output, x.shape[0], [x]
+
+
+@register_block("transformers.models.falcon.modeling_falcon.FalconLinear")
+class FalconLinearBlock(LinearBlock):
+    """Falcon's ``FalconLinear``: ``input @ weight.T + bias`` written out, a linear layer's arithmetic."""
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        own = next(t for t in type(module).__mro__ if t.__name__ == "FalconLinear")
+        return stock(module, own)

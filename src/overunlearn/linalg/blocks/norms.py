@@ -3,9 +3,10 @@
 The rows are ``sum over positions of d * xhat`` (weight) and ``sum of d`` (bias): formed directly,
 ``k x features`` each. ``xhat`` is recomputed from the captured input the way the layer computes it:
 ``nn.LayerNorm`` and ``nn.RMSNorm`` through their functional kernels without affine parameters;
-BatchNorm in eval mode from its running statistics; a Llama-style RMSNorm (``weight * norm(x)``)
-by calling the module itself with its weight replaced by ones (:class:`ScaleNormBlock`, which users
-may register for their own such modules).
+BatchNorm in eval mode from its running statistics; the RMSNorm of Hugging Face models -- Llama's
+``weight * norm(x)``, Gemma's ``(1 + weight) * norm(x)`` -- by calling the module itself
+(:class:`ScaleNormBlock`, registered for every ``transformers.models.*RMSNorm``; users may register it
+for their own such modules).
 """
 
 from __future__ import annotations
@@ -89,13 +90,14 @@ class RMSNormBlock(AffineNormBlock):
         return torch.nn.functional.rms_norm(self.x, m.normalized_shape, None, m.eps)
 
 
-@register_block("transformers.models.llama.modeling_llama.LlamaRMSNorm",
-                "transformers.models.mistral.modeling_mistral.MistralRMSNorm",
-                "transformers.models.qwen2.modeling_qwen2.Qwen2RMSNorm")
+@register_block("transformers.models.*RMSNorm")
 class ScaleNormBlock(AffineNormBlock):
-    """A module computing ``weight * f(x)`` over the last dimension, ``f`` free of parameters (Llama's
-    RMSNorm): ``xhat = f(x)`` is the module's own output with ``weight`` set to ones, so it matches
-    the module's arithmetic (Llama's float32 upcast included)."""
+    """A module whose output is elementwise affine in its one weight vector over the last dimension,
+    ``f(x) + weight * g(x)`` with ``f``, ``g`` free of parameters (Llama's RMSNorm: ``f = 0``; Gemma's:
+    ``f = g``): ``xhat = g(x)`` is the module's own output with ``weight`` set to ones minus its output
+    with ``weight`` set to zeros, so it follows the module's arithmetic (float32 upcasts included; for
+    these two forms the difference is exact). A module that is not of this form fails the engine's
+    check against autograd. Calls with tensor arguments besides the input are declined."""
 
     param_names = ("weight",)
     positionwise = True
@@ -104,11 +106,20 @@ class ScaleNormBlock(AffineNormBlock):
     def accepts(cls, module: nn.Module) -> bool:
         w = module._parameters.get("weight")
         return (isinstance(w, nn.Parameter) and w.dim() == 1 and len(module._parameters) == 1
+                and not any(True for _ in module.children())
                 and not module._forward_hooks and not module._forward_pre_hooks)
 
+    def __init__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        extra = [a for a in args[1:] if isinstance(a, Tensor)] + [v for v in kwargs.values() if isinstance(v, Tensor)]
+        if len(extra) > (0 if args else 1):  # (without positional arguments, the input is a keyword one)
+            raise Decline
+        super().__init__(module, args, kwargs, output)
+
     def normalised(self) -> Tensor:
-        ones = torch.ones_like(self.module.weight)
-        return torch.func.functional_call(self.module, {"weight": ones}, (self.x,))
+        w = self.module.weight
+        call = torch.func.functional_call
+        return call(self.module, {"weight": torch.ones_like(w)}, (self.x,)) - \
+            call(self.module, {"weight": torch.zeros_like(w)}, (self.x,))
 
 
 @register_block(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
