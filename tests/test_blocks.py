@@ -474,6 +474,42 @@ def _ids(lengths: list[int], width: int = 8) -> torch.Tensor:
     return ids
 
 
+class Flattened(nn.Module):
+    """A feed-forward block on the positions of all samples flattened, ``(n L, E)``, as OPT's decoder
+    layers call it; ``position_major`` flattens ``(L, n, E)`` instead (which reads wrongly as
+    sample-major, and the check must catch it)."""
+
+    def __init__(self, position_major: bool = False) -> None:
+        super().__init__()
+        self.position_major = position_major
+        self.a, self.norm, self.fc, self.head = nn.Linear(3, 5), nn.LayerNorm(5), nn.Linear(5, 5), nn.Linear(5, 2)
+
+    def forward(self, x):  # (n, L, 3)
+        h = torch.tanh(self.a(x))
+        n, length, e = h.shape
+        flat = (h.transpose(0, 1) if self.position_major else h).reshape(-1, e)
+        flat = torch.tanh(self.fc(self.norm(flat)))
+        h = flat.view(length, n, e).transpose(0, 1) if self.position_major else flat.view(n, length, e)
+        return self.head(h).mean(1)
+
+
+@pytest.mark.parametrize("length", [1, 4])
+def test_flattened_positions_take_the_blocks(length, ghost):
+    torch.manual_seed(5)
+    model = Flattened().to(F64)
+    check(model, torch.randn(3, length, 3, dtype=F64))
+
+
+def test_position_major_flattening_is_caught():
+    """Read as sample-major, the flattened calls fail the check: they are then not read so (their
+    parameters take the torch.func Jacobian), and the rest of the model keeps its blocks."""
+    torch.manual_seed(5)
+    model = Flattened(position_major=True).to(F64)
+    x = torch.randn(3, 4, 3, dtype=F64)
+    check(model, x, dense=4)  # fc and norm, weight and bias
+    check(model, x, dense=4)  # (remembered)
+
+
 def test_sequence_first_memo_rechecks_a_batch_read_differently():
     """The check's memo is per input signature *and* per reading of the calls: batches of one
     signature that read differently (L = n after trimming; a smaller last batch; a data-dependent
@@ -756,6 +792,11 @@ def _hf(kind: str):
                 if "norm" in name:
                     p.uniform_(-0.5, 0.5)  # (Gemma's start at zero)
         return model, "lm"
+    if kind == "opt":  # feed-forward layers on (n L, E); a learned positional embedding without a block
+        cfg = T.OPTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32, vocab_size=23,
+                          max_position_embeddings=32, word_embed_proj_dim=16, attn_implementation="eager",
+                          pad_token_id=0, bos_token_id=0, eos_token_id=0)
+        return T.OPTForCausalLM(cfg).to(F64), "lm"
     if kind == "falcon":  # FalconLinear: a Linear with its own forward
         cfg = T.FalconConfig(hidden_size=16, vocab_size=23, bos_token_id=0, eos_token_id=0, **common)
         return T.FalconForCausalLM(cfg).to(F64), "lm"
@@ -766,7 +807,7 @@ def _hf(kind: str):
     return T.ViTForImageClassification(cfg).to(F64), "image"
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma", "qwen3", "falcon", "bert", "vit"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma", "qwen3", "falcon", "opt", "bert", "vit"])
 def test_tiny_transformers_equal_the_reference(kind):
     pytest.importorskip("transformers")
     model, what = _hf(kind)
@@ -785,7 +826,7 @@ def test_tiny_transformers_equal_the_reference(kind):
         else:
             targets, score = None, ClassificationTask().scores
     # (Gemma's RMSNorm computes in float32 even in a float64 model: its gradients carry float32 rounding)
-    check(model, x, score, targets=targets, tol=1e-6 if kind == "gemma" else 1e-9)
+    check(model, x, score, targets=targets, tol=1e-6 if kind == "gemma" else 1e-9, dense=int(kind == "opt"))
 
 
 def test_tiny_gpt2_in_float32():

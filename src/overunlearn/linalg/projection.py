@@ -283,7 +283,7 @@ _VERIFIED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool | set[tuple]]] 
 
 #: models (held weakly) -> input signature -> the layouts of their position-wise layers' calls
 #: (:func:`_probe_layouts`), read once per model and input shape
-_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, dict[int, list[bool | None]]]] = weakref.WeakKeyDictionary()
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, dict[int, list[tuple[bool | None, int | None]]]]] = weakref.WeakKeyDictionary()
 
 
 def _signature(inputs, layers, params: list[Tensor]) -> tuple:
@@ -412,7 +412,7 @@ def _main_input(args: tuple, kwargs: dict[str, Any]) -> tuple[Tensor | None, Cal
     return None, lambda t: (args, kwargs)
 
 
-def _reading(x: Tensor | None, out: Any, n: int, probed: bool | None) -> str:
+def _reading(x: Tensor | None, out: Any, n: int, probed: bool | None, rows: int | None = None) -> str:
     """How the engine reads one call of a position-wise layer with ``n`` samples: ``"b"`` batch-major
     (as any other layer's call; the block then checks its batch), ``"s"`` sequence-first -- the
     samples along dimension 1 of the input and the output, not along dimension 0 -- handed to the
@@ -420,7 +420,14 @@ def _reading(x: Tensor | None, out: Any, n: int, probed: bool | None) -> str:
     sample decides (``probed``, :func:`_probe_layouts`): ``"b?"``, ``"s?"``, or ``"x"`` (no answer, or
     an answer the shapes contradict: the call is declined, its parameters take the fallback).
     ``(1, n, ...)`` reads as a row shared by all samples (``"b"``; for a sequence-first call on one
-    token that is wrong, and the check against autograd catches it)."""
+    token that is wrong, and the check against autograd catches it). ``"f"``: a call on the samples'
+    positions flattened into one dimension, ``(n L, ...)`` (OPT's feed-forward layers), where the forward
+    of one sample called it on ``rows = L > 1`` rows: handed to the block as ``(n, L, ...)`` views
+    (sample-major, as ``reshape(-1, E)`` of a batch-major tensor gives; a position-major flattening fails
+    the check)."""
+    if (n > 1 and rows is not None and rows > 1 and isinstance(x, Tensor) and isinstance(out, Tensor)
+            and x.dim() >= 2 and out.dim() >= 2 and x.shape[0] == out.shape[0] == n * rows):
+        return "f"
     if (n <= 1 or not isinstance(x, Tensor) or not isinstance(out, Tensor) or x.dim() < 2 or out.dim() < 3
             or tuple(x.shape[:2]) != tuple(out.shape[:2]) or x.shape[1] != n or x.shape[0] == 1):
         return "b"
@@ -429,15 +436,17 @@ def _reading(x: Tensor | None, out: Any, n: int, probed: bool | None) -> str:
     return {True: "s?", False: "b?", None: "x"}[probed]
 
 
-def _probe_layouts(model: nn.Module, inputs, kinds: dict[nn.Module, type[Block]]) -> dict[int, list[bool | None]]:
-    """For every call of a position-wise layer (by the layer's index in ``kinds``), whether it takes
-    its input sequence-first, read from a forward of the first sample alone: its sample dimension is
-    the one of size 1 (``None`` where both or neither are). Gradients stay on, so that modules with a
-    no-grad fast path (``nn.TransformerEncoderLayer``) call their layers as in the hooked forward."""
+def _probe_layouts(model: nn.Module, inputs,
+                   kinds: dict[nn.Module, type[Block]]) -> dict[int, list[tuple[bool | None, int | None]]]:
+    """For every call of a position-wise layer (by the layer's index in ``kinds``), read from a forward
+    of the first sample alone: whether it takes its input sequence-first -- its sample dimension is the
+    one of size 1 (``None`` where both or neither are) -- and how many rows its input has (``None``: not
+    a tensor of 2 or more dimensions). Gradients stay on, so that modules with a no-grad fast path
+    (``nn.TransformerEncoderLayer``) call their layers as in the hooked forward."""
     from overunlearn.linalg.jacobian import _mode
 
     index = {m: i for i, m in enumerate(kinds) if kinds[m].positionwise}
-    seen: dict[int, list[bool | None]] = {i: [] for i in index.values()}
+    seen: dict[int, list[tuple[bool | None, int | None]]] = {i: [] for i in index.values()}
     if not index:
         return seen
 
@@ -449,7 +458,7 @@ def _probe_layouts(model: nn.Module, inputs, kinds: dict[nn.Module, type[Block]]
                 layout = False
             elif x.shape[1] == 1 and x.shape[0] != 1:
                 layout = True
-        seen[index[m]].append(layout)
+        seen[index[m]].append((layout, int(x.shape[0]) if isinstance(x, Tensor) and x.dim() >= 2 else None))
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in index]
     try:
@@ -544,12 +553,19 @@ def _project(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcond: fl
             x, put = _main_input(args, kwargs)
             seen = layouts.get(position[m], [])
             j = len(calls[m])
-            code = _reading(x, out, n_in, seen[j] if j < len(seen) else None)
+            code = _reading(x, out, n_in, *(seen[j] if j < len(seen) else (None, None)))
             if code in ("s", "s?"):
                 # a sequence-first call (L, n, ...) of a layer acting per position: the block sees
                 # batch-major views, and the model gets the view of the block's output back (equal values)
                 args, kwargs = put(x.transpose(0, 1))  # type: ignore[union-attr]
                 out = out.transpose(0, 1)
+            elif code == "f":
+                # a call on the positions of all samples flattened, (n L, ...): the same, with (n, L, ...) views
+                try:
+                    args, kwargs = put(x.view(n_in, -1, *x.shape[1:]))  # type: ignore[union-attr]
+                    out = out.view(n_in, -1, *out.shape[1:])
+                except RuntimeError:  # (not viewable so)
+                    code = "x"
         else:
             code = "b"
         readings[m].append(code)
@@ -581,6 +597,8 @@ def _project(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcond: fl
             return blk.module_output
         if code in ("s", "s?"):
             return blk.output.transpose(0, 1)
+        if code == "f":
+            return blk.output.view(-1, *blk.output.shape[2:])
         return replace
 
     # (a copy: the model may work in place on its input)
@@ -677,6 +695,13 @@ def _project(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcond: fl
     if check:
         with record_function("overunlearn::verify"):
             ok = _verify(model, inputs, score_fn, scores, uses, covered, targets)
+        if not ok and any("f" in codes for _, codes in reading):
+            # the flattened calls may be position-major: read them no more (their parameters then take
+            # the fallback) and try again, rather than giving the whole model to the vmapped Jacobian
+            probed[signature] = {i: [(layout, None) for layout, _ in seen] for i, seen in layouts.items()}
+            del scores, wanted, uses
+            blocks.clear()
+            return _project(model, inputs, score_fn, v, mode, rcond, targets, explain)
         memo[signature] = ((verified if isinstance(verified, set) else set()) | {reading}) if ok else False
         if not ok:
             return materialised("check failed")
