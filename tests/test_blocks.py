@@ -676,6 +676,37 @@ def test_scale_norm_declines_calls_with_more_tensor_arguments(block_registry):
     check(Gated().to(F64), torch.randn(5, 3, dtype=F64), dense=1)
 
 
+class MaskPositions(nn.Embedding):
+    """An embedding with its own forward that computes the ids it looks up (positions from a mask,
+    as OPT's); ``scale`` multiplies the result, which is then no plain lookup."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__(8, 5)
+        self.scale = scale
+
+    def forward(self, mask):
+        return super().forward(torch.cumsum(mask, 1) * mask) * self.scale
+
+
+class WithPositions(nn.Module):
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(11, 5), MaskPositions(scale), nn.Linear(5, 2)
+
+    def forward(self, ids, mask):
+        return self.head(torch.tanh(self.tok(ids) + self.pos(mask))).mean(1)
+
+
+@pytest.mark.parametrize("scale, dense", [(1.0, 0), (2.0, 1)])
+def test_embedding_computing_its_ids(scale, dense, ghost):
+    torch.manual_seed(6)
+    model = WithPositions(scale).to(F64)
+    ids = torch.randint(1, 11, (4, 5))
+    mask = torch.ones_like(ids)
+    mask[1, 3:] = 0
+    check(model, (ids, mask), dense=dense)
+
+
 class CircularConv(nn.Conv2d):
     """A user convolution with its own ``forward``: circular padding done by hand, then a plain conv."""
 
@@ -792,7 +823,7 @@ def _hf(kind: str):
                 if "norm" in name:
                     p.uniform_(-0.5, 0.5)  # (Gemma's start at zero)
         return model, "lm"
-    if kind == "opt":  # feed-forward layers on (n L, E); a learned positional embedding without a block
+    if kind == "opt":  # feed-forward layers on (n L, E); learned positions computed from the attention mask
         cfg = T.OPTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32, vocab_size=23,
                           max_position_embeddings=32, word_embed_proj_dim=16, attn_implementation="eager",
                           pad_token_id=0, bos_token_id=0, eos_token_id=0)
@@ -826,7 +857,7 @@ def test_tiny_transformers_equal_the_reference(kind):
         else:
             targets, score = None, ClassificationTask().scores
     # (Gemma's RMSNorm computes in float32 even in a float64 model: its gradients carry float32 rounding)
-    check(model, x, score, targets=targets, tol=1e-6 if kind == "gemma" else 1e-9, dense=int(kind == "opt"))
+    check(model, x, score, targets=targets, tol=1e-6 if kind == "gemma" else 1e-9)
 
 
 def test_tiny_gpt2_in_float32():

@@ -5,7 +5,9 @@
 * ghost form: ``G_rs = sum_{t,t'} [id_{i,t} = id_{j,t'}] (d_{r,t} . d_{s,t'})``: ``(k T)^2 E``.
 
 ``padding_idx`` receives no gradient (as in PyTorch's backward); ``max_norm`` (renormalises the
-weight in place) and ``scale_grad_by_freq`` (couples the samples) are declined. Hugging Face's scaled
+weight in place) and ``scale_grad_by_freq`` (couples the samples) are declined. A subclass with a
+forward of its own that computes the ids it looks up (OPT's learned positions) is read by replaying
+the call (:func:`_computed_ids`). Hugging Face's scaled
 word embeddings (Gemma's: the embedding times a constant ``embed_scale``) take
 :class:`ScaledEmbeddingBlock`.
 """
@@ -20,23 +22,64 @@ from torch import Tensor, nn
 from overunlearn.linalg.blocks.base import Block, Budget, Decline, count, first_input, register_block, stock
 
 
+def _computed_ids(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Tensor) -> Tensor:
+    """The ids an embedding with a forward of its own looked up in this call (OPT's learned positions
+    compute them from the attention mask): the call replayed with the weight replaced by each row's
+    index shows them. Declined unless the replay is a lookup (every entry of an output row equal to a
+    whole index in range) and the call's output is exactly the weight's rows at those ids (not scaled
+    or shifted)."""
+    w = module.weight
+    vocab, width = w.shape
+    index = torch.arange(vocab, dtype=torch.float64, device=w.device)[:, None].expand(vocab, width)
+    # (the module's forward itself, not its __call__: this runs inside the engine's forward hook)
+    saved = module._parameters["weight"]
+    module._parameters["weight"] = index  # type: ignore[assignment]
+    try:
+        with torch.no_grad():
+            got = module.forward(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - a forward that cannot take the replacement weight
+        raise Decline from exc
+    finally:
+        module._parameters["weight"] = saved
+    if not isinstance(got, Tensor) or got.shape != output.shape or got.dim() < 2 or got.dtype != torch.float64:
+        raise Decline
+    ids = got[..., 0]
+    if not (torch.equal(got, ids[..., None].expand_as(got)) and torch.equal(ids, ids.round())
+            and bool(((ids >= 0) & (ids < vocab)).all())):
+        raise Decline
+    ids = ids.long()
+    if not torch.equal(output.detach(), w.detach()[ids]):
+        raise Decline
+    return ids
+
+
 @register_block(nn.Embedding)
 class EmbeddingBlock(Block):
     param_names = ("weight",)
     positionwise = True
+    #: the call's first input holds the ids even if the module has a forward of its own
+    ids_are_the_input = False
 
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
-        return stock(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq
+        # (an own forward is accepted: see _computed_ids)
+        plain = stock(module, type(module))
+        return plain and module.max_norm is None and not module.scale_grad_by_freq
 
     def __init__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         super().__init__(module, args, kwargs, output)
-        ids = first_input(args, kwargs, "input")
-        if ids.dim() < 1 or ids.is_floating_point() or not isinstance(output, Tensor):
+        if not isinstance(output, Tensor):
+            raise Decline
+        if type(module).forward is nn.Embedding.forward or self.ids_are_the_input:
+            ids = first_input(args, kwargs, "input")
+            saved = [ids]
+        else:
+            ids, saved = _computed_ids(module, args, kwargs, output), []
+        if ids.dim() < 1 or ids.is_floating_point():
             raise Decline
         self.ids = ids.detach().reshape(ids.shape[0], -1)  # (n, T)
         self.valid = (self.ids != module.padding_idx) if module.padding_idx is not None else None
-        self.output, self.batch, self.saved = output, ids.shape[0], [ids]
+        self.output, self.batch, self.saved = output, ids.shape[0], saved
 
     def bind(self, deltas: Tensor, n: int, heads: int) -> None:
         super().bind(deltas, n, heads)
@@ -91,6 +134,8 @@ class EmbeddingBlock(Block):
 class ScaledEmbeddingBlock(EmbeddingBlock):
     """An ``nn.Embedding`` whose output is multiplied by a constant ``embed_scale`` (a number or a
     one-element tensor): its output gradients, scaled by it, are a plain embedding's."""
+
+    ids_are_the_input = True
 
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
