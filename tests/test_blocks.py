@@ -823,6 +823,15 @@ def _hf(kind: str):
                 if "norm" in name:
                     p.uniform_(-0.5, 0.5)  # (Gemma's start at zero)
         return model, "lm"
+    if kind == "cohere":  # CohereLayerNorm (weight only), on (heads, head_dim) for the query and key norms
+        cfg = T.CohereConfig(hidden_size=16, num_key_value_heads=1, vocab_size=23, max_position_embeddings=32,
+                             use_qk_norm=True, bos_token_id=0, eos_token_id=0, pad_token_id=0, **common)
+        model = T.CohereForCausalLM(cfg).to(F64)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.uniform_(0.5, 1.5)
+        return model, "lm"
     if kind == "opt":  # feed-forward layers on (n L, E); learned positions computed from the attention mask
         cfg = T.OPTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32, vocab_size=23,
                           max_position_embeddings=32, word_embed_proj_dim=16, attn_implementation="eager",
@@ -838,7 +847,7 @@ def _hf(kind: str):
     return T.ViTForImageClassification(cfg).to(F64), "image"
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma", "qwen3", "falcon", "opt", "bert", "vit"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma", "qwen3", "cohere", "falcon", "opt", "bert", "vit"])
 def test_tiny_transformers_equal_the_reference(kind):
     pytest.importorskip("transformers")
     model, what = _hf(kind)
@@ -856,8 +865,8 @@ def test_tiny_transformers_equal_the_reference(kind):
             score = CausalLMTask().scores
         else:
             targets, score = None, ClassificationTask().scores
-    # (Gemma's RMSNorm computes in float32 even in a float64 model: its gradients carry float32 rounding)
-    check(model, x, score, targets=targets, tol=1e-6 if kind == "gemma" else 1e-9)
+    # (Gemma's and Cohere's norms compute in float32 even in a float64 model: their gradients carry float32 rounding)
+    check(model, x, score, targets=targets, tol=1e-6 if kind in ("gemma", "cohere") else 1e-9)
 
 
 def test_tiny_gpt2_in_float32():

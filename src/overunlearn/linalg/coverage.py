@@ -101,8 +101,8 @@ class ProjectionReport:
             lines.append(f"  {form:10s} {module:28s} {len(ps):5d} tensor(s) {sum(p.numel for p in ps):14,d} entries")
         if self.fallback:
             lines.append(f"  torch.func Jacobian: {_size(self.fallback_bytes)}; its parameters:")
-            # (on the materialised path every parameter has the reason given above)
-            lines += [f"    {p.name} {tuple(p.shape)} ({p.module})" + ("" if self.reason else f": {p.reason}")
+            # (the reason given above is not repeated)
+            lines += [f"    {p.name} {tuple(p.shape)} ({p.module})" + ("" if p.reason == self.reason else f": {p.reason}")
                       for p in self.fallback[:20]]
             if len(self.fallback) > 20:
                 lines.append(f"    ... and {len(self.fallback) - 20} more")

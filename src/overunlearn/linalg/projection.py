@@ -503,12 +503,12 @@ def _project(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcond: fl
 
     from overunlearn.linalg.jacobian import _mode, output_jacobian, output_jacobian_dense
 
-    def materialised(reason: str) -> Tensor | None:
+    def materialised(reason: str, why_of: dict[int, str] | None = None) -> Tensor | None:
         _route("materialised", reason)
         why = _WHY.get(reason, reason)
         if explain is not None:
             explain.update(path="materialised", reason=why, rows=None, forms={id(p): "torch.func" for p in params},
-                           why={id(p): why for p in params})
+                           why={id(p): (why_of or {}).get(id(p), why) for p in params})
             return None
         _warn_fallback(model, params, structure.batch_len(inputs), why, at_least=True)
         return project_onto_span(output_jacobian(model, inputs, score_fn, mode=mode, targets=targets),  # type: ignore[arg-type]
@@ -517,7 +517,10 @@ def _project(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcond: fl
     params = [p for p in model.parameters() if p.requires_grad]
     kinds = _plan(model, params) if mode == "per_sample" else None
     if kinds is None:
-        return materialised("mode" if mode != "per_sample" else "no blocks")
+        if mode != "per_sample":
+            return materialised("mode")
+        batch_stats = any(isinstance(m, _BatchNorm) and m.running_mean is None for m in model.modules())
+        return materialised("batch statistics" if batch_stats else "no blocks")
     memo = _VERIFIED.setdefault(model, {})
     signature = _signature(inputs, kinds, params)
     verified = memo.get(signature)
@@ -651,7 +654,7 @@ def _project(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcond: fl
     dense = [p for p in params if id(p) not in uses.of]
     if not covered or (dense and sum(p.numel() for p in covered)
                        < _MIN_FACTORED_FRACTION * sum(p.numel() for p in params)):
-        return materialised("too little covered")
+        return materialised("too little covered", {id(p): _why_uncovered(p, owners, kinds, calls) for p in dense})
     needed = list({id(b): b for p in covered for b, _ in uses.of[id(p)]}.values())
 
     # what each backward pass is asked for: the layers' outputs (autograd then computes no weight
@@ -817,8 +820,10 @@ def _form(p: Tensor, us: list[tuple[Block, str]], budget: Budget, k: int) -> str
 #: why a whole projection takes the vmapped Jacobian, by the engine's short reason
 _WHY = {
     "mode": "the Jacobian mode is not per_sample (one batched train-mode pass couples the samples)",
-    "no blocks": "the blocks cover less than a quarter of the model's parameters, or a BatchNorm uses batch "
-                 "statistics in eval mode",
+    "no blocks": "the blocks cover less than a quarter of the model's parameters (the hooked passes would cost "
+                 "more than they save)",
+    "batch statistics": "a BatchNorm uses batch statistics in eval mode (no running statistics), which couples "
+                        "the samples",
     "check failed": "the blocks' result did not match autograd's on this model (a parameter used outside its "
                     "layers, samples mixed by a layer, or a block that does not compute what its layer does)",
     "a shared-row call could not be expanded": "a layer called on one row shared by all samples could not be "

@@ -90,9 +90,9 @@ class RMSNormBlock(AffineNormBlock):
         return torch.nn.functional.rms_norm(self.x, m.normalized_shape, None, m.eps)
 
 
-@register_block("transformers.models.*RMSNorm")
+@register_block("transformers.models.*RMSNorm", "transformers.models.cohere.modeling_cohere.CohereLayerNorm")
 class ScaleNormBlock(AffineNormBlock):
-    """A module whose output is elementwise affine in its one weight vector over the last dimension,
+    """A module whose output is elementwise affine in its one weight over the trailing dimensions,
     ``f(x) + weight * g(x)`` with ``f``, ``g`` free of parameters (Llama's RMSNorm: ``f = 0``; Gemma's:
     ``f = g``): ``xhat = g(x)`` is the module's own output with ``weight`` set to ones minus its output
     with ``weight`` set to zeros, so it follows the module's arithmetic (float32 upcasts included; for
@@ -105,7 +105,7 @@ class ScaleNormBlock(AffineNormBlock):
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
         w = module._parameters.get("weight")
-        return (isinstance(w, nn.Parameter) and w.dim() == 1 and len(module._parameters) == 1
+        return (isinstance(w, nn.Parameter) and w.dim() >= 1 and len(module._parameters) == 1
                 and not any(True for _ in module.children())
                 and not module._forward_hooks and not module._forward_pre_hooks)
 
@@ -114,6 +114,13 @@ class ScaleNormBlock(AffineNormBlock):
         if len(extra) > (0 if args else 1):  # (without positional arguments, the input is a keyword one)
             raise Decline
         super().__init__(module, args, kwargs, output)
+        if self.x.dim() <= self.feature_dims or tuple(self.x.shape[self.x.dim() - self.feature_dims:]) != \
+                tuple(module.weight.shape):
+            raise Decline
+
+    @property
+    def feature_dims(self) -> int:  # type: ignore[override]
+        return self.module.weight.dim()
 
     def normalised(self) -> Tensor:
         w = self.module.weight

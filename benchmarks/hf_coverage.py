@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Which Hugging Face architectures MinNorm-OG's fast projection covers with per-layer blocks.
+
+For each model family, a tiny model built from its config with random weights (2 layers, width 32,
+eager attention; no downloads) and a causal-LM or sequence-classification batch of 6 sequences of
+10 tokens, one padded, goes through :func:`overunlearn.linalg.explain_projection`: the route the
+projection takes (``hooked``: per-layer blocks, the rest through ``torch.func``; ``materialised``: the
+whole ``torch.func`` Jacobian), the fraction of the trainable entries on blocks, and the module types
+left to ``torch.func``. ``--lora`` wraps each model with a peft LoRA adapter (rank 4 on every linear
+layer peft targets by default for the family) first. A family whose config this transformers version
+cannot build from these sizes is listed as such. Prints a Markdown table.
+
+    python benchmarks/hf_coverage.py
+    python benchmarks/hf_coverage.py --families llama,opt --lora
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+
+#: causal language models, built through AutoModelForCausalLM from these model types
+CAUSAL = ("gpt2", "gpt_neox", "gpt_bigcode", "bloom", "opt", "falcon", "mpt", "llama", "mistral", "qwen2",
+          "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "olmo", "olmo2", "granite", "cohere", "stablelm",
+          "starcoder2", "smollm3", "mixtral", "qwen2_moe", "qwen3_moe")
+#: sequence classifiers (AutoModelForSequenceClassification)
+CLASSIFIERS = ("bert", "roberta", "distilbert", "electra", "albert", "deberta-v2")
+
+SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+             vocab_size=97, max_position_embeddings=64, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+             num_labels=3, embedding_size=32, dim=32, n_layers=2, n_heads=4, hidden_dim=64)
+
+
+def build(family: str) -> tuple[torch.nn.Module, bool]:
+    """The tiny model of ``family`` and whether it is a classifier."""
+    import transformers as T
+
+    sizes = {k: v for k, v in SIZES.items() if not (k == "head_dim" and family == "falcon")}  # (computed there)
+    cfg = T.AutoConfig.for_model(family, **sizes)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    auto = T.AutoModelForSequenceClassification if family in CLASSIFIERS else T.AutoModelForCausalLM
+    return auto.from_config(cfg, attn_implementation="eager"), family in CLASSIFIERS
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--families", default=",".join(CAUSAL + CLASSIFIERS), help="comma-separated model types")
+    ap.add_argument("--lora", action="store_true", help="wrap each model with a peft LoRA adapter first")
+    args = ap.parse_args()
+    import transformers
+
+    from overunlearn.linalg import explain_projection
+    from overunlearn.problem import CausalLMTask, ClassificationTask
+
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(1)
+    ids = torch.randint(3, 97, (6, 10))
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}" + (", LoRA rank 4" if args.lora else ""))
+    print()
+    print("| family | route | on blocks | left to torch.func |")
+    print("|---|---|---|---|")
+    for family in args.families.split(","):
+        try:
+            model, classifier = build(family)
+            if args.lora:
+                import peft
+
+                model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
+            model(input_ids=ids, attention_mask=mask)
+        except Exception as exc:  # noqa: BLE001 - reported, then the next family
+            print(f"| {family} | not built here ({type(exc).__name__}) | | |")
+            continue
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if classifier:
+            report = explain_projection(model, inputs, ClassificationTask().scores)
+        else:
+            report = explain_projection(model, inputs, CausalLMTask().scores, targets=labels)
+        left = ", ".join(sorted({p.module for p in report.fallback}))
+        why = f" ({report.reason})" if report.reason else ""
+        print(f"| {family} | {report.path}{why} | {report.covered_fraction:.1%} | {left} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
