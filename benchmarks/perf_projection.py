@@ -41,6 +41,10 @@ Cases ((a) and (c) are models of the paper's experiments, Appendices F.2 and F.3
   ``nn.TransformerEncoderLayer(64, 4, dim_feedforward=128)``, mean over 32 tokens, ``Linear(64, 10)``;
   68.7k parameters), batch 32, k = 32: (g) ``batch_first=True``, (h) ``batch_first=False``
   (sequence-first inside: the engine hands its per-position layers to their blocks batch-major).
+* (i) Llama-shaped causal LM built from config, the size of (d): 4 layers, width 256, 4 query and 2
+  key/value heads, SwiGLU MLP 688, RMSNorm, rotary positions, untied embeddings, vocabulary 512
+  (3.4M parameters), 64 tokens, batch 64, k = 50 sequences: the architecture of Llama, Mistral and
+  Qwen (their RMSNorm on ``ScaleNormBlock``).
 
 ``--ablate attention`` / ``--ablate sequence-first`` also times the fast projection with that part of
 the blocks switched off (``nn.MultiheadAttention`` unregistered: its parameters through
@@ -117,6 +121,16 @@ def gpt2_lm(layers: int, width: int, heads: int, vocab: int, positions: int) -> 
     cfg = transformers.GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=vocab, n_positions=positions,
                                   bos_token_id=0, eos_token_id=0, attn_implementation="eager")
     return transformers.GPT2LMHeadModel(cfg)
+
+
+def llama_lm(layers: int, width: int, heads: int, kv_heads: int, mlp: int, vocab: int, positions: int) -> nn.Module:
+    import transformers
+
+    cfg = transformers.LlamaConfig(num_hidden_layers=layers, hidden_size=width, num_attention_heads=heads,
+                                   num_key_value_heads=kv_heads, intermediate_size=mlp, vocab_size=vocab,
+                                   max_position_embeddings=positions, bos_token_id=0, eos_token_id=0,
+                                   attn_implementation="eager")
+    return transformers.LlamaForCausalLM(cfg)
 
 
 def vit_tiny(image: int, classes: int = 10) -> nn.Module:
@@ -223,6 +237,9 @@ def build_case(key: str, device: torch.device, args: argparse.Namespace) -> Case
     if key == "d":
         return Case("d", "GPT-2-shaped causal LM, 4 layers x 256, vocabulary 512, 64 tokens",
                     gpt2_lm(4, 256, 4, 512, 64), lm_batch(64, 64, 512, 8, g), CausalLMTask(), 50).to(device)
+    if key == "i":
+        return Case("i", "Llama-shaped causal LM, 4 layers x 256 (GQA 4/2, SwiGLU 688), vocabulary 512, 64 tokens",
+                    llama_lm(4, 256, 4, 2, 688, 512, 64), lm_batch(64, 64, 512, 8, g), CausalLMTask(), 50).to(device)
     if key == "e":
         tokens, n, k, note = 512, 8, 50, ""
         if device.type == "cpu":
@@ -488,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median reported)")
     ap.add_argument("--quick", action="store_true", help="3 repeats, ResNet-18 on CPU at batch 16 / k=4")
-    ap.add_argument("--cases", default="a,b,c,d,e,f", help="comma-separated subset of a,b,c,d,e,f,g,h")
+    ap.add_argument("--cases", default="a,b,c,d,e,f", help="comma-separated subset of a,b,c,d,e,f,g,h,i")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--cpu-resnet-batch", type=int, default=32)
     ap.add_argument("--cpu-resnet-k", type=int, default=10, help="samples per head for ResNet-18 on CPU")
