@@ -643,6 +643,10 @@ def test_blocks_registered_by_name_pattern(block_registry):
     assert registered_block(MyGain(3)) is GainBlock and registered_block(Gain(3)) is WrongGainBlock
     register_block(Gain)(GainBlock)
     assert registered_block(Gain(3)) is GainBlock
+    register_block(f"{__name__}.*Gain")(GainBlock)  # registered again: now the latest pattern
+    register_block(f"{__name__}.MyGain")(WrongGainBlock)  # by name, then by type: the type wins
+    register_block(MyGain)(GainBlock)
+    assert registered_block(MyGain(3)) is GainBlock
     torch.manual_seed(8)
     model = nn.Sequential(nn.Linear(3, 4), MyGain(4), nn.Linear(4, 2)).to(F64)
     check(model, torch.randn(5, 3, dtype=F64))
@@ -705,6 +709,53 @@ def test_embedding_computing_its_ids(scale, dense, ghost):
     mask = torch.ones_like(ids)
     mask[1, 3:] = 0
     check(model, (ids, mask), dense=dense)
+
+
+class NoPadding(nn.Embedding):
+    """A forward of its own that ignores ``padding_idx`` (row 0 gets gradients)."""
+
+    def forward(self, ids):
+        return torch.nn.functional.embedding(ids, self.weight)
+
+
+class SharedTable(nn.Embedding):
+    """Positions from the input's shape: one ``(L, E)`` table for every sample (Blenderbot's)."""
+
+    def forward(self, ids):
+        return super().forward(torch.arange(ids.shape[1]))
+
+
+class WithChild(nn.Embedding):
+    """Extra ids looked up in a child embedding (Idefics' decoupled embedding)."""
+
+    def __init__(self) -> None:
+        super().__init__(10, 4)
+        self.extra = nn.Embedding(3, 4)
+
+    def forward(self, ids):
+        base = torch.nn.functional.embedding(ids.clamp(max=9), self.weight)
+        return torch.where((ids >= 10)[..., None], self.extra((ids - 10).clamp(min=0)), base)
+
+
+@pytest.mark.parametrize("kind", ["padding", "shared_table", "child"])
+def test_embeddings_whose_ids_cannot_be_read_are_declined(kind):
+    """Embedding subclasses the replay must not read: their weight takes the torch.func Jacobian, the rest
+    keeps its blocks, for batches with and without the padding id and with L equal to n."""
+    torch.manual_seed(6)
+    emb = {"padding": lambda: NoPadding(10, 4, padding_idx=0), "shared_table": lambda: SharedTable(10, 4),
+           "child": WithChild}[kind]()
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok, self.emb, self.lin, self.head = nn.Embedding(13, 4), emb, nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.lin(self.tok(ids) + self.emb(ids)))).mean(1)
+
+    model = M().to(F64)
+    for ids in (torch.randint(1, 10, (4, 5)), torch.randint(0, 13 if kind == "child" else 10, (5, 5))):
+        check(model, ids, dense=1)  # (the child embedding is on its own block)
 
 
 class CircularConv(nn.Conv2d):

@@ -122,10 +122,14 @@ def test_minnorm_og_explains_its_projection_on_a_problem():
     data = TensorData(x, y)
     problem = UnlearningProblem(model, data.subset(range(30)), data.subset(range(30, 40)), ClassificationTask(),
                                 batch_size=8)
-    report = create("minnorm_og", grad_sample_size=12).explain(problem)
-    assert report.rows == 12  # one score per sample: the true class's log-probability
+    report = create("minnorm_og", grad_sample_size=6).explain(problem)
+    assert report.rows == 6  # one score per sample: the true class's log-probability
     assert [p.name for p in report.fallback] == ["1.gain"]
     assert report.path == "hooked"
+    # a projection samples at most a retain batch
+    assert create("minnorm_og", grad_sample_size=12).explain(problem).rows == 8
+    with pytest.raises(ValueError, match="fast projection"):
+        create("minnorm_og", implementation="reference").explain(problem)
 
 
 def test_gpt2_language_model_is_covered_entirely():
@@ -140,7 +144,7 @@ def test_gpt2_language_model_is_covered_entirely():
     model = transformers.GPT2LMHeadModel(cfg)
     ids = torch.randint(1, 23, (12, 7))
     data = TensorData({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids.clone())
-    problem = UnlearningProblem(model, data.subset(range(8)), data.subset(range(8, 12)), CausalLMTask(), batch_size=4)
+    problem = UnlearningProblem(model, data.subset(range(8)), data.subset(range(8, 12)), CausalLMTask(), batch_size=6)
     report = create("minnorm_og", grad_sample_size=6).explain(problem)
     assert report.path == "hooked" and report.rows == 6 and not report.fallback
     assert {p.form for p in report.parameters} <= {"ghost", "rows", "gathered"}

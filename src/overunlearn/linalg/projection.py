@@ -499,6 +499,19 @@ def _project(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcond: fl
     route (no Jacobian, no Gram): the dict gets ``path``, ``reason``, ``rows`` (``None`` if not known),
     ``forms`` (``id(p) ->`` ``"ghost"``, ``"rows"``, ``"gathered"`` or ``"torch.func"``) and ``why``
     (``id(p) ->`` why that parameter takes the ``torch.func`` Jacobian), and ``None`` is returned."""
+    out = _project_once(model, inputs, score_fn, v, mode, rcond, targets, explain)
+    if out is _RETRY:  # (once: the first attempt, and all it held, is gone)
+        out = _project_once(model, inputs, score_fn, v, mode, rcond, targets, explain)
+    assert out is not _RETRY
+    return out  # type: ignore[return-value]
+
+
+#: what one attempt returns when the check rejected flattened calls (read no more): try again
+_RETRY = object()
+
+
+def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcond: float, targets,
+                  explain: dict[str, Any] | None) -> Tensor | None | object:
     from torch.profiler import record_function  # phases named in profiles; free when no profiler runs
 
     from overunlearn.linalg.jacobian import _mode, output_jacobian, output_jacobian_dense
@@ -702,9 +715,7 @@ def _project(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcond: fl
             # the flattened calls may be position-major: read them no more (their parameters then take
             # the fallback) and try again, rather than giving the whole model to the vmapped Jacobian
             probed[signature] = {i: [(layout, None) for layout, _ in seen] for i, seen in layouts.items()}
-            del scores, wanted, uses
-            blocks.clear()
-            return _project(model, inputs, score_fn, v, mode, rcond, targets, explain)
+            return _RETRY
         memo[signature] = ((verified if isinstance(verified, set) else set()) | {reading}) if ok else False
         if not ok:
             return materialised("check failed")

@@ -155,11 +155,16 @@ class MinNormOG(Method):
     def explain(self, problem: UnlearningProblem) -> ProjectionReport:
         """How this method's fast projection handles ``problem``'s model: for every trainable parameter,
         the per-layer block form it takes, or the ``torch.func`` Jacobian and why (see
-        :func:`overunlearn.linalg.explain_projection`), on the first ``grad_sample_size`` retain examples.
+        :func:`overunlearn.linalg.explain_projection`), on the first retain examples.
         ``print(method.explain(problem))`` shows a table. Runs one hooked forward and backward pass on
-        the model's device; the model is not changed."""
+        ``min(grad_sample_size, batch_size)`` retain examples (as many as a projection samples from a
+        full retain batch) on the model's device; the model is not changed."""
+        if self.config.implementation != "fast":
+            raise ValueError(f"explain describes the fast projection; this {self.name} uses implementation="
+                             f"{self.config.implementation!r} (a backward pass per score and a QR of the whole Jacobian)")
         p = next(q for q in problem.model.parameters())
-        batch = first_examples(problem.retain, self.config.grad_sample_size, problem.collate).to(p.device)
+        k = min(self.config.grad_sample_size, problem.batch_size)
+        batch = first_examples(problem.retain, k, problem.collate).to(p.device)
         scores = problem.task.scores
         return explain_projection(problem.model, batch.inputs, scores,
                                   targets=batch.targets if takes_targets(scores) else None, mode=self.config.jacobian)

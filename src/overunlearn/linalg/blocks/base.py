@@ -204,9 +204,12 @@ def register_block(*types: type | str) -> Callable[[type[Block]], type[Block]]:
     def deco(cls: type[Block]) -> type[Block]:
         for t in types:
             if isinstance(t, str):
-                (_PATTERNS if "*" in t else _LAZY)[t] = cls
+                store = _PATTERNS if "*" in t else _LAZY
+                store.pop(t, None)  # (re-inserted last: a later registration wins)
+                store[t] = cls
             else:
                 _REGISTRY[t] = cls
+                _LAZY.pop(f"{t.__module__}.{t.__qualname__}", None)  # (an earlier one by name must not replace it)
         _RESOLVED.clear()
         return cls
 
