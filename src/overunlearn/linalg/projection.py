@@ -342,7 +342,12 @@ def _verify(model: nn.Module, inputs, score_fn, scores: Tensor, uses: _Uses, cov
     auto = torch.autograd.grad((scores * c.view(heads, n).T.to(scores.dtype)).sum(), covered, retain_graph=True,
                                allow_unused=True)
     ref = _flat(auto, covered)
-    got = torch.cat([uses.back(q, c).reshape(-1).double() for q in covered])
+    pieces = []
+    for q in covered:
+        pieces.append(uses.back(q, c).reshape(-1).double())
+        for blk, _ in uses.of[id(q)]:
+            blk.done()  # (one layer's recomputable tensors, e.g. unfolded patches, held at a time)
+    got = torch.cat(pieces)
     err = float((got - ref).norm()) / max(float(ref.norm()), 1e-30)
     if err <= tol:
         return True
