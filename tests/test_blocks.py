@@ -500,6 +500,35 @@ def test_flattened_positions_take_the_blocks(length, ghost):
     check(model, torch.randn(3, length, 3, dtype=F64))
 
 
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(2, 5), length=st.integers(1, 6), width=st.integers(3, 5), heads=st.integers(1, 2),
+       bias=st.booleans(), seed=st.integers(0, 99))
+def test_flattened_positions_random_shapes(n, length, width, heads, bias, seed):
+    """(n L, E) calls of Linear and LayerNorm, with L = n or L = 1 among the shapes: the blocks' projection
+    equals the vmapped one, every parameter on a block. (A LayerNorm over 2 features outputs +-1: nearly
+    constant, too ill-conditioned a Jacobian for the tolerance.)"""
+    torch.manual_seed(seed)
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.norm = nn.Linear(3, width, bias=bias), nn.LayerNorm(width)
+            self.fc, self.head = nn.Linear(width, width, bias=bias), nn.Linear(width, heads)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            flat = torch.tanh(self.fc(self.norm(h.reshape(-1, h.shape[-1]))))
+            return self.head(flat.view(h.shape)).mean(1)
+
+    model = M().to(F64)
+    x = torch.randn(n, length, 3, dtype=F64)
+    v = flat(model)
+    got = project_model_onto_span(model, x, identity, v)
+    route = P.last_route
+    assert relerr(got, project_onto_span(output_jacobian(model, x, identity), v)) <= 1e-9, route
+    assert route.path == "hooked" and route.dense == 0, route
+
+
 def test_position_major_flattening_is_caught():
     """Read as sample-major, the flattened calls fail the check: they are then not read so (their
     parameters take the torch.func Jacobian), and the rest of the model keeps its blocks."""
