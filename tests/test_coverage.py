@@ -149,3 +149,39 @@ def test_gpt2_language_model_is_covered_entirely():
     assert report.path == "hooked" and report.rows == 6 and not report.fallback
     assert {p.form for p in report.parameters} <= {"ghost", "rows", "gathered"}
     assert "transformer.wte.weight" in {p.name for p in report.parameters}
+
+
+def _coverage_script():
+    """``benchmarks/hf_coverage.py``, the script the documented coverage table comes from."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "hf_coverage.py"
+    spec = importlib.util.spec_from_file_location("hf_coverage", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_FAMILIES = ("gpt2", "gpt_neox", "gpt_bigcode", "bloom", "opt", "falcon", "mpt", "llama", "mistral", "qwen2", "qwen3",
+             "gemma", "gemma2", "gemma3_text", "phi", "phi3", "olmo", "olmo2", "granite", "cohere", "stablelm",
+             "starcoder2", "smollm3", "mixtral", "qwen2_moe", "qwen3_moe", "bert", "roberta", "distilbert", "electra",
+             "albert", "deberta-v2")
+
+
+@pytest.mark.parametrize("family", _FAMILIES)
+def test_hugging_face_family_coverage(family):
+    """The coverage table of docs/performance.md: every family on blocks but the mixtures of experts (whose
+    experts have no block). A family this transformers version cannot build from the script's sizes is
+    skipped."""
+    pytest.importorskip("transformers")
+    script = _coverage_script()
+    assert set(_FAMILIES) == set(script.CAUSAL + script.CLASSIFIERS)
+    try:
+        report = script.report(family)
+    except script.NotBuilt as exc:
+        pytest.skip(f"{family}: {exc}")
+    if family in script.MIXTURE_OF_EXPERTS:
+        assert report.path == "materialised"
+    else:
+        assert report.path == "hooked" and not report.fallback, str(report)
