@@ -106,8 +106,14 @@ def test_a_large_fallback_warns_once_per_model(monkeypatch):
     monkeypatch.setattr(P, "_WARN_BYTES", 10 * 42 * 8)  # the fallback below: 10 rows x 42 entries, float64
     model, x = _model(), torch.randn(5, 3, dtype=F64)
     v = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    with pytest.warns(JacobianFallbackWarning, match=r"3 parameter tensor\(s\) \(48 entries x 10 rows.*Gain has no block"):
+    with pytest.warns(JacobianFallbackWarning, match=r"3 parameter tensor\(s\) \(48 entries x 10 rows.*Gain has no block") as got:
         project_model_onto_span(model, x, identity, v)
+    assert got[0].filename == __file__  # (it points at the caller)
+    other = nn.Linear(3, 60).double()  # the whole Jacobian (batch_train mode): warned too, at the caller
+    with pytest.warns(JacobianFallbackWarning, match="at least 5 rows.*not per_sample") as got:
+        project_model_onto_span(other, x, identity, torch.cat([p.detach().reshape(-1) for p in other.parameters()]),
+                                mode="batch_train")
+    assert got[0].filename == __file__
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         project_model_onto_span(model, x, identity, v)  # the same model: once

@@ -528,7 +528,7 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
             explain.update(path="materialised", reason=why, rows=None, forms={id(p): "torch.func" for p in params},
                            why={id(p): (why_of or {}).get(id(p), why) for p in params})
             return None
-        _warn_fallback(model, params, structure.batch_len(inputs), why, at_least=True)
+        _warn_fallback(model, params, structure.batch_len(inputs), why, at_least=True, depth=1)
         return project_onto_span(output_jacobian(model, inputs, score_fn, mode=mode, targets=targets),  # type: ignore[arg-type]
                                  v, rcond)
 
@@ -881,8 +881,11 @@ _WARN_BYTES = 1 << 30
 _WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
-def _warn_fallback(model: nn.Module, dense: list[Tensor], rows: int, why: str, at_least: bool = False) -> None:
-    """Warn once per model when the ``torch.func`` Jacobian of ``dense`` (``rows`` rows) is large."""
+def _warn_fallback(model: nn.Module, dense: list[Tensor], rows: int, why: str, at_least: bool = False,
+                   depth: int = 0) -> None:
+    """Warn once per model when the ``torch.func`` Jacobian of ``dense`` (``rows`` rows) is large; ``depth``:
+    the frames between the caller and ``_project_once`` (the warning points at the caller of
+    :func:`project_model_onto_span`)."""
     entries = sum(p.numel() for p in dense)
     size = rows * sum(p.numel() * p.element_size() for p in dense)
     if size < _WARN_BYTES or model in _WARNED:
@@ -893,7 +896,8 @@ def _warn_fallback(model: nn.Module, dense: list[Tensor], rows: int, why: str, a
         f"entries x {'at least ' if at_least else ''}{rows} rows, {'at least ' if at_least else ''}"
         f"{size / 2**30:.1f} GiB) because {why}. overunlearn.linalg.explain_projection (or MinNormOG.explain) "
         "lists the parameters and why; a block for your own layer (register_block, docs/architecture.md) or "
-        "fewer samples per projection (grad_sample_size) makes it smaller", JacobianFallbackWarning, stacklevel=4)
+        "fewer samples per projection (grad_sample_size) makes it smaller", JacobianFallbackWarning,
+        stacklevel=5 + depth)
 
 
 class _Stage:
