@@ -6,12 +6,13 @@ eager attention; no downloads) and a causal-LM or sequence-classification batch 
 10 tokens, one padded, goes through :func:`overunlearn.linalg.explain_projection`: the route the
 projection takes (``hooked``: per-layer blocks, the rest through ``torch.func``; ``materialised``: the
 whole ``torch.func`` Jacobian), the fraction of the trainable entries on blocks, and the module types
-left to ``torch.func``. ``--lora`` wraps each model with a peft LoRA adapter (rank 4 on every linear
-layer peft targets by default for the family) first. A family whose config this transformers version
-cannot build from these sizes is listed as such. Prints a Markdown table.
+left to ``torch.func``. ``--lora`` wraps each model with a peft LoRA adapter first (rank 4; on peft's
+``"all-linear"``, or on the modules ``--lora-targets`` names). A family whose config this transformers
+version cannot build from these sizes is listed as such. Prints a Markdown table.
 
     python benchmarks/hf_coverage.py
     python benchmarks/hf_coverage.py --families llama,opt --lora
+    python benchmarks/hf_coverage.py --families mixtral,qwen3_moe --lora --lora-targets q_proj,k_proj,v_proj,o_proj
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ class NotBuilt(Exception):
     """The family's tiny model cannot be built (or run) from these sizes by this transformers version."""
 
 
-def report(family: str, lora: bool = False):
-    """The :class:`~overunlearn.linalg.ProjectionReport` of ``family``'s tiny model (with a LoRA adapter)
+def report(family: str, lora: bool = False, targets: str = "all-linear"):
+    """The :class:`~overunlearn.linalg.ProjectionReport` of ``family``'s tiny model (with a LoRA adapter on
+    ``targets``: peft's ``"all-linear"`` or comma-separated module names)
     on 6 sequences of 10 tokens, one padded; :class:`NotBuilt` if the model cannot be built or run."""
     from overunlearn.linalg import explain_projection
     from overunlearn.problem import CausalLMTask, ClassificationTask
@@ -69,7 +71,8 @@ def report(family: str, lora: bool = False):
         if lora:
             import peft
 
-            model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
+            names = targets if targets == "all-linear" else targets.split(",")
+            model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=names))
         model(**inputs)
     except Exception as exc:  # noqa: BLE001 - this transformers version cannot build it from these sizes
         raise NotBuilt(f"{type(exc).__name__}: {exc}") from exc
@@ -82,18 +85,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--families", default=",".join(CAUSAL + CLASSIFIERS), help="comma-separated model types")
     ap.add_argument("--lora", action="store_true", help="wrap each model with a peft LoRA adapter first")
+    ap.add_argument("--lora-targets", default="all-linear",
+                    help="the adapter's target modules: all-linear (default) or comma-separated names")
     args = ap.parse_args()
     import transformers
 
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
-    print(f"transformers {transformers.__version__}, torch {torch.__version__}" + (", LoRA rank 4" if args.lora else ""))
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}"
+          + (f", LoRA rank 4 on {args.lora_targets}" if args.lora else ""))
     print()
     print("| family | route | on blocks | left to torch.func |")
     print("|---|---|---|---|")
     for family in args.families.split(","):
         try:
-            r = report(family, args.lora)
+            r = report(family, args.lora, args.lora_targets)
         except NotBuilt as exc:
             print(f"| {family} | not built here ({str(exc).split(':')[0]}) | | |")
             continue

@@ -187,3 +187,15 @@ def test_hugging_face_family_coverage(family):
         assert report.path == "materialised"
     else:
         assert report.path == "hooked" and not report.fallback, str(report)
+
+
+@pytest.mark.parametrize("family", _SCRIPT.MIXTURE_OF_EXPERTS)
+def test_mixture_of_experts_with_attention_lora_is_on_blocks(family):
+    """The advice of the docs for these models: LoRA on the attention projections only takes the blocks."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    try:
+        report = _SCRIPT.report(family, lora=True, targets="q_proj,k_proj,v_proj,o_proj")
+    except _SCRIPT.NotBuilt as exc:
+        pytest.skip(f"{family}: {exc}")
+    assert report.path == "hooked" and not report.fallback, str(report)
