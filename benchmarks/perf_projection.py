@@ -43,7 +43,7 @@ Cases ((a) and (c) are models of the paper's experiments, Appendices F.2 and F.3
   (sequence-first inside: the engine hands its per-position layers to their blocks batch-major).
 * (i) Llama-shaped causal LM built from config, the size of (d): 4 layers, width 256, 4 query and 2
   key/value heads, SwiGLU MLP 688, RMSNorm, rotary positions, untied embeddings, vocabulary 512
-  (3.4M parameters), 64 tokens, batch 64, k = 50 sequences: the architecture of Llama, Mistral and
+  (3.2M parameters), 64 tokens, batch 64, k = 50 sequences: the architecture of Llama, Mistral and
   Qwen (their RMSNorm on ``ScaleNormBlock``).
 
 ``--ablate attention`` / ``--ablate sequence-first`` also times the fast projection with that part of

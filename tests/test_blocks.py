@@ -660,6 +660,9 @@ class MyGain(Gain):
     pass
 
 
+AliasGain = MyGain  # (the same class under another name, as a package re-exporting it)
+
+
 def test_blocks_registered_by_name_pattern(block_registry):
     """A ``*`` pattern matches the module's class (or an ancestor) by its dotted name; a later registration
     wins, and a class registered by type comes before a pattern."""
@@ -674,6 +677,9 @@ def test_blocks_registered_by_name_pattern(block_registry):
     assert registered_block(Gain(3)) is GainBlock
     register_block(f"{__name__}.*Gain")(GainBlock)  # registered again: now the latest pattern
     register_block(f"{__name__}.MyGain")(WrongGainBlock)  # by name, then by type: the type wins
+    register_block(MyGain)(GainBlock)
+    assert registered_block(MyGain(3)) is GainBlock
+    register_block(f"{__name__}.AliasGain")(WrongGainBlock)  # by a re-exported name, then by type
     register_block(MyGain)(GainBlock)
     assert registered_block(MyGain(3)) is GainBlock
     torch.manual_seed(8)
@@ -764,6 +770,29 @@ class WithChild(nn.Embedding):
     def forward(self, ids):
         base = torch.nn.functional.embedding(ids.clamp(max=9), self.weight)
         return torch.where((ids >= 10)[..., None], self.extra((ids - 10).clamp(min=0)), base)
+
+
+class OneIdPerSample(nn.Embedding):
+    """One id per sample, computed from its ``(n,)`` input (a class embedding): ``(n, E)`` out."""
+
+    def forward(self, labels):
+        return super().forward(labels.remainder(self.num_embeddings))
+
+
+def test_embedding_computing_one_id_per_sample():
+    torch.manual_seed(6)
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cls, self.lin, self.head = OneIdPerSample(4, 3), nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.lin(self.cls(x))))
+
+    model = M().to(F64)
+    for n in (3, 4):  # (4 = the table's size: still read per sample)
+        check(model, torch.tensor([0, 5, 2, 7][:n]), dense=0)
 
 
 @pytest.mark.parametrize("kind", ["padding", "shared_table", "child"])

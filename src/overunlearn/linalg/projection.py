@@ -528,7 +528,12 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
             explain.update(path="materialised", reason=why, rows=None, forms={id(p): "torch.func" for p in params},
                            why={id(p): (why_of or {}).get(id(p), why) for p in params})
             return None
-        _warn_fallback(model, params, structure.batch_len(inputs), why, at_least=True, depth=1)
+        if model not in _WARNED and model not in _SIZED:
+            # once per model: the rows (samples x scores) from one forward pass, to size the Jacobian
+            _SIZED.add(model)
+            with _mode(model, train=False), torch.no_grad():
+                rows = int(call_scores(score_fn, structure.call_model(model, inputs), targets).numel())
+            _warn_fallback(model, params, rows, why, depth=1)
         return project_onto_span(output_jacobian(model, inputs, score_fn, mode=mode, targets=targets),  # type: ignore[arg-type]
                                  v, rcond)
 
@@ -877,12 +882,12 @@ class JacobianFallbackWarning(UserWarning):
 #: warn when the ``torch.func`` Jacobian the fast projection forms is at least this large
 _WARN_BYTES = 1 << 30
 
-#: models (held weakly) already warned about
+#: models (held weakly) already warned about, and those whose whole Jacobian was sized
 _WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_SIZED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
-def _warn_fallback(model: nn.Module, dense: list[Tensor], rows: int, why: str, at_least: bool = False,
-                   depth: int = 0) -> None:
+def _warn_fallback(model: nn.Module, dense: list[Tensor], rows: int, why: str, depth: int = 0) -> None:
     """Warn once per model when the ``torch.func`` Jacobian of ``dense`` (``rows`` rows) is large; ``depth``:
     the frames between the caller and ``_project_once`` (the warning points at the caller of
     :func:`project_model_onto_span`)."""
@@ -893,7 +898,7 @@ def _warn_fallback(model: nn.Module, dense: list[Tensor], rows: int, why: str, a
     _WARNED.add(model)
     warnings.warn(
         f"the fast projection forms the torch.func Jacobian of {len(dense)} parameter tensor(s) ({entries:,} "
-        f"entries x {'at least ' if at_least else ''}{rows} rows, {'at least ' if at_least else ''}"
+        f"entries x {rows} rows, "
         f"{size / 2**30:.1f} GiB) because {why}. overunlearn.linalg.explain_projection (or MinNormOG.explain) "
         "lists the parameters and why; a block for your own layer (register_block, docs/architecture.md) or "
         "fewer samples per projection (grad_sample_size) makes it smaller", JacobianFallbackWarning,

@@ -208,8 +208,8 @@ def register_block(*types: type | str) -> Callable[[type[Block]], type[Block]]:
                 store.pop(t, None)  # (re-inserted last: a later registration wins)
                 store[t] = cls
             else:
+                _resolve_lazy()  # (an earlier registration by a name of this type must not replace this one later)
                 _REGISTRY[t] = cls
-                _LAZY.pop(f"{t.__module__}.{t.__qualname__}", None)  # (an earlier one by name must not replace it)
         _RESOLVED.clear()
         return cls
 

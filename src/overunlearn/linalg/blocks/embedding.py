@@ -26,7 +26,8 @@ def _computed_ids(module: nn.Module, args: tuple, kwargs: dict[str, Any], output
     """The ids an embedding with a forward of its own looked up in this call (OPT's learned positions
     compute them from the attention mask): the call replayed with the weight replaced by each row's
     index shows them. Declined unless the replay is a lookup (every entry of an output row equal to a
-    whole index in range, with a batch dimension) and the call's output is exactly the weight's rows at
+    whole index in range; ids of one dimension only if the input has their shape, since a table shared by
+    every sample looks the same) and the call's output is exactly the weight's rows at
     those ids (not scaled or shifted). Declined too: a ``padding_idx`` (whether the forward masks that
     row's gradient cannot be read from values), and submodules (the replay would call them again)."""
     if module.padding_idx is not None or next(module.children(), None) is not None:
@@ -44,9 +45,12 @@ def _computed_ids(module: nn.Module, args: tuple, kwargs: dict[str, Any], output
         raise Decline from exc
     finally:
         module._parameters["weight"] = saved
-    if not isinstance(got, Tensor) or got.shape != output.shape or got.dim() < 3 or got.dtype != torch.float64:
-        raise Decline  # (fewer than 3 dimensions: no batch dimension, a table shared by every sample)
+    if not isinstance(got, Tensor) or got.shape != output.shape or got.dim() < 2 or got.dtype != torch.float64:
+        raise Decline
     ids = got[..., 0]
+    x = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+    if ids.dim() < 2 and (x is None or tuple(x.shape) != tuple(ids.shape)):
+        raise Decline  # one id per row but not one per input row: a table shared by every sample
     if not (torch.equal(got, ids[..., None].expand_as(got)) and torch.equal(ids, ids.round())
             and bool(((ids >= 0) & (ids < vocab)).all())):
         raise Decline
