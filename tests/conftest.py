@@ -69,6 +69,17 @@ def cls_problem() -> UnlearningProblem:
     return classification_problem()
 
 
+class Gain(nn.Module):
+    """A user layer with no projection block: a per-feature gain on tanh of the input."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x):
+        return self.gain * torch.tanh(x)
+
+
 @pytest.fixture
 def block_registry():
     """Registrations of projection blocks made by a test are undone after it."""

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import Gain
 from torch import nn
 
 import overunlearn.linalg.projection as P
@@ -19,17 +20,6 @@ F64 = torch.float64
 
 def identity(out):
     return out
-
-
-class Gain(nn.Module):
-    """A layer without a block."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, width))
-
-    def forward(self, x):
-        return self.gain * torch.tanh(x)
 
 
 class OwnLinear(nn.Linear):
