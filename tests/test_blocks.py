@@ -625,7 +625,16 @@ class WrongGainBlock(GainBlock):
     factor = 1.5
 
 
-@pytest.mark.parametrize("block, path", [(GainBlock, "hooked"), (WrongGainBlock, "materialised")])
+class WrongRowsGainBlock(GainBlock):
+    """Its ``J^T c`` is right, so the check against autograd passes; its rows (hence its Gram) are not: the
+    engine's check of the Gram against that ``J^T c`` catches it."""
+
+    def rows(self, name, index):
+        return 1.5 * super().rows(name, index)
+
+
+@pytest.mark.parametrize("block, path", [(GainBlock, "hooked"), (WrongGainBlock, "materialised"),
+                                         (WrongRowsGainBlock, "materialised")])
 def test_user_registered_block_is_used_and_checked(block_registry, block, path):
     register_block(Gain)(block)
     torch.manual_seed(8)

@@ -314,7 +314,7 @@ class _Uses:
 
 
 def _verify(model: nn.Module, inputs, score_fn, scores: Tensor, uses: _Uses, covered: list[Tensor],
-            targets=None) -> bool:
+            targets=None, seen: dict[str, Tensor] | None = None) -> bool:
     """Whether the blocks describe this model's per-sample Jacobian, checked once per model:
 
     * samples do not interact: the first sample's scores alone equal its scores in the batch
@@ -324,7 +324,9 @@ def _verify(model: nn.Module, inputs, score_fn, scores: Tensor, uses: _Uses, cov
       its layers, a layer applied to rows that are not per-sample, or a block that does not compute
       what its layer does, fails).
 
-    Run on the graph of the hooked forward (which it keeps).
+    Run on the graph of the hooked forward (which it keeps). Where it passes, ``seen`` (if given) gets
+    ``c`` and the blocks' ``J^T c`` (``jtc``), against which the engine then checks the Gram and ``J v``
+    the blocks form (:func:`_gram_agrees`).
     """
     from overunlearn.linalg.jacobian import _mode
 
@@ -348,6 +350,8 @@ def _verify(model: nn.Module, inputs, score_fn, scores: Tensor, uses: _Uses, cov
         for blk, _ in uses.of[id(q)]:
             blk.done()  # (one layer's recomputable tensors, e.g. unfolded patches, held at a time)
     got = torch.cat(pieces)
+    if seen is not None:
+        seen.update(c=c, jtc=got)
     err = float((got - ref).norm()) / max(float(ref.norm()), 1e-30)
     if err <= tol:
         return True
@@ -365,6 +369,16 @@ def _verify(model: nn.Module, inputs, score_fn, scores: Tensor, uses: _Uses, cov
 
     noise = float((ref + grad_of(c2) - grad_of(c + c2)).norm()) / max(float(ref.norm()), 1e-30)
     return err <= max(tol, 100 * noise)
+
+
+def _gram_agrees(gram: Tensor, rhs: Tensor, c: Tensor, q_back: float, v_back: float, scale: float,
+                 low_precision: bool) -> bool:
+    """Whether the Gram and ``J v`` the blocks formed (rows or ghost form) agree with their ``J^T c`` that
+    :func:`_verify` checked against autograd: ``c^T G c = |J^T c|^2`` and ``c . J v = v . J^T c``
+    (``scale``: ``|v| |J^T c|``). A block whose rows disagree with its back-projection fails here."""
+    tol = 1e-4 if low_precision else 1e-6
+    q_gram = float(c @ gram @ c)
+    return abs(q_gram - q_back) <= tol * max(q_back, 1e-30) and abs(float(c @ rhs) - v_back) <= tol * max(scale, 1e-30)
 
 
 def _flat(grads, like: list[Tensor]) -> Tensor:
@@ -718,9 +732,11 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
                 blk.bind(d, n, heads)
     except (Decline, ValueError):
         return materialised("a block declined")
+    checked: dict[str, Tensor] = {}
+    low_precision = scores.dtype != torch.float64
     if check:
         with record_function("overunlearn::verify"):
-            ok = _verify(model, inputs, score_fn, scores, uses, covered, targets)
+            ok = _verify(model, inputs, score_fn, scores, uses, covered, targets, checked)
         if not ok and any("f" in codes for _, codes in reading):
             # the flattened calls may be position-major: read them no more (their parameters then take
             # the fallback) and try again, rather than giving the whole model to the vmapped Jacobian
@@ -753,6 +769,14 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
         o, c = offsets[id(p)]
         return v[o : o + c].view(p.shape)
 
+    probe = None
+    if "jtc" in checked:
+        # (scalars only: the check of the Gram below needs no d-sized vector)
+        jtc = checked.pop("jtc")
+        v_back = float(sum(float(part(p).reshape(-1).double() @ piece)
+                           for p, piece in zip(covered, jtc.split([p.numel() for p in covered]))))
+        probe = (checked.pop("c"), float(jtc @ jtc), v_back, float(jtc.norm()) * float(v.norm()))
+        del jtc
     gram = torch.zeros(k, k, dtype=torch.float64, device=v.device)
     rhs = torch.zeros(k, dtype=torch.float64, device=v.device)
     n_ghost = 0
@@ -786,6 +810,9 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
             for blk, _ in us:
                 blk.done()
         stage.flush()
+    if probe is not None and not _gram_agrees(gram, rhs, *probe, low_precision=low_precision):
+        memo[signature] = False
+        return materialised("check failed")
     _route("hooked", ghost=n_ghost, rows=len(covered) - n_ghost, dense=len(dense))
     jd = None
     if dense:

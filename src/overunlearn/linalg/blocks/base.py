@@ -13,7 +13,8 @@ the call's inputs and output, is then given the gradients of the scores with res
 Rows are ordered head-major: row ``r = h n + i`` is sample ``i``'s score ``h``. Blocks are
 registered by module type with :func:`register_block`; a module whose type (or a base class of it)
 has a block is hooked, provided ``Block.accepts(module)``. Whatever the blocks compute is checked
-against autograd once per model (``projection._verify``), so a wrong block costs time, not results.
+against autograd once per model and input shape (``projection._verify``: their ``J^T c``; then their Gram
+and ``J v`` against that ``J^T c``), so a wrong block costs time, not results.
 """
 
 from __future__ import annotations
