@@ -25,13 +25,15 @@ import torch
 #: causal language models, built through AutoModelForCausalLM from these model types
 CAUSAL = ("gpt2", "gpt_neox", "gpt_bigcode", "bloom", "opt", "falcon", "mpt", "llama", "mistral", "qwen2",
           "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "olmo", "olmo2", "granite", "cohere", "stablelm",
-          "starcoder2", "smollm3", "mixtral", "qwen2_moe", "qwen3_moe")
+          "starcoder2", "smollm3", "cohere2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "minimax",
+          "flex_olmo", "ernie4_5_moe", "cohere2_moe")
 #: sequence classifiers (AutoModelForSequenceClassification)
 CLASSIFIERS = ("bert", "roberta", "distilbert", "electra", "albert", "deberta-v2")
 
 SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
              vocab_size=97, max_position_embeddings=64, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-             num_labels=3, embedding_size=32, dim=32, n_layers=2, n_heads=4, hidden_dim=64)
+             num_labels=3, embedding_size=32, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+             num_experts=8, num_local_experts=8)  # (fewer experts than the width, as in real models)
 
 
 def build(family: str) -> tuple[torch.nn.Module, bool]:
@@ -46,8 +48,9 @@ def build(family: str) -> tuple[torch.nn.Module, bool]:
     return auto.from_config(cfg, attn_implementation="eager"), family in CLASSIFIERS
 
 
-#: families whose projection is known to take the whole torch.func Jacobian (no block for their experts)
-MIXTURE_OF_EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe")
+#: the mixtures of experts among them (their experts and routers on ``linalg/blocks/moe.py``)
+MIXTURE_OF_EXPERTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "minimax", "flex_olmo", "ernie4_5_moe",
+                      "cohere2_moe")
 
 
 class NotBuilt(Exception):

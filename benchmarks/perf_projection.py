@@ -45,6 +45,9 @@ Cases ((a) and (c) are models of the paper's experiments, Appendices F.2 and F.3
   key/value heads, SwiGLU MLP 688, RMSNorm, rotary positions, untied embeddings, vocabulary 512
   (3.2M parameters), 64 tokens, batch 64, k = 50 sequences: the architecture of Llama, Mistral and
   Qwen (their RMSNorm on ``ScaleNormBlock``).
+* (j) Mixtral-shaped causal LM built from config, as (i) with its MLP replaced by 8 experts (SwiGLU
+  344 each), top-2 routing: the same active width per token as (i), 9.5M parameters (the experts on
+  ``linalg/blocks/moe.py``), 64 tokens, batch 64, k = 50 sequences.
 
 ``--ablate attention`` / ``--ablate sequence-first`` also times the fast projection with that part of
 the blocks switched off (``nn.MultiheadAttention`` unregistered: its parameters through
@@ -131,6 +134,17 @@ def llama_lm(layers: int, width: int, heads: int, kv_heads: int, mlp: int, vocab
                                    max_position_embeddings=positions, bos_token_id=0, eos_token_id=0,
                                    attn_implementation="eager")
     return transformers.LlamaForCausalLM(cfg)
+
+
+def mixtral_lm(layers: int, width: int, heads: int, kv_heads: int, mlp: int, experts: int, vocab: int,
+               positions: int) -> nn.Module:
+    import transformers
+
+    cfg = transformers.MixtralConfig(num_hidden_layers=layers, hidden_size=width, num_attention_heads=heads,
+                                     num_key_value_heads=kv_heads, intermediate_size=mlp, num_local_experts=experts,
+                                     num_experts_per_tok=2, vocab_size=vocab, max_position_embeddings=positions,
+                                     bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+    return transformers.MixtralForCausalLM(cfg)
 
 
 def vit_tiny(image: int, classes: int = 10) -> nn.Module:
@@ -240,6 +254,10 @@ def build_case(key: str, device: torch.device, args: argparse.Namespace) -> Case
     if key == "i":
         return Case("i", "Llama-shaped causal LM, 4 layers x 256 (GQA 4/2, SwiGLU 688), vocabulary 512, 64 tokens",
                     llama_lm(4, 256, 4, 2, 688, 512, 64), lm_batch(64, 64, 512, 8, g), CausalLMTask(), 50).to(device)
+    if key == "j":
+        return Case("j", "Mixtral-shaped causal LM, 4 layers x 256 (GQA 4/2, 8 experts of SwiGLU 344, top-2), "
+                    "vocabulary 512, 64 tokens", mixtral_lm(4, 256, 4, 2, 344, 8, 512, 64),
+                    lm_batch(64, 64, 512, 8, g), CausalLMTask(), 50).to(device)
     if key == "e":
         tokens, n, k, note = 512, 8, 50, ""
         if device.type == "cpu":
@@ -505,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median reported)")
     ap.add_argument("--quick", action="store_true", help="3 repeats, ResNet-18 on CPU at batch 16 / k=4")
-    ap.add_argument("--cases", default="a,b,c,d,e,f", help="comma-separated subset of a,b,c,d,e,f,g,h,i")
+    ap.add_argument("--cases", default="a,b,c,d,e,f", help="comma-separated subset of a,b,c,d,e,f,g,h,i,j")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--cpu-resnet-batch", type=int, default=32)
     ap.add_argument("--cpu-resnet-k", type=int, default=10, help="samples per head for ResNet-18 on CPU")

@@ -78,7 +78,7 @@ def op_counts(fn, device: torch.device) -> tuple[int, int | None]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--case", default="c", choices=["a", "b", "c", "d", "e", "f", "g", "h", "i"])
+    ap.add_argument("--case", default="c", choices=["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cpu-resnet-batch", type=int, default=32)
     ap.add_argument("--cpu-resnet-k", type=int, default=10)

@@ -7,7 +7,7 @@ the projection's check against autograd (once per model and input shape) falls b
 ``torch.func`` Jacobian if the block is wrong.
 """
 
-from overunlearn.linalg.blocks import attention, conv, embedding, gpt2_conv1d, linear, norms, vit  # noqa: F401  (registration)
+from overunlearn.linalg.blocks import attention, conv, embedding, gpt2_conv1d, linear, moe, norms, vit  # noqa: F401  (registration)
 from overunlearn.linalg.blocks.base import Block, Budget, Decline, RowsBlock, block_for, register_block
 from overunlearn.linalg.blocks.conv import patches1d, patches2d
 from overunlearn.linalg.blocks.norms import ScaleNormBlock

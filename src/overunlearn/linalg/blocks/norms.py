@@ -90,7 +90,7 @@ class RMSNormBlock(AffineNormBlock):
         return torch.nn.functional.rms_norm(self.x, m.normalized_shape, None, m.eps)
 
 
-@register_block("transformers.models.*RMSNorm", "transformers.models.cohere.modeling_cohere.CohereLayerNorm")
+@register_block("transformers.models.*RMSNorm", "transformers.models.cohere*.Cohere*LayerNorm")
 class ScaleNormBlock(AffineNormBlock):
     """A module whose output is elementwise affine in its one weight over the trailing dimensions,
     ``f(x) + weight * g(x)`` with ``f``, ``g`` free of parameters (Llama's RMSNorm: ``f = 0``; Gemma's:

@@ -1,0 +1,131 @@
+"""The mixture-of-experts block (``linalg/blocks/moe.py``) on tiny Hugging Face MoE models from configs,
+held to the vmapped Jacobian and the float64 QR reference with the helpers of ``tests/test_blocks.py``.
+
+Mixtral (softmax, top-2, normalised), Qwen2-MoE (a shared expert and its gate beside the routed
+experts; top-k not normalised), Qwen3-MoE, PhiMoE (a ``router`` whose "sparsemixer" masks near-ties and
+samples experts in training mode); causal-LM scores and a two-label classifier (two Jacobian rows per
+sample); a padded sequence; the ghost form forced on and off; frozen router or frozen experts; and the
+declines (fewer hidden units than experts; a hooked router, which the block does not read).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_blocks import F64, check, ghost  # noqa: F401  (ghost: a fixture)
+
+import overunlearn.linalg.projection as P
+from overunlearn.linalg.blocks import block_for
+from overunlearn.linalg.blocks.moe import SparseMoEBlock
+from overunlearn.problem import CausalLMTask, ClassificationTask
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 29
+
+
+def _moe(family: str, classifier: bool = False, experts: int = 6, hidden: int = 16):
+    """A tiny MoE model of ``family`` in float64 (eager experts: the grouped kernels take no float64)."""
+    T = transformers
+    torch.manual_seed(0)
+    common = dict(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                  intermediate_size=12, vocab_size=VOCAB, max_position_embeddings=32, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2, num_labels=2)
+    if family == "mixtral":
+        cfg = T.MixtralConfig(num_local_experts=experts, num_experts_per_tok=2, **common)
+    elif family == "qwen2_moe":
+        cfg = T.Qwen2MoeConfig(num_experts=experts, num_experts_per_tok=3, moe_intermediate_size=8,
+                               shared_expert_intermediate_size=10, norm_topk_prob=False, **common)
+    elif family == "qwen3_moe":
+        cfg = T.Qwen3MoeConfig(num_experts=experts, num_experts_per_tok=2, moe_intermediate_size=8, head_dim=8,
+                               norm_topk_prob=True, **common)
+    else:
+        cfg = T.PhimoeConfig(num_local_experts=experts, num_experts_per_tok=2, **common)
+    cfg._attn_implementation = "eager"
+    cfg._experts_implementation = "eager"
+    auto = T.AutoModelForSequenceClassification if classifier else T.AutoModelForCausalLM
+    model = auto.from_config(cfg).to(F64)
+    if family == "phimoe":
+        # (its router's mask keeps experts within 2 * jitter of the best: make near-ties, where the
+        # routing weights have gradients, likely)
+        for layer in model.model.layers:
+            layer.mlp.router.router_jitter_noise = 0.5
+    return model
+
+
+def _batch(seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (4, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # a padded sequence
+    return {"input_ids": ids, "attention_mask": mask}, ids.masked_fill(mask == 0, -100)
+
+
+def _moe_blocks(model):
+    return [m for m in model.modules() if type(m).__name__.endswith("SparseMoeBlock")]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "phimoe"])
+def test_moe_language_models_equal_the_reference(family, ghost):  # noqa: F811
+    model = _moe(family)
+    assert all(block_for(m) is SparseMoEBlock for m in _moe_blocks(model))
+    x, targets = _batch()
+    # (the routing weights are computed in float32 by Mixtral and Qwen: their gradients carry float32 rounding)
+    check(model, x, CausalLMTask().scores, targets=targets, tol=1e-9 if family == "phimoe" else 1e-6)
+
+
+def test_moe_classifier_with_two_scores_per_sample():
+    model = _moe("mixtral", classifier=True)
+    x, _ = _batch(5)
+    check(model, x, ClassificationTask().scores, tol=1e-6)
+    assert P.last_route.path == "hooked" and P.last_route.dense == 0
+
+
+@pytest.mark.parametrize("frozen", ["router", "experts"])
+def test_moe_with_frozen_router_or_experts(frozen):
+    model = _moe("qwen3_moe")
+    for name, p in model.named_parameters():
+        if (frozen == "router" and name.endswith("mlp.gate.weight")) or (frozen == "experts" and ".experts." in name):
+            p.requires_grad_(False)
+    x, targets = _batch(7)
+    check(model, x, CausalLMTask().scores, targets=targets, tol=1e-6)
+
+
+def test_experts_no_token_reaches_have_zero_rows_and_are_skipped():
+    """With many experts and few tokens, some experts get no token: their rows are zero (and left out)."""
+    model = _moe("mixtral", experts=16, hidden=20)
+    x, targets = _batch(11)
+    x = {k: v[:2, :3] for k, v in x.items()}
+    seen = []
+    orig = SparseMoEBlock.support
+
+    def support(self, name):
+        s = orig(self, name)
+        if s is not None:
+            seen.append(s.numel())
+        return s
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SparseMoEBlock, "support", support)
+        mp.setattr(P, "_conv_factored_cheaper", lambda *a: False)  # (formed rows: the ghost form needs no support)
+        check(model, x, CausalLMTask().scores, targets=targets[:2, :3], tol=1e-6)
+    assert seen and min(seen) < 16
+
+
+def test_fewer_hidden_units_than_experts_decline():
+    """The router's replay needs ``hidden >= experts``: below that the layer is declined (its parameters take
+    the torch.func Jacobian), and the projection is still right."""
+    model = _moe("mixtral", experts=20, hidden=16)
+    assert all(block_for(m) is None for m in _moe_blocks(model))
+    x, targets = _batch()
+    check(model, x, CausalLMTask().scores, targets=targets, tol=1e-6, path="materialised")
+
+
+def test_a_hooked_router_declines():
+    """A hook on the router may change what it returns: the block does not read such a layer."""
+    model = _moe("mixtral")
+    layer = _moe_blocks(model)[0]
+    layer.gate.register_forward_hook(lambda m, a, o: None)
+    assert block_for(layer) is None and block_for(_moe_blocks(model)[1]) is SparseMoEBlock
+    x, targets = _batch()
+    check(model, x, CausalLMTask().scores, targets=targets, tol=1e-6, dense=3)
