@@ -102,14 +102,25 @@ def test_experts_no_token_reaches_have_zero_rows_and_are_skipped():
     def support(self, name):
         s = orig(self, name)
         if s is not None:
-            seen.append(s.numel())
+            seen.append(s.numel() / self.units(name))  # (the fraction of the experts' rows left in)
         return s
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(SparseMoEBlock, "support", support)
         mp.setattr(P, "_conv_factored_cheaper", lambda *a: False)  # (formed rows: the ghost form needs no support)
         check(model, x, CausalLMTask().scores, targets=targets[:2, :3], tol=1e-6)
-    assert seen and min(seen) < 16
+    assert seen and min(seen) < 1
+
+
+def test_expert_rows_in_slices_smaller_than_one_expert(monkeypatch):
+    """The engine forms rows in slices of ``_ROWS_BYTES``; an expert's weights are cut into several (by output
+    row), and slices that cross from one expert to the next are assembled right."""
+    monkeypatch.setattr(P, "_ROWS_BYTES", 4 * 8 * 8 * 16 * 5)  # (k = 8 rows of 5 output rows of width 16 each)
+    monkeypatch.setattr(P, "_conv_factored_cheaper", lambda *a: False)
+    monkeypatch.setattr(P, "_SMALL_BYTES", 0)  # (nothing gathered)
+    model = _moe("qwen3_moe")
+    x, targets = _batch(13)
+    check(model, x, CausalLMTask().scores, targets=targets, tol=1e-6)
 
 
 def test_fewer_hidden_units_than_experts_decline():

@@ -797,7 +797,7 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
             elif form == "gathered":
                 rows = None
                 for blk, name in us:
-                    r = blk.rows(name, slice(0, p.shape[0] if p.dim() else 1))
+                    r = blk.rows(name, slice(0, _units(p, us)))
                     rows = r if rows is None else rows + r
                 stage.add(p, rows, part(p).reshape(-1))  # type: ignore[arg-type]
             else:
@@ -836,7 +836,7 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
             if id(p) in staged:
                 out[o : o + c] = staged.pop(id(p))
             elif id(p) in kept:
-                out[o : o + c] = _back_from_rows(p, kept.pop(id(p)), alpha).to(v.dtype)
+                out[o : o + c] = _back_from_rows(p, kept.pop(id(p)), alpha, _units(p, uses.of[id(p)])).to(v.dtype)
             else:
                 out[o : o + c] = uses.back(p, alpha).reshape(-1).to(v.dtype)
                 for blk, _ in uses.of[id(p)]:
@@ -979,9 +979,8 @@ class _Stage:
         return out
 
 
-def _back_from_rows(p: Tensor, slices: list[tuple[slice | Tensor, Tensor]], alpha: Tensor) -> Tensor:
+def _back_from_rows(p: Tensor, slices: list[tuple[slice | Tensor, Tensor]], alpha: Tensor, first: int) -> Tensor:
     """``J_p^T alpha`` from kept rows (float64 in cache-sized blocks), flattened."""
-    first = p.shape[0] if p.dim() else 1
     make = torch.zeros if any(isinstance(ix, Tensor) for ix, _ in slices) else torch.empty  # (gaps: zero rows)
     out = make(first, p.numel() // max(first, 1), dtype=p.dtype, device=p.device)
     buf = None
@@ -997,6 +996,16 @@ def _back_from_rows(p: Tensor, slices: list[tuple[slice | Tensor, Tensor]], alph
     return out.reshape(-1)
 
 
+def _units(p: Tensor, us: list[tuple[Block, str]]) -> int:
+    """Into how many slices the blocks' ``rows`` divide ``p`` (``Block.units``; by default its first
+    dimension); blocks sharing a parameter must agree."""
+    given = {blk.units(name) for blk, name in us}
+    if len(given) > 1:
+        raise ValueError("the blocks sharing a parameter divide its rows differently")
+    unit = given.pop()
+    return unit if unit is not None else (p.shape[0] if p.dim() else 1)
+
+
 @functools.cache
 def _takes_scratch(cls: type) -> bool:
     """Whether ``cls.rows`` takes the ``scratch`` keyword (:meth:`Block.rows`)."""
@@ -1009,7 +1018,7 @@ def _rows_gram(p: Tensor, us: list[tuple[Block, str]], vp: Tensor, gram: Tensor,
     in slices of its first dimension of about ``_ROWS_BYTES`` bytes each; with ``keep``, return the
     slices (for the back-projection). ``scratches``: reusable row buffers by dtype (filled here)."""
     k = gram.shape[0]
-    first = p.shape[0] if p.dim() else 1
+    first = _units(p, us)
     inner = max(1, p.numel() // max(first, 1))
     supports = [blk.support(name) for blk, name in us]
     index = None if any(s is None for s in supports) else torch.unique(torch.cat([s for s in supports if s is not None]))

@@ -124,13 +124,21 @@ class Block:
         """``(J_p J_p^T, J_p v)`` in float64 for parameter ``name`` and its part ``v`` of the vector."""
         raise NotImplementedError
 
+    def units(self, name: str) -> int | None:
+        """Into how many equal slices :meth:`rows` divides parameter ``name`` (``None``: its first dimension;
+        the fused expert weights ``(E, o, p)`` of a mixture of experts give ``E o``, so that the engine's
+        slices of rows stay a few MiB however large one expert is). :meth:`rows` and :meth:`support`
+        index these slices."""
+        return None
+
     def support(self, name: str) -> Tensor | None:
-        """Indices along the parameter's first dimension outside which its rows are zero (``None``: any)."""
+        """Indices of the slices (:meth:`units`; by default along the parameter's first dimension) outside
+        which its rows are zero (``None``: any)."""
         return None
 
     def rows(self, name: str, index: Tensor | slice) -> Tensor:
         """The Jacobian rows ``(k, len(index) * inner)`` of the parameter's first-dimension slices ``index``
-        (a sorted tensor of indices, or a ``slice`` with step 1).
+        (a sorted tensor of indices, or a ``slice`` with step 1; slices of :meth:`units` where it is set).
 
         A block may also take a keyword ``scratch``: a flat buffer of the parameter's dtype that the
         engine reuses from call to call (it does not keep the rows), in which the block may form them

@@ -253,10 +253,18 @@ class SparseMoEBlock(Block):
     def _maps(self, name: str) -> dict[int, _Tokens]:
         return self.gate_up if name == "experts.gate_up_proj" else self.down
 
+    def units(self, name: str) -> int | None:
+        if name == self.gate_name:
+            return None
+        p = self.module.get_parameter(name)
+        return p.shape[0] * p.shape[1]  # (rows by output row of each expert: slices of a few MiB)
+
     def support(self, name: str) -> Tensor | None:
         if name == self.gate_name:
             return None
-        return torch.tensor(sorted(self._maps(name)), dtype=torch.long, device=self._device)
+        o = self.module.get_parameter(name).shape[1]
+        used = torch.tensor(sorted(self._maps(name)), dtype=torch.long, device=self._device)
+        return (used[:, None] * o + torch.arange(o, device=self._device)).reshape(-1)
 
     def ghost_cheaper(self, name: str, budget: Budget) -> bool:
         if name == self.gate_name:
@@ -281,18 +289,28 @@ class SparseMoEBlock(Block):
             assert self.router is not None
             return self.router.rows("weight", index, scratch=scratch)
         p = self.module.get_parameter(name)
-        maps = self._maps(name)
-        experts = range(*index.indices(p.shape[0])) if isinstance(index, slice) else index.tolist()
-        size = self.k * len(experts) * p.shape[1] * p.shape[2]
-        if scratch is not None and scratch.numel() >= size and scratch.dtype == p.dtype:
-            out = scratch[:size].view(self.k, len(experts), p.shape[1], p.shape[2])
+        experts, o, width = p.shape
+        c = count(index, experts * o)
+        if scratch is not None and scratch.numel() >= self.k * c * width and scratch.dtype == p.dtype:
+            out = scratch[: self.k * c * width].view(self.k, c, width)
         else:
-            out = torch.empty(self.k, len(experts), p.shape[1], p.shape[2], dtype=p.dtype, device=p.device)
-        for j, e in enumerate(experts):
+            out = torch.empty(self.k, c, width, dtype=p.dtype, device=p.device)
+        maps = self._maps(name)
+        # the slices of ``index`` by expert: (expert, its local rows, where they go in ``out``)
+        if isinstance(index, slice):
+            index = torch.arange(*index.indices(experts * o), device=out.device)
+        owner = torch.div(index, o, rounding_mode="floor")
+        parts, at = [], 0
+        for e, size in zip(*torch.unique_consecutive(owner, return_counts=True)):
+            e, size = int(e), int(size)
+            parts.append((e, index[at : at + size] - e * o, at))
+            at += size
+        for e, local, at in parts:
+            size = count(local, o)
             if e in maps:
-                maps[e].rows(slice(None), out[:, j])
+                maps[e].rows(local, out[:, at : at + size])
             else:
-                out[:, j].zero_()
+                out[:, at : at + size].zero_()
         return out.view(self.k, -1)
 
     def back(self, name: str, alpha: Tensor) -> Tensor:
