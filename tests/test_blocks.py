@@ -645,6 +645,29 @@ def test_user_registered_block_is_used_and_checked(block_registry, block, path):
         assert P.last_route.dense == 0
 
 
+def test_explain_first_does_not_skip_the_gram_check(block_registry):
+    """explain_projection runs the check against autograd but forms no Gram: a block with wrong rows must
+    still be caught by the first projection after it."""
+    from overunlearn.linalg import explain_projection
+
+    register_block(Gain)(WrongRowsGainBlock)
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 4), Gain(4), nn.Linear(4, 2)).to(F64)
+    x = torch.randn(5, 2, 3, dtype=F64)
+    explain_projection(model, x, identity)
+    check(model, x, path="materialised")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_float16_models_keep_the_hooked_path(seed):
+    """Rows and back-projection round independently in float16: the Gram check's tolerance follows the dtype."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 4)).half()
+    x = torch.randn(32, 64).half()
+    project_model_onto_span(model, x, identity, flat(model))
+    assert P.last_route.path == "hooked", P.last_route
+
+
 class MyGain(Gain):
     pass
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from test_blocks import F64, check, ghost  # noqa: F401  (ghost: a fixture)
 
 import overunlearn.linalg.projection as P
@@ -138,5 +140,59 @@ def test_a_hooked_router_declines():
     layer = _moe_blocks(model)[0]
     layer.gate.register_forward_hook(lambda m, a, o: None)
     assert block_for(layer) is None and block_for(_moe_blocks(model)[1]) is SparseMoEBlock
+    x, targets = _batch()
+    check(model, x, CausalLMTask().scores, targets=targets, tol=1e-6, dense=3)
+
+
+class Float32Router(nn.Module):
+    """A Mixtral-style router that computes its logits in float32 whatever the model's dtype (as Laguna's and
+    ERNIE-4.5's do): the replay must feed it its input dtype."""
+
+    def __init__(self, gate):
+        super().__init__()
+        self.top_k, self.num_experts, self.hidden_dim = gate.top_k, gate.num_experts, gate.hidden_dim
+        self.weight = gate.weight
+
+    def forward(self, hidden_states):
+        logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight).float()
+        probs = torch.softmax(logits, dim=-1)
+        top, index = torch.topk(probs, self.top_k, dim=-1)
+        return logits, top / top.sum(-1, keepdim=True), index
+
+
+def test_a_router_computing_in_float32_in_a_float64_model():
+    model = _moe("mixtral")
+    for layer in _moe_blocks(model):
+        layer.gate = Float32Router(layer.gate)
+    x, targets = _batch()
+    check(model, x, CausalLMTask().scores, targets=targets, tol=1e-6)
+
+
+class TwoInputRouter(Float32Router):
+    def forward(self, hidden_states, correction):  # (as MiniMax-M2's router: a second, required input)
+        return super().forward(hidden_states + 0 * correction)
+
+
+def test_a_router_needing_a_second_input_is_not_accepted():
+    model = _moe("mixtral")
+    layer = _moe_blocks(model)[0]
+    layer.gate = TwoInputRouter(layer.gate)
+    assert block_for(layer) is None and block_for(_moe_blocks(model)[1]) is SparseMoEBlock
+
+
+class FailingRouter(Float32Router):
+    """A router that runs in the model's forward but fails in the block's replay (its weight swapped for
+    ``[I | 0]``): the block declines the layer, nothing raises."""
+
+    def forward(self, hidden_states):
+        if not self.weight.requires_grad:
+            raise RuntimeError("a weight of its own only")
+        return super().forward(hidden_states)
+
+
+def test_a_router_the_replay_cannot_drive_declines():
+    model = _moe("mixtral")
+    layer = _moe_blocks(model)[0]
+    layer.gate = FailingRouter(layer.gate)
     x, targets = _batch()
     check(model, x, CausalLMTask().scores, targets=targets, tol=1e-6, dense=3)

@@ -372,11 +372,13 @@ def _verify(model: nn.Module, inputs, score_fn, scores: Tensor, uses: _Uses, cov
 
 
 def _gram_agrees(gram: Tensor, rhs: Tensor, c: Tensor, q_back: float, v_back: float, scale: float,
-                 low_precision: bool) -> bool:
+                 dtype: torch.dtype) -> bool:
     """Whether the Gram and ``J v`` the blocks formed (rows or ghost form) agree with their ``J^T c`` that
     :func:`_verify` checked against autograd: ``c^T G c = |J^T c|^2`` and ``c . J v = v . J^T c``
-    (``scale``: ``|v| |J^T c|``). A block whose rows disagree with its back-projection fails here."""
-    tol = 1e-4 if low_precision else 1e-6
+    (``scale``: ``|v| |J^T c|``). A block whose rows disagree with its back-projection fails here. Rows
+    and back-projection round independently in the model's ``dtype``: the tolerance is 1e-6 in float64,
+    else the larger of 1e-4 and 10 ulps of ``dtype`` (float16: ~1e-2)."""
+    tol = 1e-6 if dtype == torch.float64 else max(1e-4, 10 * torch.finfo(dtype).eps)
     q_gram = float(c @ gram @ c)
     return abs(q_gram - q_back) <= tol * max(q_back, 1e-30) and abs(float(c @ rhs) - v_back) <= tol * max(scale, 1e-30)
 
@@ -733,7 +735,7 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
     except (Decline, ValueError):
         return materialised("a block declined")
     checked: dict[str, Tensor] = {}
-    low_precision = scores.dtype != torch.float64
+    score_dtype = scores.dtype
     if check:
         with record_function("overunlearn::verify"):
             ok = _verify(model, inputs, score_fn, scores, uses, covered, targets, checked)
@@ -742,9 +744,11 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
             # the fallback) and try again, rather than giving the whole model to the vmapped Jacobian
             probed[signature] = {i: [(layout, None) for layout, _ in seen] for i, seen in layouts.items()}
             return _RETRY
-        memo[signature] = ((verified if isinstance(verified, set) else set()) | {reading}) if ok else False
         if not ok:
+            memo[signature] = False
             return materialised("check failed")
+    # (a passed check is remembered only after the Gram check below, which explain does not reach)
+    remember = check
     k = n * heads
     budget = _budget()
     if explain is not None:
@@ -810,9 +814,11 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
             for blk, _ in us:
                 blk.done()
         stage.flush()
-    if probe is not None and not _gram_agrees(gram, rhs, *probe, low_precision=low_precision):
+    if probe is not None and not _gram_agrees(gram, rhs, *probe, dtype=score_dtype):
         memo[signature] = False
         return materialised("check failed")
+    if remember:
+        memo[signature] = (verified if isinstance(verified, set) else set()) | {reading}
     _route("hooked", ghost=n_ghost, rows=len(covered) - n_ghost, dense=len(dense))
     jd = None
     if dense:

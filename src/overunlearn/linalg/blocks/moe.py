@@ -22,23 +22,28 @@ through the gating only (one ``torch.autograd.grad`` per expert for all Jacobian
   ``[z_t | 0]`` (so that its linear map returns ``z_t`` itself), which follows whatever the router does
   after its linear map without restating it.
 
-Each expert's positions are gathered per sample and padded to the largest count (padding rows are
-zero), so each map is a :class:`~overunlearn.linalg.blocks.positional.PositionalBlock` (ghost form or
-formed rows by the engine's flop rule, as a linear layer's). An expert's rows are formed one expert
-at a time (``k x 2I H`` entries for ``gate_up_proj``); experts that no token of the batch reaches have
-zero rows and are skipped (:meth:`Block.support`).
+Each expert's map (:class:`_Tokens`) keeps only the tokens routed to it, grouped by sample, with no
+padding; it takes the ghost form or formed rows by the engine's flop rule, as a linear layer's. Its rows
+are formed in slices of output rows (:meth:`Block.units`), so a slice stays small however large one
+expert is; experts that no token of the batch reaches have zero rows and are skipped
+(:meth:`Block.support`). The router is a linear map at every position (``attention._Map``).
 
-Accepted only where the structure is the one described: a router ``gate`` with a 2-D ``weight``
-``(E, H)``, ``H >= E``, returning ``(logits, weights, indices)`` with the logits ``x W_g^T`` (checked on
-every call by the replay: the replayed weights and indices must equal the router's); experts
-decorated by transformers' ``use_experts_implementation`` with a gate, no biases, not transposed, no
-post-expert norm, and exactly the two fused parameters. Anything else in the MoE layer's forward (a
-shared expert, its gate) is hooked as its own layers; a forward that combines the experts otherwise
-than described fails the engine's check against autograd and takes the vmapped Jacobian.
+Accepted only where the structure is the one described: a router ``gate`` (PhiMoE: ``router``) with a
+2-D ``weight`` ``(E, H)``, ``H >= E``, callable with the hidden states alone, returning ``(logits,
+weights, indices)``; experts decorated by transformers' ``use_experts_implementation`` with a gate,
+``[gate; up]`` concatenated, no biases, not transposed, no post-expert norm, and exactly the two fused
+parameters. Each call is declined (its parameters take the ``torch.func`` fallback) if the router
+cannot be driven by the replay (it raises, or gives indices outside ``[0, E)``) or the replay of its
+post-processing on its own logits does not reproduce its weights and indices. That the logits are the
+router's linear map of the input, and that the layer combines the experts as described, is left to the
+engine's check against autograd (a failure there takes the whole model to the vmapped Jacobian: e.g.
+Laguna, which scales the experts' sum). Anything else in the MoE layer's forward (a shared expert, its
+gate) is hooked as its own layers.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -55,6 +60,17 @@ def _router(module: nn.Module) -> nn.Module | None:
     """The MoE layer's router: its submodule ``gate`` (Mixtral, Qwen) or ``router`` (PhiMoE)."""
     found = [m for name in ("gate", "router") if (m := module._modules.get(name)) is not None]
     return found[0] if len(found) == 1 else None
+
+
+def _one_input(m: nn.Module) -> bool:
+    """Whether ``m``'s forward can be called with the hidden states alone (MiniMax-M2's and DeepSeek-V4's
+    routers also take a correction bias or the token ids)."""
+    try:
+        params = list(inspect.signature(m.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    required = [q for q in params if q.default is q.empty and q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)]
+    return len(required) == 1
 
 
 def _plain(m: nn.Module) -> bool:
@@ -140,8 +156,9 @@ class SparseMoEBlock(Block):
         return (h >= e and tuple(gu.shape) == (e, 2 * i, h) and tuple(dn.shape) == (e, h, i)
                 and getattr(experts, "has_gate", False) is True and getattr(experts, "has_bias", True) is False
                 and getattr(experts, "is_transposed", True) is False
+                and getattr(experts, "is_concatenated", False) is True
                 and getattr(experts, "has_post_expert_norm", True) is False
-                and callable(getattr(experts, "_apply_gate", None)))
+                and callable(getattr(experts, "_apply_gate", None)) and _one_input(gate))
 
     def __init__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         super().__init__(module, args, kwargs, output)
@@ -156,21 +173,29 @@ class SparseMoEBlock(Block):
         # the router's mode in this call: the replays in bind (after the engine's eval-mode forward) use it too
         self.modes = [m.training for m in gate.modules()]
         n, length, h = x.shape
-        self.x = x.detach()
-        with torch.no_grad():
-            routed = gate(self.x.reshape(-1, h))
-            if not (isinstance(routed, tuple) and len(routed) == 3 and all(isinstance(t, Tensor) for t in routed)):
-                raise Decline
-            logits, weights, index = routed
-            e = gate.weight.shape[0]
-            t = n * length
-            if logits.shape != (t, e) or weights.dim() != 2 or weights.shape[0] != t or index.shape != weights.shape:
-                raise Decline
-            # the router's logits are its linear map of the input, and the replay reproduces its routing
-            again = self._replay(logits)
-            if (not torch.equal(again[2], index) or again[1].dtype != weights.dtype
-                    or not torch.allclose(again[1], weights, rtol=1e-6, atol=0)):
-                raise Decline
+        self.x, self.in_dtype = x.detach(), x.dtype
+        e = gate.weight.shape[0]
+        t = n * length
+        try:
+            with torch.no_grad():
+                routed = gate(self.x.reshape(-1, h))
+                if not (isinstance(routed, tuple) and len(routed) == 3 and all(isinstance(q, Tensor) for q in routed)):
+                    raise Decline
+                logits, weights, index = routed
+                if (logits.shape != (t, e) or weights.dim() != 2 or weights.shape[0] != t
+                        or index.shape != weights.shape or index.dtype not in (torch.int32, torch.int64)
+                        or (index.numel() and (int(index.min()) < 0 or int(index.max()) >= e))):
+                    raise Decline  # (an index outside the experts: e.g. a "no expert" sentinel)
+                # the replay of the router's post-processing on these logits reproduces its routing (that
+                # the logits are the linear map of the input is the engine's check against autograd's)
+                again = self._replay(logits)
+                if (not torch.equal(again[2], index) or again[1].dtype != weights.dtype
+                        or not torch.allclose(again[1], weights, rtol=1e-6, atol=0)):
+                    raise Decline
+        except Decline:
+            raise
+        except Exception:  # noqa: BLE001 - a router this replay cannot drive: the layer takes the fallback
+            raise Decline from None
         self.logits, self.weights, self.index = logits, weights, index
         self.output, self.batch, self.saved = output, n, [x]
 
@@ -186,7 +211,8 @@ class SparseMoEBlock(Block):
         try:
             for m, mode in zip(modules, self.modes):
                 m.training = mode
-            return torch.func.functional_call(gate, {"weight": eye}, (F.pad(z, (0, h - e)),))
+            # (the input in the layer's dtype: a router may return its logits in float32)
+            return torch.func.functional_call(gate, {"weight": eye}, (F.pad(z.to(self.in_dtype), (0, h - e)),))
         finally:
             for m, mode in zip(modules, before):
                 m.training = mode
@@ -241,7 +267,10 @@ class SparseMoEBlock(Block):
             with torch.enable_grad():
                 z = self.logits.repeat(heads, 1).requires_grad_(True)  # (heads T, E)
                 scores = self._replay(z)[1]
-                dz = torch.autograd.grad(scores, z, grad_outputs=d_weights.reshape(heads * tokens, top).to(scores.dtype))[0]
+                dz = torch.autograd.grad(scores, z, grad_outputs=d_weights.reshape(heads * tokens, top).to(scores.dtype),
+                                         allow_unused=True)[0] if scores.requires_grad else None
+            if dz is None:  # (routing weights that do not depend on the logits)
+                dz = torch.zeros_like(z)
             gate_w = self.module.get_parameter(self.gate_name).detach()
             self.router = _Map(gate_w, None, self.x)
             self.router.bind(dz.view(k, length, e_all).to(x.dtype), n, heads)
