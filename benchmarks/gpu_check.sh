@@ -14,8 +14,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name(0))"
 echo "== CUDA tests"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.txt" | tail -40
-echo "== projection targets (c) and (e): time and memory"
-timeout 200 python3 benchmarks/perf_projection.py --device cuda --cases c,e --repeats 10 --skip-reference 2>&1 | tee "$OUT/perf_projection_cuda.txt"
+echo "== projection targets (c) and (e), and the Mixtral-shaped case (j): time and memory"
+timeout 240 python3 benchmarks/perf_projection.py --device cuda --cases c,e,j --repeats 10 --skip-reference 2>&1 | tee "$OUT/perf_projection_cuda.txt"
 echo "== operators and kernel launches per step (case c)"
 timeout 60 python3 benchmarks/perf_projection_parts.py --device cuda --case c --ops 2>&1 | tee "$OUT/perf_projection_ops_cuda.txt"
 echo "== projection, part by part (case c)"

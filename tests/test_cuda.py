@@ -131,6 +131,40 @@ def test_factored_projection_of_a_cnn_on_cuda_matches_cpu(monkeypatch):
     assert float((gpu.cpu() - cpu).norm() / cpu.norm()) < 1e-4
 
 
+def _transformer_projection(family: str, device: str) -> tuple[torch.Tensor, object]:
+    """The fast projection of a tiny float32 GPT-2 or Mixtral (its MoE layers on their block) on ``device``."""
+    import overunlearn.linalg.projection as P
+    from overunlearn.problem import CausalLMTask
+
+    if family == "gpt2":
+        from test_blocks import _tiny_gpt2
+
+        model = _tiny_gpt2(dtype=torch.float32)
+    else:
+        from test_blocks_moe import _moe
+
+        model = _moe("mixtral").float()
+    model = model.to(device)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 23, (4, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    x = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    targets = ids.masked_fill(mask == 0, -100).to(device)
+    v = torch.cat([q.detach().reshape(-1) for q in model.parameters()])
+    got = P.project_model_onto_span(model, x, CausalLMTask().scores, v, targets=targets)
+    return got.cpu(), P.last_route
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mixtral"])
+def test_transformer_projection_on_cuda_matches_cpu(family):
+    pytest.importorskip("transformers")
+    cpu, _ = _transformer_projection(family, "cpu")
+    gpu, route = _transformer_projection(family, "cuda")
+    assert route.path == "hooked" and route.dense == 0, route
+    assert float((gpu - cpu).norm() / cpu.norm()) < 1e-4
+
+
 def test_bench_poison_cli_on_cuda(tmp_path):
     from typer.testing import CliRunner
 
