@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from test_blocks import F64, check, ghost  # noqa: F401  (ghost: a fixture)
+from test_blocks import F64, check, flat, ghost  # noqa: F401  (ghost: a fixture)
 
 import overunlearn.linalg.projection as P
 from overunlearn.linalg.blocks import block_for
@@ -196,3 +196,34 @@ def test_a_router_the_replay_cannot_drive_declines():
     layer.gate = FailingRouter(layer.gate)
     x, targets = _batch()
     check(model, x, CausalLMTask().scores, targets=targets, tol=1e-6, dense=3)
+
+
+def test_float16_moe_language_model_keeps_the_hooked_path():
+    """A float16 model's language-model scores are float32: the Gram check's tolerance follows the parameters'
+    dtype too (float16 rounding of rows and back-projection differ by ~3e-4)."""
+    model = _moe("mixtral").half()
+    x, targets = _batch()
+    P.project_model_onto_span(model, x, CausalLMTask().scores, flat(model), targets=targets)
+    assert P.last_route.path == "hooked" and P.last_route.dense == 0, P.last_route
+
+
+class TiedToAnExpert(nn.Module):
+    """A Conv1d whose weight is an expert tensor of the MoE block: the two blocks slice its rows differently
+    (by output channel; by expert and output row), so that parameter takes the fallback."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        self.conv = nn.Conv1d(16, 6, 12, bias=False).to(F64)
+        self.conv.weight = lm.model.layers[0].mlp.experts.down_proj  # (E = 6, H = 16, I = 12)
+
+    def forward(self, input_ids, attention_mask):
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+        e = self.lm.model.embed_tokens(input_ids).transpose(1, 2)
+        return logits[:, -1, :6] + self.conv(F.pad(e, (0, 5)))[:, :, 0]
+
+
+def test_a_parameter_two_blocks_slice_differently_takes_the_fallback():
+    model = TiedToAnExpert(_moe("mixtral", hidden=16))
+    x, _ = _batch()
+    check(model, x, lambda out: out, tol=1e-6, dense=1)

@@ -377,7 +377,8 @@ def _gram_agrees(gram: Tensor, rhs: Tensor, c: Tensor, q_back: float, v_back: fl
     :func:`_verify` checked against autograd: ``c^T G c = |J^T c|^2`` and ``c . J v = v . J^T c``
     (``scale``: ``|v| |J^T c|``). A block whose rows disagree with its back-projection fails here. Rows
     and back-projection round independently in the model's ``dtype``: the tolerance is 1e-6 in float64,
-    else the larger of 1e-4 and 10 ulps of ``dtype`` (float16: ~1e-2)."""
+    else the larger of 1e-4 and 10 ulps of ``dtype`` (float16: ~1e-2), the least precise of the scores' and
+    the covered parameters' dtypes."""
     tol = 1e-6 if dtype == torch.float64 else max(1e-4, 10 * torch.finfo(dtype).eps)
     q_gram = float(c @ gram @ c)
     return abs(q_gram - q_back) <= tol * max(q_back, 1e-30) and abs(float(c @ rhs) - v_back) <= tol * max(scale, 1e-30)
@@ -688,7 +689,10 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
                  if any(param_of(m, nm) is p for nm in kinds[m].param_names)]
         if len(names) != len(ms):
             continue
-        uses.of[id(p)] = [(b, nm) for m, nm in zip(ms, names) for b in calls[m]]  # type: ignore[misc]
+        us = [(b, nm) for m, nm in zip(ms, names) for b in calls[m]]
+        if len({b.units(nm) for b, nm in us}) > 1:  # type: ignore[union-attr]
+            continue  # (blocks that slice its rows differently: the fallback takes it)
+        uses.of[id(p)] = us  # type: ignore[assignment]
         covered.append(p)
     dense = [p for p in params if id(p) not in uses.of]
     if not covered or (dense and sum(p.numel() for p in covered)
@@ -735,7 +739,9 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
     except (Decline, ValueError):
         return materialised("a block declined")
     checked: dict[str, Tensor] = {}
-    score_dtype = scores.dtype
+    # the least precise of the scores' and the covered parameters' dtypes (a float16 language model's
+    # scores are float32): what the Gram check's tolerance follows
+    score_dtype = max([scores.dtype, *{p.dtype for p in covered}], key=lambda t: torch.finfo(t).eps)
     if check:
         with record_function("overunlearn::verify"):
             ok = _verify(model, inputs, score_fn, scores, uses, covered, targets, checked)
@@ -1004,11 +1010,9 @@ def _back_from_rows(p: Tensor, slices: list[tuple[slice | Tensor, Tensor]], alph
 
 def _units(p: Tensor, us: list[tuple[Block, str]]) -> int:
     """Into how many slices the blocks' ``rows`` divide ``p`` (``Block.units``; by default its first
-    dimension); blocks sharing a parameter must agree."""
+    dimension); the blocks sharing a parameter agree on it (else the parameter is not covered)."""
     given = {blk.units(name) for blk, name in us}
-    if len(given) > 1:
-        raise ValueError("the blocks sharing a parameter divide its rows differently")
-    unit = given.pop()
+    unit = given.pop()  # (one value: parameters whose blocks disagree are left to the fallback)
     return unit if unit is not None else (p.shape[0] if p.dim() else 1)
 
 
