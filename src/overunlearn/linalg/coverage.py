@@ -2,7 +2,8 @@
 
 :func:`explain_projection` runs the fast projection's route choice on a model and a batch -- the
 hooked forward and backward, and the once-per-model check against autograd -- and stops before any
-Jacobian or Gram is formed. Its :class:`ProjectionReport` lists, per trainable parameter, how the
+Jacobian or Gram is formed (so the engine's check of the blocks' Gram against that check runs on the
+first projection after it; a block that fails only that one is reported on blocks here). Its :class:`ProjectionReport` lists, per trainable parameter, how the
 projection handles it: in factored (``"ghost"``) form, from formed rows (``"rows"``), gathered with other
 small parameters' rows (``"gathered"``), or through the ``torch.func`` Jacobian (``"torch.func"``, about
 ``rows x entries`` floats held at once), with the reason for the last. A layer type that shows up there
@@ -119,7 +120,8 @@ def _size(n: int) -> str:
 def explain_projection(model: nn.Module, inputs, score_fn, targets=None, mode: str = "per_sample") -> ProjectionReport:
     """How :func:`overunlearn.linalg.project_model_onto_span` would compute its projection for this
     model and batch (one hooked forward and backward pass, and the check against autograd if it has not
-    run for this model and input shape; no Jacobian is formed). Arguments as for that function."""
+    passed for this model and input shape; no Jacobian or Gram is formed, so the check of the blocks' Gram
+    waits for the first projection). Arguments as for that function."""
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
