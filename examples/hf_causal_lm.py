@@ -1,4 +1,4 @@
-"""Unlearn memorised facts from a Hugging Face causal language model (tiny GPT-2, built from a config).
+"""Unlearn memorised facts from a Hugging Face causal language model (tiny GPT-2 or Mixtral, built from a config).
 
 The model memorises one generated fact per person ("alice lives in paris"); the facts of four people are
 then unlearned with MinNorm-OG and with NPO. Prompts are masked with -100 labels (Hugging Face's
@@ -6,14 +6,20 @@ convention), so only the answer tokens are scored. Printed: the mean log-likelih
 the exact-match rate on the forget and retain people, before and after. No downloads; about 20 s on a CPU.
 
 Run: python examples/hf_causal_lm.py      (needs the hf extra: pip install 'overunlearn[hf]')
+     python examples/hf_causal_lm.py --model mixtral    (a mixture of experts: 4 experts, top-2)
 """
 
+import argparse
+
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, MixtralConfig, MixtralForCausalLM
 
 from overunlearn import Budget, TensorData, UnlearningProblem, create, unlearn
 from overunlearn.problem import CausalLMTask
 
+parser = argparse.ArgumentParser(description="Unlearn memorised facts from a tiny Hugging Face causal LM.")
+parser.add_argument("--model", choices=["gpt2", "mixtral"], default="gpt2")
+args = parser.parse_args()
 torch.manual_seed(0)
 
 # 1. Generated facts, a word-level vocabulary, and token tensors (prompt positions labelled -100).
@@ -28,9 +34,15 @@ labels = ids.clone()
 labels[:, :3] = -100  # score the city only
 inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
-# 2. A tiny GPT-2 trained until it answers every fact (the interpolation regime).
-model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=48, n_head=2, vocab_size=len(vocab), n_positions=8,
-                                   bos_token_id=0, eos_token_id=0, pad_token_id=0))
+# 2. A tiny model trained until it answers every fact (the interpolation regime).
+if args.model == "gpt2":
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=48, n_head=2, vocab_size=len(vocab), n_positions=8,
+                                       bos_token_id=0, eos_token_id=0, pad_token_id=0))
+else:  # its router and fused experts take MinNorm-OG's mixture-of-experts block
+    model = MixtralForCausalLM(MixtralConfig(num_hidden_layers=1, hidden_size=48, intermediate_size=48,
+                                             num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                             num_experts_per_tok=2, vocab_size=len(vocab), max_position_embeddings=8,
+                                             bos_token_id=0, eos_token_id=0, pad_token_id=0))
 task = CausalLMTask()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
 for _ in range(120):
@@ -57,6 +69,8 @@ def report(name: str, m: torch.nn.Module) -> None:
 
 
 report("original", model)
+route = create("minnorm_og", grad_sample_size=20).explain(problem)  # (print(route) lists every parameter)
+print(f"MinNorm-OG's projection: {route.path}, {route.covered_fraction:.0%} of the parameters on per-layer blocks")
 # GD shows the vanishing retain gradient of an interpolating model (paper, Theorem 1); the last run shows
 # what a too-large reg_coef does (one projection shrinks almost every weight by about reg_coef).
 runs = {"gd": {"lr": 1e-2},

@@ -23,12 +23,18 @@ def test_own_model_example_runs_and_leaves_original_untouched(capsys):
 HF_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_causal_lm.py"
 
 
-def test_hf_causal_lm_example_runs_and_minnorm_forgets(capsys):
+def _run_hf_example(monkeypatch, capsys, *args: str) -> tuple[dict[str, str], str]:
     import pytest
 
     pytest.importorskip("transformers")
-    runpy.run_path(str(HF_EXAMPLE))
-    rows = {line[:24].strip(): line for line in capsys.readouterr().out.splitlines() if "forget:" in line}
+    monkeypatch.setattr("sys.argv", [str(HF_EXAMPLE), *args])
+    runpy.run_path(str(HF_EXAMPLE), run_name="__main__")
+    out = capsys.readouterr().out
+    return {line[:24].strip(): line for line in out.splitlines() if "forget:" in line}, out
+
+
+def test_hf_causal_lm_example_runs_and_minnorm_forgets(monkeypatch, capsys):
+    rows, out = _run_hf_example(monkeypatch, capsys)
     assert {"original", "gd", "minnorm_og", "npo", "minnorm_og reg_coef=0.5"} <= set(rows)
 
     def exact(row: str, which: str) -> float:
@@ -36,6 +42,14 @@ def test_hf_causal_lm_example_runs_and_minnorm_forgets(capsys):
 
     assert exact(rows["original"], "forget") == 1.0
     assert exact(rows["minnorm_og"], "forget") < exact(rows["gd"], "forget")  # descent alone stalls
+    assert "MinNorm-OG's projection: hooked, 100% of the parameters on per-layer blocks" in out
+
+
+def test_hf_causal_lm_example_on_a_mixture_of_experts(monkeypatch, capsys):
+    """The same pipeline on a tiny Mixtral: its router and experts on their block; every run completes."""
+    rows, out = _run_hf_example(monkeypatch, capsys, "--model", "mixtral")
+    assert {"original", "gd", "minnorm_og", "npo", "minnorm_og reg_coef=0.5"} <= set(rows)
+    assert "MinNorm-OG's projection: hooked, 100% of the parameters on per-layer blocks" in out
 
 
 def test_the_core_library_imports_and_runs_without_transformers():
