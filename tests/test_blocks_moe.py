@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from test_blocks import F64, check, flat, ghost  # noqa: F401  (ghost: a fixture)
+from torch import nn
 
 import overunlearn.linalg.projection as P
 from overunlearn.linalg.blocks import block_for
