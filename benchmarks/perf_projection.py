@@ -588,9 +588,9 @@ def main(argv: list[str] | None = None) -> int:
         if "mem_kind" in r:
             print(f"    (memory: {r['mem_kind']})")
         if key == "b" and device.type == "cpu":
-            ok1, ok2 = r["fast_over_gd"] <= 3, r["ref_over_fast"] is not None and r["ref_over_fast"] >= 8
-            print(f"    target (b, CPU): fast <= 3 x GD: {'MET' if ok1 else 'MISSED'}; "
-                  f"fast >= 8 x faster than reference: {'MET' if ok2 else 'MISSED'}")
+            ok1, ok2 = r["fast_over_gd"] <= 1.5, r["ref_over_fast"] is not None and r["ref_over_fast"] >= 8
+            print(f"    target (b, CPU): fast <= 1.5 x GD (issue 16; 3 x before): {'MET' if ok1 else 'MISSED'}; "
+                  f"fast >= 8 x faster than reference: {'MET' if ok2 else 'MISSED' if r['ref_over_fast'] else 'not measured'}")
         if key == "c" and device.type == "cuda":
             print(f"    target (c, GPU): fast <= 1.5 x GD: {'MET' if r['fast_over_gd'] <= 1.5 else 'MISSED'}")
         if key == "d" and device.type == "cpu":
