@@ -13,12 +13,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_blocks import F64, check, flat, ghost  # noqa: F401  (ghost: a fixture)
+from test_blocks import F64, check, flat, ghost, relerr  # noqa: F401  (ghost: a fixture)
 from torch import nn
 
 import overunlearn.linalg.projection as P
 from overunlearn.linalg.blocks import block_for
 from overunlearn.linalg.blocks.moe import SparseMoEBlock
+from overunlearn.linalg.jacobian import output_jacobian_reference
+from overunlearn.linalg.projection import project_onto_span, project_onto_span_qr
 from overunlearn.problem import CausalLMTask, ClassificationTask
 
 transformers = pytest.importorskip("transformers")
@@ -227,3 +229,47 @@ def test_a_parameter_two_blocks_slice_differently_takes_the_fallback():
     model = TiedToAnExpert(_moe("mixtral", hidden=16))
     x, _ = _batch()
     check(model, x, lambda out: out, tol=1e-6, dense=1)
+
+
+def _with_lora(model, seed: int = 0):
+    """peft's all-linear LoRA (rank 2): its ParamWrapper adapters on the routers and fused experts, its Linear
+    ones on the attention; B drawn at random (it starts at zero, which would make A's rows zero)."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+def _check_against_the_backward_loop(model, x, score, targets=None, tol=1e-6):
+    """As ``check``, against the per-score backward loop's Jacobian: peft's ParamWrapper swaps a parameter in
+    place during its forward, which ``torch.func`` cannot trace (so the vmapped Jacobian, and the projection
+    of such a model before this block, raise)."""
+    v = flat(model)
+    got = P.project_model_onto_span(model, x, score, v, targets=targets)
+    route = P.last_route
+    jr = output_jacobian_reference(model, x, score, targets=targets)
+    assert relerr(got, project_onto_span(jr, v)) <= tol, (relerr(got, project_onto_span(jr, v)), route)
+    assert relerr(got, project_onto_span_qr(jr, v)) <= max(tol, 1e-8)
+    assert route.path == "hooked" and route.dense == 0, route
+    assert float(got.norm()) > 1e-6 * float(v.norm())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_all_linear_lora_on_a_mixture_of_experts(family, ghost):  # noqa: F811
+    """LoRA factors of the router and of each fused expert weight (peft's ParamWrapper: delta = s B A per
+    expert, B interleaved by expert) on the MoE block."""
+    model = _with_lora(_moe(family))
+    wrapped = [type(m).__name__ for m in _moe_blocks(model)[0].children()]
+    assert wrapped.count("ParamWrapper") == 2, wrapped  # (the router's and the experts')
+    x, targets = _batch()
+    _check_against_the_backward_loop(model, x, CausalLMTask().scores, targets)
+
+
+def test_all_linear_lora_on_a_mixture_of_experts_classifier():
+    model = _with_lora(_moe("mixtral", classifier=True), seed=1)
+    x, _ = _batch(5)
+    _check_against_the_backward_loop(model, x, ClassificationTask().scores)

@@ -175,14 +175,15 @@ def test_hugging_face_family_coverage(family):
     assert report.path == "hooked" and not report.fallback, str(report)
 
 
+@pytest.mark.parametrize("targets", ["all-linear", "q_proj,k_proj,v_proj,o_proj"])
 @pytest.mark.parametrize("family", _SCRIPT.MIXTURE_OF_EXPERTS)
-def test_mixture_of_experts_with_attention_lora_is_on_blocks(family):
-    """The advice of the docs for these models: LoRA on the attention projections takes the blocks (peft's
-    all-linear LoRA wraps their routers and fused experts in adapters that are not called as modules)."""
+def test_mixture_of_experts_with_lora_is_on_blocks(family, targets):
+    """LoRA on a mixture of experts takes the blocks: on the attention projections, and with peft's all-linear
+    LoRA, whose ParamWrapper adapters on the routers and fused experts the MoE block reads."""
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
     try:
-        report = _SCRIPT.report(family, lora=True, targets="q_proj,k_proj,v_proj,o_proj")
+        report = _SCRIPT.report(family, lora=True, targets=targets)
     except _SCRIPT.NotBuilt as exc:
         pytest.skip(f"{family}: {exc}")
     assert report.path == "hooked" and not report.fallback, str(report)

@@ -197,7 +197,7 @@ def _owners(model: nn.Module, kinds: dict[nn.Module, type[Block]] | None = None)
 def _claimed(m: nn.Module, cls: type[Block]) -> list[tuple[str, nn.Module, Tensor]]:
     """``(name, submodule, parameter)`` of the submodules' parameters the block of ``m`` computes."""
     out = []
-    for name in cls.param_names:
+    for name in cls.claims(m):
         if "." in name and (p := param_of(m, name)) is not None:
             out.append((name, m.get_submodule(name.rpartition(".")[0]), p))
     return out
@@ -231,7 +231,7 @@ def _plan(model: nn.Module, params: list[Tensor]) -> dict[nn.Module, type[Block]
 
 def _statically_covered(p: Tensor, owners: dict[int, list[nn.Module]], kinds: dict[nn.Module, type[Block]]) -> bool:
     ms = owners.get(id(p), [])
-    return bool(ms) and all(m in kinds and any(param_of(m, nm) is p for nm in kinds[m].param_names)
+    return bool(ms) and all(m in kinds and any(param_of(m, nm) is p for nm in kinds[m].claims(m))
                             for m in ms)
 
 
@@ -685,8 +685,8 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
         ms = owners.get(id(p), [])
         if not ms or any(m not in kinds or not calls[m] or any(b is None for b in calls[m]) for m in ms):
             continue
-        names = [next(nm for nm in kinds[m].param_names if param_of(m, nm) is p) for m in ms
-                 if any(param_of(m, nm) is p for nm in kinds[m].param_names)]
+        names = [next(nm for nm in kinds[m].claims(m) if param_of(m, nm) is p) for m in ms
+                 if any(param_of(m, nm) is p for nm in kinds[m].claims(m))]
         if len(names) != len(ms):
             continue
         us = [(b, nm) for m, nm in zip(ms, names) for b in calls[m]]
@@ -909,7 +909,7 @@ def _why_uncovered(p: Tensor, owners: dict[int, list[nn.Module]], kinds: dict[nn
         if any(b is None for b in calls[m]):
             return (f"a call of {name} could not be used by its block (not one row per sample, its input changed "
                     "in place, or a form of call the block declines)")
-        if not any(param_of(m, nm) is p for nm in kinds[m].param_names):
+        if not any(param_of(m, nm) is p for nm in kinds[m].claims(m)):
             return f"{name}'s block does not compute this parameter"
     return "it is held by several modules, not all of them covered"
 

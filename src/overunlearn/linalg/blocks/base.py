@@ -84,10 +84,16 @@ class Block:
         """Whether this block describes ``module`` at all (e.g. its class's own ``forward``)."""
         return True
 
+    @classmethod
+    def claims(cls, module: nn.Module) -> tuple[str, ...]:
+        """The parameter names this block computes for ``module`` (default: :attr:`param_names`; a block whose
+        names depend on the module -- peft's adapter names -- overrides it)."""
+        return cls.param_names
+
     def parameters(self) -> list[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` of the trainable parameters this block computes."""
         out = []
-        for name in self.param_names:
+        for name in self.claims(self.module):
             p = param_of(self.module, name)
             if isinstance(p, nn.Parameter) and p.requires_grad:
                 out.append((name, p))

@@ -44,6 +44,7 @@ gate) is hooked as its own layers.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,13 +54,107 @@ from torch import Tensor, nn
 from overunlearn.linalg.blocks.attention import _Map
 from overunlearn.linalg.blocks.base import Block, Budget, Decline, count, first_input, register_block
 
-_EXPERT_PARAMS = ("experts.gate_up_proj", "experts.down_proj")
 
-
-def _router(module: nn.Module) -> nn.Module | None:
-    """The MoE layer's router: its submodule ``gate`` (Mixtral, Qwen) or ``router`` (PhiMoE)."""
-    found = [m for name in ("gate", "router") if (m := module._modules.get(name)) is not None]
+def _router(module: nn.Module) -> tuple[str, nn.Module] | None:
+    """The MoE layer's router and its attribute: ``gate`` (Mixtral, Qwen) or ``router`` (PhiMoE)."""
+    found = [(name, m) for name in ("gate", "router") if (m := module._modules.get(name)) is not None]
     return found[0] if len(found) == 1 else None
+
+
+def _unwrap(m: nn.Module) -> tuple[nn.Module, str, dict[str, tuple[str, nn.Module]]]:
+    """``m`` below peft's ``ParamWrapper`` LoRA wrappers (one per adapted parameter, nested): the wrapped
+    module, its path below ``m`` (``"base_layer.base_layer."``), and the wrappers by the parameter they adapt,
+    with their paths."""
+    wrappers: dict[str, tuple[str, nn.Module]] = {}
+    path = ""
+    while type(m).__name__ == "ParamWrapper" and isinstance(getattr(m, "base_layer", None), nn.Module):
+        wrappers[m.parameter_name] = (path, m)
+        path += "base_layer."
+        m = m.base_layer
+    return m, path, wrappers
+
+
+@dataclass(frozen=True)
+class _Lora:
+    """The one active adapter of a peft ``ParamWrapper``: ``delta = scaling * B A`` (per expert for 3-D
+    parameters: ``A`` ``(E r, in)``, ``B`` ``(out, r E)``)."""
+
+    path: str  # the wrapper's path in the MoE layer ("experts.", "experts.base_layer.", "gate.")
+    wrapper: nn.Module
+    adapter: str
+
+    @property
+    def a(self) -> Tensor:
+        return self.wrapper.lora_A[self.adapter].weight
+
+    @property
+    def b(self) -> Tensor:
+        return self.wrapper.lora_B[self.adapter].weight
+
+    @property
+    def scaling(self) -> float:
+        return float(self.wrapper.scaling[self.adapter])
+
+    def names(self) -> tuple[str, str]:
+        return f"{self.path}lora_A.{self.adapter}.weight", f"{self.path}lora_B.{self.adapter}.weight"
+
+
+def _lora(path: str, wrapper: nn.Module) -> _Lora | None:
+    """The wrapper's adapter if it is one plain active LoRA (no bias, not merged, adapters enabled)."""
+    active = [a for a in getattr(wrapper, "active_adapters", []) if a in getattr(wrapper, "lora_A", {})]
+    if len(active) != 1 or getattr(wrapper, "merged", True) or getattr(wrapper, "disable_adapters", True):
+        return None
+    a = active[0]
+    la, lb = wrapper.lora_A[a], wrapper.lora_B[a]
+    if not (isinstance(la, nn.Linear) and isinstance(lb, nn.Linear)) or la.bias is not None or lb.bias is not None:
+        return None
+    return _Lora(path, wrapper, a)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a MoE layer's parameters are: the router (maybe under a LoRA wrapper), the experts (maybe under
+    one wrapper per fused weight), and the claimed parameter names."""
+
+    router: nn.Module  # the module the layer calls (the wrapper, if any)
+    router_base: nn.Module
+    router_weight: str  # "gate.weight", "gate.base_layer.weight", "router.weight"
+    router_lora: _Lora | None
+    experts: nn.Module  # the module under the wrappers
+    experts_path: str  # "experts.", "experts.base_layer.base_layer."
+    expert_lora: dict[str, _Lora]  # by fused weight ("gate_up_proj", "down_proj")
+
+    def names(self) -> tuple[str, ...]:
+        out = [self.router_weight, f"{self.experts_path}gate_up_proj", f"{self.experts_path}down_proj"]
+        for lora in (self.router_lora, *self.expert_lora.values()):
+            if lora is not None:
+                out.extend(lora.names())
+        return tuple(out)
+
+
+def _layout(module: nn.Module, plain: bool = True) -> _Layout | None:
+    """The layer's :class:`_Layout`, or ``None`` where it is not the structure the block describes (with
+    ``plain``: also where one of its modules has hooks or parametrizations, checked before the engine
+    hooks the layer)."""
+    found, experts_outer = _router(module), module._modules.get("experts")
+    if found is None or experts_outer is None:
+        return None
+    name, router = found
+    router_base, rpath, rwrap = _unwrap(router)
+    experts, epath, ewrap = _unwrap(experts_outer)
+    if set(rwrap) - {"weight"} or set(ewrap) - {"gate_up_proj", "down_proj"}:
+        return None
+    loras = {k: _lora(f"experts.{p}", w) for k, (p, w) in ewrap.items()}
+    router_lora = _lora(f"{name}.{rwrap['weight'][0]}", rwrap["weight"][1]) if rwrap else None
+    if any(v is None for v in loras.values()) or (rwrap and router_lora is None):
+        return None
+    modules = (module, router, router_base, experts_outer, experts, *(w for _, w in (*rwrap.values(), *ewrap.values())),
+               *(m for lora in (router_lora, *loras.values()) if lora is not None
+                 for m in (lora.wrapper.lora_A[lora.adapter], lora.wrapper.lora_B[lora.adapter])))
+    if plain and not all(_plain(m) for m in modules):
+        return None
+    return _Layout(router, router_base, f"{name}.{rpath}weight", router_lora, experts, f"experts.{epath}",
+                   loras)  # type: ignore[arg-type]
 
 
 def _one_input(m: nn.Module) -> bool:
@@ -136,16 +231,173 @@ class _Tokens:
         return self.a.shape[0] * self.weight.numel()
 
 
+class _Stacked:
+    """A parameter ``(E, o, p)`` whose expert ``e`` slice ``[e]`` is one :class:`_Tokens` map's weight: the fused
+    expert weights, and a 3-D LoRA's ``A`` viewed as ``(E, r, p)``. Rows by output row of each expert
+    (:meth:`Block.units`: a slice of rows stays small however large one expert is)."""
+
+    def __init__(self, maps: dict[int, _Tokens], shape: tuple[int, int, int]) -> None:
+        self.maps, self.shape = maps, shape
+
+    def support(self, device: torch.device) -> Tensor | None:
+        o = self.shape[1]
+        used = torch.tensor(sorted(self.maps), dtype=torch.long, device=device)
+        return (used[:, None] * o + torch.arange(o, device=device)).reshape(-1)
+
+    def ghost_cheaper(self, budget: Budget) -> bool:
+        return bool(self.maps) and all(mp.ghost_cheaper(budget) for mp in self.maps.values())
+
+    def ghost(self, v: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        v = v.reshape(self.shape)
+        gram = torch.zeros(k, k, dtype=torch.float64, device=v.device)
+        rhs = torch.zeros(k, dtype=torch.float64, device=v.device)
+        for e, mp in self.maps.items():
+            g, r = mp.ghost(v[e])
+            gram += g
+            rhs += r
+        return gram, rhs
+
+    def rows(self, index: Tensor | slice, out: Tensor) -> Tensor:
+        """Into ``out`` ``(k, len(index), p)``: the rows of the output-row slices ``index`` (of ``E o``)."""
+        experts, o, _ = self.shape
+        if isinstance(index, slice):
+            index = torch.arange(*index.indices(experts * o), device=out.device)
+        owner = torch.div(index, o, rounding_mode="floor")
+        at = 0
+        for e, size in zip(*torch.unique_consecutive(owner, return_counts=True)):
+            e, size = int(e), int(size)
+            if e in self.maps:
+                self.maps[e].rows(index[at : at + size] - e * o, out[:, at : at + size])
+            else:
+                out[:, at : at + size].zero_()
+            at += size
+        return out
+
+    def back(self, alpha: Tensor, like: Tensor) -> Tensor:
+        out = torch.zeros(self.shape, dtype=like.dtype, device=like.device)
+        for e, mp in self.maps.items():
+            out[e] = mp.back(alpha)
+        return out.reshape(like.shape)
+
+    def back_flops(self) -> int:
+        return sum(mp.back_flops() for mp in self.maps.values())
+
+
+class _Interleaved:
+    """A 3-D LoRA's ``B`` ``(o, r E)``, viewed ``(o, r, E)``: expert ``e``'s ``(o, r)`` weight is ``[:, :, e]``."""
+
+    def __init__(self, maps: dict[int, _Tokens], shape: tuple[int, int, int]) -> None:
+        self.maps, self.shape = maps, shape
+
+    def support(self, device: torch.device) -> Tensor | None:
+        return None
+
+    def ghost_cheaper(self, budget: Budget) -> bool:
+        return bool(self.maps) and all(mp.ghost_cheaper(budget) for mp in self.maps.values())
+
+    def ghost(self, v: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        v = v.reshape(self.shape)
+        gram = torch.zeros(k, k, dtype=torch.float64, device=v.device)
+        rhs = torch.zeros(k, dtype=torch.float64, device=v.device)
+        for e, mp in self.maps.items():
+            g, r = mp.ghost(v[:, :, e])
+            gram += g
+            rhs += r
+        return gram, rhs
+
+    def rows(self, index: Tensor | slice, out: Tensor) -> Tensor:
+        """Into ``out`` ``(k, len(index), r E)``: the rows of output rows ``index``."""
+        o, r, experts = self.shape
+        full = out.view(out.shape[0], out.shape[1], r, experts)
+        full.zero_()
+        part = torch.empty(out.shape[0], out.shape[1], r, dtype=out.dtype, device=out.device)
+        for e, mp in self.maps.items():
+            mp.rows(index, part)
+            full[:, :, :, e] = part
+        return out
+
+    def back(self, alpha: Tensor, like: Tensor) -> Tensor:
+        out = torch.zeros(self.shape, dtype=like.dtype, device=like.device)
+        for e, mp in self.maps.items():
+            out[:, :, e] = mp.back(alpha)
+        return out.reshape(like.shape)
+
+    def back_flops(self) -> int:
+        return sum(mp.back_flops() for mp in self.maps.values())
+
+
+class _Single:
+    """A 2-D parameter that is one linear map at every position (the router's weight and its LoRA factors)."""
+
+    def __init__(self, mp: _Map) -> None:
+        self.mp = mp
+
+    def support(self, device: torch.device) -> Tensor | None:
+        return None
+
+    def ghost_cheaper(self, budget: Budget) -> bool:
+        return self.mp.ghost_cheaper("weight", budget)
+
+    def ghost(self, v: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        return self.mp.ghost("weight", v)
+
+    def rows(self, index: Tensor | slice, out: Tensor) -> Tensor:
+        out.view(out.shape[0], -1).copy_(self.mp.rows("weight", index))
+        return out
+
+    def back(self, alpha: Tensor, like: Tensor) -> Tensor:
+        return self.mp.back("weight", alpha).reshape(like.shape)
+
+    def back_flops(self) -> int:
+        return self.mp.back_flops("weight")
+
+
+def _expert_parts(name: str, weight: Tensor, lora: _Lora | None, a: dict[int, Tensor], d: dict[int, Tensor],
+                  sample: dict[int, Tensor], n: int, heads: int, want: set[str]) -> dict[str, Any]:
+    """The parts of one fused expert weight ``(E, o, p)`` (effective: ``W + s B A`` under LoRA) given each
+    expert's inputs ``a[e]`` ``(m, p)`` and output gradients ``d[e]`` ``(heads, m, o)``."""
+    experts, o, p = weight.shape
+    parts: dict[str, Any] = {}
+
+    def maps(w_of, a_of, d_of) -> dict[int, _Tokens]:
+        out = {}
+        for e in a:
+            out[e] = _Tokens(w_of(e), a_of(e), sample[e], n)
+            out[e].bind(d_of(e), heads)
+        return out
+
+    if name in want:
+        parts[name] = _Stacked(maps(lambda e: weight[e], lambda e: a[e], lambda e: d[e]), (experts, o, p))
+    if lora is not None:
+        name_a, name_b = lora.names()
+        s = lora.scaling
+        la = lora.a.detach().view(experts, -1, p)  # (E, r, p)
+        lb = lora.b.detach().view(o, -1, experts)  # (o, r, E)
+        r = la.shape[1]
+        if name_a in want:  # rows of A_e: output gradients s B_e^T d, inputs a
+            parts[name_a] = _Stacked(maps(lambda e: la[e], lambda e: a[e], lambda e: s * d[e] @ lb[:, :, e]), (experts, r, p))
+        if name_b in want:  # rows of B_e: output gradients d, inputs s A_e a
+            parts[name_b] = _Interleaved(maps(lambda e: lb[:, :, e], lambda e: s * a[e] @ la[e].T, lambda e: d[e]),
+                                         (o, r, experts))
+    return parts
+
+
 @register_block("transformers.models.*SparseMoeBlock")
 class SparseMoEBlock(Block):
-    param_names = ("gate.weight", "router.weight", *_EXPERT_PARAMS)
+    param_names = ()  # (by module: :meth:`claims`)
+
+    @classmethod
+    def claims(cls, module: nn.Module) -> tuple[str, ...]:
+        layout = _layout(module, plain=False)
+        return () if layout is None else layout.names()
 
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
-        gate, experts = _router(module), module._modules.get("experts")
-        if gate is None or experts is None or not all(_plain(m) for m in (module, gate, experts)):
+        layout = _layout(module)
+        if layout is None:
             return False
-        w = gate._parameters.get("weight")
+        w = layout.router_base._parameters.get("weight")
+        experts = layout.experts
         gu, dn = experts._parameters.get("gate_up_proj"), experts._parameters.get("down_proj")
         if not (isinstance(w, nn.Parameter) and isinstance(gu, nn.Parameter) and isinstance(dn, nn.Parameter)):
             return False
@@ -158,7 +410,7 @@ class SparseMoEBlock(Block):
                 and getattr(experts, "is_transposed", True) is False
                 and getattr(experts, "is_concatenated", False) is True
                 and getattr(experts, "has_post_expert_norm", True) is False
-                and callable(getattr(experts, "_apply_gate", None)) and _one_input(gate))
+                and callable(getattr(experts, "_apply_gate", None)) and _one_input(layout.router_base))
 
     def __init__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         super().__init__(module, args, kwargs, output)
@@ -167,18 +419,19 @@ class SparseMoEBlock(Block):
             raise Decline
         if module.training and getattr(module, "jitter_noise", 0):
             raise Decline  # (the engine runs the model in eval mode; a block used otherwise declines)
-        gate = _router(module)
-        assert gate is not None
-        self.gate_name = "gate.weight" if gate is module._modules.get("gate") else "router.weight"
+        layout = _layout(module, plain=False)  # (accepted before the engine hooked it)
+        if layout is None:
+            raise Decline
+        self.layout = layout
         # the router's mode in this call: the replays in bind (after the engine's eval-mode forward) use it too
-        self.modes = [m.training for m in gate.modules()]
+        self.modes = [m.training for m in layout.router_base.modules()]
         n, length, h = x.shape
         self.x, self.in_dtype = x.detach(), x.dtype
-        e = gate.weight.shape[0]
+        e = layout.router_base.weight.shape[0]
         t = n * length
         try:
             with torch.no_grad():
-                routed = gate(self.x.reshape(-1, h))
+                routed = layout.router(self.x.reshape(-1, h))  # (under LoRA: the adapted router)
                 if not (isinstance(routed, tuple) and len(routed) == 3 and all(isinstance(q, Tensor) for q in routed)):
                     raise Decline
                 logits, weights, index = routed
@@ -202,8 +455,7 @@ class SparseMoEBlock(Block):
     def _replay(self, z: Tensor) -> tuple:
         """The router's call on logits ``z`` ``(T, E)``: weight ``[I_E | 0]``, input ``[z | 0]``, in the
         mode of the layer's call (PhiMoE's router samples its experts in training mode)."""
-        gate = _router(self.module)
-        assert gate is not None
+        gate = self.layout.router_base
         e, h = gate.weight.shape
         eye = torch.eye(e, h, dtype=gate.weight.dtype, device=gate.weight.device)
         modules = list(gate.modules())
@@ -219,49 +471,61 @@ class SparseMoEBlock(Block):
 
     # ---- the recomputation ----------------------------------------------------------------------
 
+    def _effective(self, name: str) -> Tensor:
+        """A fused expert weight as the layer uses it: plus its LoRA delta under peft."""
+        w = self.layout.experts._parameters[name].detach()
+        lora = self.layout.expert_lora.get(name)
+        if lora is None:
+            return w
+        with torch.no_grad():
+            return w + lora.wrapper.get_delta_weight(lora.adapter).to(w.dtype)
+
     def bind(self, deltas: Tensor, n: int, heads: int) -> None:
         super().bind(deltas, n, heads)
-        experts: nn.Module = self.module.experts  # type: ignore[assignment]
-        names = {name for name, _ in self.parameters()}
+        layout = self.layout
+        experts = layout.experts
+        want = {name for name, _ in self.parameters()}
         k, length, h = deltas.shape
         tokens = n * length
         x = self.x.reshape(tokens, h)
         # the output gradients by head and token: token t (sample t // L) of head h belongs to row h n + t // L
         d_tok = deltas.view(heads, tokens, h)
-        w_gu, w_d = experts.gate_up_proj.detach(), experts.down_proj.detach()
-        want_router = self.gate_name in names
+        w_gu, w_d = self._effective("gate_up_proj"), self._effective("down_proj")
+        gu_names = {f"{layout.experts_path}gate_up_proj", *(layout.expert_lora["gate_up_proj"].names()
+                                                            if "gate_up_proj" in layout.expert_lora else ())}
+        router_names = {layout.router_weight, *(layout.router_lora.names() if layout.router_lora else ())}
+        want_gu, want_router = bool(want & gu_names), bool(want & router_names)
         top = self.index.shape[1]
         d_weights = torch.zeros(heads, tokens, top, dtype=deltas.dtype, device=deltas.device) if want_router else None
-        self.down: dict[int, _Tokens] = {}
-        self.gate_up: dict[int, _Tokens] = {}
+        a_in, a_mid, d_pre, g_up, sample = {}, {}, {}, {}, {}
         for e in torch.unique(self.index).tolist():
             tok, choice = torch.nonzero(self.index == e, as_tuple=True)  # (ascending tokens: grouped by sample)
-            sample = torch.div(tok, length, rounding_mode="floor")
-            a_in = x[tok]  # (m, H)
+            sample[e] = torch.div(tok, length, rounding_mode="floor")
+            a_in[e] = x[tok]  # (m, H)
             scale = self.weights[tok, choice].to(x.dtype)[None, :, None]  # w_{t,e}
             d_out = d_tok[:, tok]  # (heads, m, H): D_{r,t}
             back = d_out @ w_d[e]  # (heads, m, I): W_d[e]^T D_{r,t}
             with torch.no_grad():
-                pre = a_in @ w_gu[e].T  # (m, 2I)
+                pre = a_in[e] @ w_gu[e].T  # (m, 2I)
             with torch.enable_grad():
                 leaf = pre.requires_grad_(True)
                 act = experts._apply_gate(leaf)  # (m, I)
-                d_pre = None
-                if "experts.gate_up_proj" in names:
+                if want_gu:
                     g = back * scale
-                    d_pre = torch.stack([torch.autograd.grad(act, leaf, grad_outputs=g[j], retain_graph=j + 1 < heads)[0]
-                                         for j in range(heads)])
-            a_mid = act.detach()
-            if "experts.down_proj" in names:
-                self.down[e] = _Tokens(w_d[e], a_mid, sample, n)
-                self.down[e].bind(d_out * scale, heads)
-            if d_pre is not None:
-                self.gate_up[e] = _Tokens(w_gu[e], a_in, sample, n)
-                self.gate_up[e].bind(d_pre, heads)
+                    d_pre[e] = torch.stack([torch.autograd.grad(act, leaf, grad_outputs=g[j],
+                                                                retain_graph=j + 1 < heads)[0] for j in range(heads)])
+            a_mid[e] = act.detach()
+            g_up[e] = d_out * scale
             if d_weights is not None:
                 # the routing weight's gradient: D_{r,t} . y_{t,e} = (W_d[e]^T D_{r,t}) . g(W_gu[e] x_t)
-                d_weights[:, tok, choice] = (back * a_mid).sum(-1)
-        self.router: _Map | None = None
+                d_weights[:, tok, choice] = (back * a_mid[e]).sum(-1)
+        self.parts: dict[str, Any] = {}
+        ep = layout.experts_path
+        self.parts.update(_expert_parts(f"{ep}down_proj", w_d, layout.expert_lora.get("down_proj"), a_mid, g_up,
+                                        sample, n, heads, want))
+        if want_gu:
+            self.parts.update(_expert_parts(f"{ep}gate_up_proj", w_gu, layout.expert_lora.get("gate_up_proj"), a_in,
+                                            d_pre, sample, n, heads, want))
         if d_weights is not None:
             e_all = self.logits.shape[1]
             with torch.enable_grad():
@@ -271,88 +535,62 @@ class SparseMoEBlock(Block):
                                          allow_unused=True)[0] if scores.requires_grad else None
             if dz is None:  # (routing weights that do not depend on the logits)
                 dz = torch.zeros_like(z)
-            gate_w = self.module.get_parameter(self.gate_name).detach()
-            self.router = _Map(gate_w, None, self.x)
-            self.router.bind(dz.view(k, length, e_all).to(x.dtype), n, heads)
+            dz = dz.view(k, length, e_all).to(x.dtype)
+            self._router_parts(dz, n, heads, want)
         self.deltas = None
         self.x = self.logits = self.weights = self.index = None  # type: ignore[assignment]
 
-    # ---- the algebra: the router as one map, each expert parameter as one map per expert ----------
+    def _router_parts(self, dz: Tensor, n: int, heads: int, want: set[str]) -> None:
+        """The router's weight: a linear map at every position with output gradients ``dz``; under LoRA its
+        factors ``A`` (output gradients ``s dz B``) and ``B`` (inputs ``s A x``)."""
+        layout = self.layout
 
-    def _maps(self, name: str) -> dict[int, _Tokens]:
-        return self.gate_up if name == "experts.gate_up_proj" else self.down
+        def single(weight: Tensor, a: Tensor, d: Tensor) -> _Single:
+            mp = _Map(weight, None, a)
+            mp.bind(d, n, heads)
+            return _Single(mp)
+
+        if layout.router_weight in want:
+            self.parts[layout.router_weight] = single(layout.router_base.weight.detach(), self.x, dz)
+        lora = layout.router_lora
+        if lora is not None:
+            name_a, name_b = lora.names()
+            la, lb, s = lora.a.detach(), lora.b.detach(), lora.scaling
+            if name_a in want:
+                self.parts[name_a] = single(la, self.x, s * dz @ lb)
+            if name_b in want:
+                self.parts[name_b] = single(lb, s * self.x @ la.T, dz)
+
+    # ---- the algebra: each parameter one part (see _Stacked, _Interleaved, _Single) ------------------
 
     def units(self, name: str) -> int | None:
-        if name == self.gate_name:
-            return None
         p = self.module.get_parameter(name)
-        return p.shape[0] * p.shape[1]  # (rows by output row of each expert: slices of a few MiB)
+        return p.shape[0] * p.shape[1] if p.dim() == 3 else None  # (fused experts: by output row of each expert)
 
     def support(self, name: str) -> Tensor | None:
-        if name == self.gate_name:
-            return None
-        o = self.module.get_parameter(name).shape[1]
-        used = torch.tensor(sorted(self._maps(name)), dtype=torch.long, device=self._device)
-        return (used[:, None] * o + torch.arange(o, device=self._device)).reshape(-1)
+        return self.parts[name].support(self._device)
 
     def ghost_cheaper(self, name: str, budget: Budget) -> bool:
-        if name == self.gate_name:
-            return self.router is not None and self.router.ghost_cheaper("weight", budget)
-        maps = self._maps(name)
-        return bool(maps) and all(mp.ghost_cheaper(budget) for mp in maps.values())
+        return self.parts[name].ghost_cheaper(budget)
 
     def ghost(self, name: str, v: Tensor) -> tuple[Tensor, Tensor]:
-        if name == self.gate_name:
-            assert self.router is not None
-            return self.router.ghost("weight", v)
-        gram = torch.zeros(self.k, self.k, dtype=torch.float64, device=self._device)
-        rhs = torch.zeros(self.k, dtype=torch.float64, device=self._device)
-        for e, mp in self._maps(name).items():
-            g, r = mp.ghost(v[e])
-            gram += g
-            rhs += r
-        return gram, rhs
+        return self.parts[name].ghost(v, self.k)
 
     def rows(self, name: str, index: Tensor | slice, scratch: Tensor | None = None) -> Tensor:
-        if name == self.gate_name:
-            assert self.router is not None
-            return self.router.rows("weight", index, scratch=scratch)
+        part = self.parts[name]
         p = self.module.get_parameter(name)
-        experts, o, width = p.shape
-        c = count(index, experts * o)
+        unit = self.units(name) or (p.shape[0] if p.dim() else 1)
+        width = p.numel() // unit
+        c = count(index, unit)
         if scratch is not None and scratch.numel() >= self.k * c * width and scratch.dtype == p.dtype:
             out = scratch[: self.k * c * width].view(self.k, c, width)
         else:
             out = torch.empty(self.k, c, width, dtype=p.dtype, device=p.device)
-        maps = self._maps(name)
-        # the slices of ``index`` by expert: (expert, its local rows, where they go in ``out``)
-        if isinstance(index, slice):
-            index = torch.arange(*index.indices(experts * o), device=out.device)
-        owner = torch.div(index, o, rounding_mode="floor")
-        parts, at = [], 0
-        for e, size in zip(*torch.unique_consecutive(owner, return_counts=True)):
-            e, size = int(e), int(size)
-            parts.append((e, index[at : at + size] - e * o, at))
-            at += size
-        for e, local, at in parts:
-            size = count(local, o)
-            if e in maps:
-                maps[e].rows(local, out[:, at : at + size])
-            else:
-                out[:, at : at + size].zero_()
-        return out.view(self.k, -1)
+        return part.rows(index, out).view(self.k, -1)
 
     def back(self, name: str, alpha: Tensor) -> Tensor:
         p = self.module.get_parameter(name)
-        if name == self.gate_name:
-            assert self.router is not None
-            return self.router.back("weight", alpha)
-        out = torch.zeros_like(p, memory_format=torch.contiguous_format).detach()
-        for e, mp in self._maps(name).items():
-            out[e] = mp.back(alpha)
-        return out
+        return self.parts[name].back(alpha, p).to(p.dtype)
 
     def back_flops(self, name: str) -> int:
-        if name == self.gate_name:
-            return 0 if self.router is None else self.router.back_flops("weight")
-        return sum(mp.back_flops() for mp in self._maps(name).values())
+        return self.parts[name].back_flops()
