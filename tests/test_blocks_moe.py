@@ -273,3 +273,22 @@ def test_all_linear_lora_on_a_mixture_of_experts_classifier():
     model = _with_lora(_moe("mixtral", classifier=True), seed=1)
     x, _ = _batch(5)
     _check_against_the_backward_loop(model, x, ClassificationTask().scores)
+
+
+def test_a_model_torch_func_cannot_trace_takes_the_backward_loop(monkeypatch):
+    """Without the MoE block, peft's ParamWrapper (which swaps the adapted parameter in place) left torch.func
+    raising from deep inside torch; its Jacobian is now the per-score backward loop's, with a warning."""
+    from overunlearn.linalg.jacobian import output_jacobian
+
+    model = _with_lora(_moe("mixtral"))
+    x, targets = _batch()
+    monkeypatch.setattr(SparseMoEBlock, "accepts", classmethod(lambda cls, m: False))
+    with pytest.warns(RuntimeWarning, match="torch.func cannot trace this model"):
+        jac = output_jacobian(model, x, CausalLMTask().scores, targets=targets)
+    ref = output_jacobian_reference(model, x, CausalLMTask().scores, targets=targets)
+    assert relerr(jac.reshape(-1), ref.reshape(-1)) <= 1e-12
+    with pytest.warns(RuntimeWarning, match="torch.func cannot trace this model"):
+        v = flat(model)
+        got = P.project_model_onto_span(model, x, CausalLMTask().scores, v, targets=targets)
+    assert P.last_route.path != "hooked" or P.last_route.dense > 0
+    assert relerr(got, project_onto_span(ref, v)) <= 1e-6

@@ -90,6 +90,8 @@ def _per_sample_jacobian(model: nn.Module, params: dict[str, Tensor], rest: dict
             return vmap(jacrev(f_one), in_dims=(None, 0, None if targets is None else 0))(
                 params, structure.clone(inputs), targets)
         except RuntimeError as exc:
+            if _MUTATES in str(exc):
+                return _backward_loop(model, list(params), inputs, score_fn, targets, str(exc))
             if "vmap" not in str(exc):
                 raise
         # the model branches on its inputs' values (e.g. Hugging Face's attention-mask preparation), which
@@ -101,6 +103,33 @@ def _per_sample_jacobian(model: nn.Module, params: dict[str, Tensor], rest: dict
             y = None if targets is None else structure.index(targets, slice(i, i + 1))
             per.append(jacrev(lambda p, x=x, y=y: call_scores(score_fn, _functional(model, (p, rest), x), y)[0])(params))
         return {k: torch.stack([j[k] for j in per]) for k in params}
+
+
+#: torch.func's error for a model that swaps or mutates one of its tensors in place during its forward
+#: (peft's ``ParamWrapper`` -- LoRA on a parameter, ``target_parameters`` -- swaps the parameter it adapts)
+_MUTATES = "would mutate a captured Tensor"
+
+
+def _backward_loop(model: nn.Module, names: list[str], inputs, score_fn: ScoreFn, targets,
+                   why: str) -> dict[str, Tensor]:
+    """``name -> (n, heads, *shape)`` by one eval-mode forward per example and one backward per score: the
+    Jacobian of a model ``torch.func`` cannot trace (slow: ``n`` forwards and ``n * heads`` backwards)."""
+    warnings.warn("torch.func cannot trace this model (" + why.split(".")[0].strip() + "); its per-example "
+                  "Jacobian is taken with one backward pass per score instead (slow)", RuntimeWarning, stacklevel=4)
+    named = dict(model.named_parameters())
+    ps = [named[k] for k in names]
+    rows: list[list[Tensor]] = []  # per example: per parameter (heads, *shape)
+    with _mode(model, train=False):
+        for i in range(structure.batch_len(inputs)):
+            one = structure.clone(structure.index(inputs, slice(i, i + 1)))
+            y = None if targets is None else structure.index(targets, slice(i, i + 1))
+            s = call_scores(score_fn, structure.call_model(model, one), y)[0]
+            per_head = []
+            for h in range(s.shape[0]):
+                g = torch.autograd.grad(s[h], ps, retain_graph=h + 1 < s.shape[0], allow_unused=True)
+                per_head.append([torch.zeros_like(p) if gi is None else gi.detach() for gi, p in zip(g, ps)])
+            rows.append([torch.stack([hd[j] for hd in per_head]) for j in range(len(ps))])
+    return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(names)}
 
 
 @contextmanager

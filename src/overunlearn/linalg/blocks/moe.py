@@ -28,6 +28,13 @@ are formed in slices of output rows (:meth:`Block.units`), so a slice stays smal
 expert is; experts that no token of the batch reaches have zero rows and are skipped
 (:meth:`Block.support`). The router is a linear map at every position (``attention._Map``).
 
+Under peft's LoRA (``ParamWrapper`` adapters, nested, on the router's weight and on each fused expert
+weight: effective weight ``W + s B A``, per expert for 3-D weights), the experts are recomputed with the
+effective weights and each expert's map becomes the factors' maps: ``A_e`` with output gradients
+``s B_e^T d_t`` on the inputs ``a_t``, ``B_e`` with output gradients ``d_t`` on the inputs ``s A_e a_t``
+(``B`` ``(out, r E)`` interleaves the experts); the names claimed then depend on the adapter
+(:meth:`Block.claims`). One active, unmerged adapter without bias is read; anything else is declined.
+
 Accepted only where the structure is the one described: a router ``gate`` (PhiMoE: ``router``) with a
 2-D ``weight`` ``(E, H)``, ``H >= E``, callable with the hidden states alone, returning ``(logits,
 weights, indices)``; experts decorated by transformers' ``use_experts_implementation`` with a gate,
