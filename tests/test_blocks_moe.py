@@ -10,6 +10,8 @@ declines (fewer hidden units than experts; a hooked router, which the block does
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -292,3 +294,52 @@ def test_a_model_torch_func_cannot_trace_takes_the_backward_loop(monkeypatch):
         got = P.project_model_onto_span(model, x, CausalLMTask().scores, v, targets=targets)
     assert P.last_route.path != "hooked" or P.last_route.dense > 0
     assert relerr(got, project_onto_span(ref, v)) <= 1e-6
+
+
+def test_lora_adapters_in_float32_on_a_float16_mixture_of_experts():
+    """peft keeps the adapters in float32 on a float16 model (autocast_adapter_dtype): the block forms their
+    rows in the adapters' dtype (it raised on the dtype mismatch). (The float16 model then fails the check
+    against autograd at float16 rounding, as float16 LoRA models do elsewhere, and takes the backward loop.)"""
+    model = _with_lora(_moe("mixtral").half())
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    x, targets = _batch()
+    v = flat(model).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = P.project_model_onto_span(model, x, CausalLMTask().scores, v, targets=targets)
+        ref = project_onto_span(output_jacobian_reference(model, x, CausalLMTask().scores, targets=targets).double(),
+                                v.double())
+    assert torch.isfinite(got).all() and relerr(got.double(), ref) <= 1e-2
+
+
+def test_a_trainable_parameter_under_a_lora_wrapper_is_a_clear_error():
+    model = _with_lora(_moe("mixtral"))
+    model.base_model.model.model.layers[0].mlp.gate.base_layer.weight.requires_grad_(True)
+    x, targets = _batch()
+    with pytest.raises(ValueError, match="adapted by a peft LoRA ParamWrapper and is trainable too"):
+        P.project_model_onto_span(model, x, CausalLMTask().scores, flat(model), targets=targets)
+    assert len(dict(model.named_parameters())) == len(list(model.parameters()))  # (nothing left half-swapped)
+
+
+class Branchy(nn.Module):
+    """A model whose forward branches on its input's values (vmap cannot trace it: one jacrev per example) around
+    a LoRA mixture of experts (which jacrev cannot trace either): the backward loop takes it."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask):
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1, :3]
+        return out * 2 if bool(input_ids.sum() > 0) else out
+
+
+def test_the_per_example_path_also_falls_back_to_the_backward_loop(monkeypatch):
+    from overunlearn.linalg.jacobian import output_jacobian
+
+    model = Branchy(_with_lora(_moe("mixtral")))
+    x, _ = _batch()
+    with pytest.warns(RuntimeWarning, match="torch.func cannot trace this model"):
+        jac = output_jacobian(model, x, lambda out: out)
+    ref = output_jacobian_reference(model, x, lambda out: out)
+    assert relerr(jac.reshape(-1), ref.reshape(-1)) <= 1e-12

@@ -20,7 +20,7 @@ from torch import nn
 
 from overunlearn import structure
 from overunlearn.linalg.jacobian import _mode, call_scores
-from overunlearn.linalg.projection import _owners, _project
+from overunlearn.linalg.projection import _check_adapted, _owners, _project
 
 #: the forms a parameter can take, in the order reports list them
 FORMS = ("ghost", "rows", "gathered", "torch.func")
@@ -127,6 +127,7 @@ def explain_projection(model: nn.Module, inputs, score_fn, targets=None, mode: s
         raise ValueError("the model has no trainable parameters")
     info: dict = {}
     zero = torch.zeros(sum(p.numel() for _, p in params), dtype=params[0][1].dtype, device=params[0][1].device)
+    _check_adapted(model)
     _project(model, inputs, score_fn, zero, mode, 1e-12, targets, explain=info)
     rows = info["rows"]
     if rows is None:  # the route was decided before the scores: read their shape from one forward

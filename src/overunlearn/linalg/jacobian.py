@@ -98,10 +98,15 @@ def _per_sample_jacobian(model: nn.Module, params: dict[str, Tensor], rest: dict
         # vmap cannot trace: one jacrev per example instead (its vmap runs over output directions only)
         n = structure.batch_len(inputs)
         per = []
-        for i in range(n):
-            x = structure.clone(structure.index(inputs, slice(i, i + 1)))
-            y = None if targets is None else structure.index(targets, slice(i, i + 1))
-            per.append(jacrev(lambda p, x=x, y=y: call_scores(score_fn, _functional(model, (p, rest), x), y)[0])(params))
+        try:
+            for i in range(n):
+                x = structure.clone(structure.index(inputs, slice(i, i + 1)))
+                y = None if targets is None else structure.index(targets, slice(i, i + 1))
+                per.append(jacrev(lambda p, x=x, y=y: call_scores(score_fn, _functional(model, (p, rest), x), y)[0])(params))
+        except RuntimeError as exc:
+            if _MUTATES not in str(exc):
+                raise
+            return _backward_loop(model, list(params), inputs, score_fn, targets, str(exc))
         return {k: torch.stack([j[k] for j in per]) for k in params}
 
 

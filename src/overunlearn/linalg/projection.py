@@ -510,9 +510,23 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
     eval-mode BatchNorm, ...) are handled from forward and backward hooks (see above); anything else
     falls back to the vmapped ``torch.func`` Jacobian.
     """
+    _check_adapted(model)
     out = _project(model, inputs, score_fn, v, mode, rcond, targets)
     assert out is not None
     return out
+
+
+def _check_adapted(model: nn.Module) -> None:
+    """A parameter that peft's ``ParamWrapper`` adapts with LoRA must be frozen: the wrapper swaps it in and out
+    at every forward, after which autograd no longer reaches it (and ``torch.func`` cannot trace the swap)."""
+    for m in model.modules():
+        if type(m).__name__ == "ParamWrapper" and callable(getattr(m, "get_param", None)):
+            p = m.get_param()
+            if isinstance(p, Tensor) and p.requires_grad:
+                name = next((n for n, q in model.named_parameters() if q is p), m.parameter_name)
+                raise ValueError(f"parameter {name!r} is adapted by a peft LoRA ParamWrapper and is trainable too; "
+                                 "freeze it (p.requires_grad_(False); peft's get_peft_model does) -- LoRA trains the "
+                                 "adapter's A and B, and the projection cannot follow the wrapper's parameter swap")
 
 
 def _project(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcond: float, targets,

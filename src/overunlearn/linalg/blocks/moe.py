@@ -380,12 +380,13 @@ def _expert_parts(name: str, weight: Tensor, lora: _Lora | None, a: dict[int, Te
         s = lora.scaling
         la = lora.a.detach().view(experts, -1, p)  # (E, r, p)
         lb = lora.b.detach().view(o, -1, experts)  # (o, r, E)
-        r = la.shape[1]
+        r, dt = la.shape[1], la.dtype  # (in the adapter's dtype: peft keeps float32 adapters on a float16 model)
         if name_a in want:  # rows of A_e: output gradients s B_e^T d, inputs a
-            parts[name_a] = _Stacked(maps(lambda e: la[e], lambda e: a[e], lambda e: s * d[e] @ lb[:, :, e]), (experts, r, p))
+            parts[name_a] = _Stacked(maps(lambda e: la[e], lambda e: a[e].to(dt), lambda e: s * d[e].to(dt) @ lb[:, :, e]),
+                                     (experts, r, p))
         if name_b in want:  # rows of B_e: output gradients d, inputs s A_e a
-            parts[name_b] = _Interleaved(maps(lambda e: lb[:, :, e], lambda e: s * a[e] @ la[e].T, lambda e: d[e]),
-                                         (o, r, experts))
+            parts[name_b] = _Interleaved(maps(lambda e: lb[:, :, e], lambda e: s * a[e].to(dt) @ la[e].T,
+                                              lambda e: d[e].to(dt)), (o, r, experts))
     return parts
 
 
@@ -438,7 +439,7 @@ class SparseMoEBlock(Block):
         t = n * length
         try:
             with torch.no_grad():
-                routed = layout.router(self.x.reshape(-1, h))  # (under LoRA: the adapted router)
+                routed = self._route(self.x.reshape(-1, h))
                 if not (isinstance(routed, tuple) and len(routed) == 3 and all(isinstance(q, Tensor) for q in routed)):
                     raise Decline
                 logits, weights, index = routed
@@ -458,6 +459,16 @@ class SparseMoEBlock(Block):
             raise Decline from None
         self.logits, self.weights, self.index = logits, weights, index
         self.output, self.batch, self.saved = output, n, [x]
+
+    def _route(self, x: Tensor) -> tuple:
+        """The router's call on ``x``, with its LoRA delta under peft: through ``functional_call`` on the wrapped
+        router, not by running peft's wrapper again (which swaps the parameter it adapts)."""
+        base = self.layout.router_base
+        lora = self.layout.router_lora
+        if lora is None:
+            return base(x)
+        w = base.weight + lora.wrapper.get_delta_weight(lora.adapter).to(base.weight.dtype)
+        return torch.func.functional_call(base, {"weight": w}, (x,))
 
     def _replay(self, z: Tensor) -> tuple:
         """The router's call on logits ``z`` ``(T, E)``: weight ``[I_E | 0]``, input ``[z | 0]``, in the
@@ -563,10 +574,11 @@ class SparseMoEBlock(Block):
         if lora is not None:
             name_a, name_b = lora.names()
             la, lb, s = lora.a.detach(), lora.b.detach(), lora.scaling
+            x, dz = self.x.to(la.dtype), dz.to(la.dtype)
             if name_a in want:
-                self.parts[name_a] = single(la, self.x, s * dz @ lb)
+                self.parts[name_a] = single(la, x, s * dz @ lb)
             if name_b in want:
-                self.parts[name_b] = single(lb, s * self.x @ la.T, dz)
+                self.parts[name_b] = single(lb, s * x @ la.T, dz)
 
     # ---- the algebra: each parameter one part (see _Stacked, _Interleaved, _Single) ------------------
 
