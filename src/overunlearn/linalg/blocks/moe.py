@@ -238,18 +238,16 @@ class _Tokens:
         return self.a.shape[0] * self.weight.numel()
 
 
-class _Stacked:
-    """A parameter ``(E, o, p)`` whose expert ``e`` slice ``[e]`` is one :class:`_Tokens` map's weight: the fused
-    expert weights, and a 3-D LoRA's ``A`` viewed as ``(E, r, p)``. Rows by output row of each expert
-    (:meth:`Block.units`: a slice of rows stays small however large one expert is)."""
+class _PerExpert:
+    """A parameter made of one :class:`_Tokens` map's weight per expert (``maps``: by expert; experts no token
+    reaches have none), viewed as ``shape``; subclasses say where expert ``e``'s weight lies (:meth:`_of`)."""
 
     def __init__(self, maps: dict[int, _Tokens], shape: tuple[int, int, int]) -> None:
         self.maps, self.shape = maps, shape
 
-    def support(self, device: torch.device) -> Tensor | None:
-        o = self.shape[1]
-        used = torch.tensor(sorted(self.maps), dtype=torch.long, device=device)
-        return (used[:, None] * o + torch.arange(o, device=device)).reshape(-1)
+    def _of(self, t: Tensor, e: int) -> Tensor:
+        """Expert ``e``'s part of ``t`` (a tensor of ``shape``), a view."""
+        raise NotImplementedError
 
     def ghost_cheaper(self, budget: Budget) -> bool:
         return bool(self.maps) and all(mp.ghost_cheaper(budget) for mp in self.maps.values())
@@ -258,11 +256,34 @@ class _Stacked:
         v = v.reshape(self.shape)
         gram = torch.zeros(k, k, dtype=torch.float64, device=v.device)
         rhs = torch.zeros(k, dtype=torch.float64, device=v.device)
-        for e, mp in self.maps.items():
-            g, r = mp.ghost(v[e])
+        for e, mp in self.maps.items():  # (the experts' weights are disjoint coordinates: their Grams add)
+            g, r = mp.ghost(self._of(v, e))
             gram += g
             rhs += r
         return gram, rhs
+
+    def back(self, alpha: Tensor, like: Tensor) -> Tensor:
+        out = torch.zeros(self.shape, dtype=like.dtype, device=like.device)
+        for e, mp in self.maps.items():
+            self._of(out, e).copy_(mp.back(alpha))
+        return out.reshape(like.shape)
+
+    def back_flops(self) -> int:
+        return sum(mp.back_flops() for mp in self.maps.values())
+
+
+class _Stacked(_PerExpert):
+    """A parameter ``(E, o, p)`` whose expert ``e`` slice ``[e]`` is one map's weight: the fused expert weights,
+    and a 3-D LoRA's ``A`` viewed as ``(E, r, p)``. Rows by output row of each expert (:meth:`Block.units`:
+    a slice of rows stays small however large one expert is)."""
+
+    def _of(self, t: Tensor, e: int) -> Tensor:
+        return t[e]
+
+    def support(self, device: torch.device) -> Tensor | None:
+        o = self.shape[1]
+        used = torch.tensor(sorted(self.maps), dtype=torch.long, device=device)
+        return (used[:, None] * o + torch.arange(o, device=device)).reshape(-1)
 
     def rows(self, index: Tensor | slice, out: Tensor) -> Tensor:
         """Into ``out`` ``(k, len(index), p)``: the rows of the output-row slices ``index`` (of ``E o``)."""
@@ -280,37 +301,15 @@ class _Stacked:
             at += size
         return out
 
-    def back(self, alpha: Tensor, like: Tensor) -> Tensor:
-        out = torch.zeros(self.shape, dtype=like.dtype, device=like.device)
-        for e, mp in self.maps.items():
-            out[e] = mp.back(alpha)
-        return out.reshape(like.shape)
 
-    def back_flops(self) -> int:
-        return sum(mp.back_flops() for mp in self.maps.values())
-
-
-class _Interleaved:
+class _Interleaved(_PerExpert):
     """A 3-D LoRA's ``B`` ``(o, r E)``, viewed ``(o, r, E)``: expert ``e``'s ``(o, r)`` weight is ``[:, :, e]``."""
 
-    def __init__(self, maps: dict[int, _Tokens], shape: tuple[int, int, int]) -> None:
-        self.maps, self.shape = maps, shape
+    def _of(self, t: Tensor, e: int) -> Tensor:
+        return t[:, :, e]
 
     def support(self, device: torch.device) -> Tensor | None:
         return None
-
-    def ghost_cheaper(self, budget: Budget) -> bool:
-        return bool(self.maps) and all(mp.ghost_cheaper(budget) for mp in self.maps.values())
-
-    def ghost(self, v: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        v = v.reshape(self.shape)
-        gram = torch.zeros(k, k, dtype=torch.float64, device=v.device)
-        rhs = torch.zeros(k, dtype=torch.float64, device=v.device)
-        for e, mp in self.maps.items():
-            g, r = mp.ghost(v[:, :, e])
-            gram += g
-            rhs += r
-        return gram, rhs
 
     def rows(self, index: Tensor | slice, out: Tensor) -> Tensor:
         """Into ``out`` ``(k, len(index), r E)``: the rows of output rows ``index``."""
@@ -322,15 +321,6 @@ class _Interleaved:
             mp.rows(index, part)
             full[:, :, :, e] = part
         return out
-
-    def back(self, alpha: Tensor, like: Tensor) -> Tensor:
-        out = torch.zeros(self.shape, dtype=like.dtype, device=like.device)
-        for e, mp in self.maps.items():
-            out[:, :, e] = mp.back(alpha)
-        return out.reshape(like.shape)
-
-    def back_flops(self) -> int:
-        return sum(mp.back_flops() for mp in self.maps.values())
 
 
 class _Single:
