@@ -90,7 +90,14 @@ def main() -> int:
                     "phases and top operators")
     ap.add_argument("--ops", action="store_true", help="only count the operators (and CUDA kernels) of one fast "
                     "step and one GD step")
+    ap.add_argument("--moe-rows", default="auto", choices=["auto", "batched", "loop"],
+                    help="how mixture-of-experts blocks form an expert's rows (auto: batched on a GPU, a loop of "
+                    "products per sample on a CPU); with --ops, counts what the other device's form dispatches")
     args = ap.parse_args()
+    if args.moe_rows != "auto":
+        from overunlearn.linalg.blocks import moe
+
+        moe._batched_rows = lambda device: args.moe_rows == "batched"
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)

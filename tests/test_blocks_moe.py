@@ -118,15 +118,54 @@ def test_experts_no_token_reaches_have_zero_rows_and_are_skipped():
     assert seen and min(seen) < 1
 
 
-def test_expert_rows_in_slices_smaller_than_one_expert(monkeypatch):
+@pytest.mark.parametrize("batched", [False, True])
+def test_expert_rows_in_slices_smaller_than_one_expert(batched, monkeypatch):
     """The engine forms rows in slices of ``_ROWS_BYTES``; an expert's weights are cut into several (by output
-    row), and slices that cross from one expert to the next are assembled right."""
+    row), and slices that cross from one expert to the next are assembled right (with the experts' rows
+    batched by token count, as on a GPU, or not)."""
+    from overunlearn.linalg.blocks import moe
+
+    monkeypatch.setattr(moe, "_batched_rows", lambda device: batched)
     monkeypatch.setattr(P, "_ROWS_BYTES", 4 * 8 * 8 * 16 * 5)  # (k = 8 rows of 5 output rows of width 16 each)
     monkeypatch.setattr(P, "_conv_factored_cheaper", lambda *a: False)
     monkeypatch.setattr(P, "_SMALL_BYTES", 0)  # (nothing gathered)
     model = _moe("qwen3_moe")
     x, targets = _batch(13)
     check(model, x, CausalLMTask().scores, targets=targets, tol=1e-6)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("index", [slice(None), slice(1, 4), torch.tensor([4, 0, 2])])
+def test_expert_rows_batched_by_token_count_equal_one_product_per_sample(index, batched, monkeypatch):
+    """An expert's formed rows, batched over samples grouped by padded token count (``_padded``; on a GPU)
+    or one product per sample (on a CPU), equal the obvious per-sample, per-head ``sum_{t in sample} d_t
+    a_t^T`` for counts from 0 (a zero row) to beyond the padding ladder's exact range, in any order of
+    output rows asked for."""
+    from overunlearn.linalg.blocks import moe
+    from overunlearn.linalg.blocks.moe import _Groups, _padded, _Tokens
+
+    monkeypatch.setattr(moe, "_batched_rows", lambda device: batched)
+
+    some = torch.arange(0, 300)
+    assert _padded(torch.tensor([0, 1, 8, 9, 17, 33, 64])).tolist() == [0, 1, 8, 10, 20, 40, 64]
+    assert bool(((some <= _padded(some)) & (_padded(some) <= 1.25 * some)).all())
+    g = torch.Generator().manual_seed(0)
+    counts = [3, 0, 9, 10, 17, 1, 33, 0, 12, 8]
+    n, heads, o, p = len(counts), 2, 5, 4
+    sample = torch.repeat_interleave(torch.arange(n), torch.tensor(counts))
+    m = sample.numel()
+    a = torch.randn(m, p, generator=g, dtype=F64)
+    d = torch.randn(heads, m, o, generator=g, dtype=F64)
+    tokens = _Tokens(torch.zeros(o, p, dtype=F64), a, _Groups(sample, n, heads))
+    tokens.bind(d)
+    cols = torch.arange(o)[index]
+    out = torch.full((heads * n, cols.numel(), p), float("nan"), dtype=F64)
+    tokens.rows(index, out)
+    for h in range(heads):
+        for i in range(n):
+            at = sample == i
+            want = d[h][at][:, cols].T @ a[at]
+            torch.testing.assert_close(out[h * n + i], want, rtol=1e-12, atol=1e-12)
 
 
 def test_fewer_hidden_units_than_experts_decline():

@@ -22,8 +22,8 @@ through the gating only (one ``torch.autograd.grad`` per expert for all Jacobian
   ``[z_t | 0]`` (so that its linear map returns ``z_t`` itself), which follows whatever the router does
   after its linear map without restating it.
 
-Each expert's map (:class:`_Tokens`) keeps only the tokens routed to it, grouped by sample, with no
-padding; it takes the ghost form or formed rows by the engine's flop rule, as a linear layer's. Its rows
+Each expert's map (:class:`_Tokens`) keeps only the tokens routed to it, grouped by sample, unpadded
+(on a GPU its formed rows are batched over samples of similar token counts); it takes the ghost form or formed rows by the engine's flop rule, as a linear layer's. Its rows
 are formed in slices of output rows (:meth:`Block.units`), so a slice stays small however large one
 expert is; experts that no token of the batch reaches have zero rows and are skipped
 (:meth:`Block.support`). The router is a linear map at every position (``attention._Map``).
@@ -181,22 +181,85 @@ def _plain(m: nn.Module) -> bool:
     return not m._forward_hooks and not m._forward_pre_hooks and not parametrize.is_parametrized(m)
 
 
+def _padded(count: Tensor) -> Tensor:
+    """The lengths samples' token ``count`` s are padded to when an expert's rows are formed in batches:
+    counts up to 8 as they are, larger ones rounded up to a quarter of their power of two (at most a
+    quarter more products). Samples then fall into few groups of one length each, so that an expert costs
+    a few batched products instead of one per sample and score (on a GPU, each one a kernel launch)."""
+    bits = torch.frexp(count.double())[1].long()  # (the bit length of each count)
+    step = torch.pow(2, (bits - 3).clamp_min(0))
+    return torch.where(count <= 8, count, (count + step - 1) // step * step)
+
+
+def _batched_rows(device: torch.device) -> bool:
+    """Whether an expert's rows are formed by batched products over groups of samples (:class:`_Groups`)
+    rather than one small product per sample and score: on a GPU, where each product is a kernel launch,
+    yes; on a CPU no -- there ``bmm`` over a few samples of ~16 tokens each runs 2.5-4x slower than the
+    loop of ``mm`` it replaces (docs/performance.md, "Mixtures of experts on blocks")."""
+    return device.type != "cpu"
+
+
+class _Groups:
+    """One expert's tokens by sample (``sample``: each routed token's sample, ascending) for ``heads`` scores
+    per sample, and, made on first use, the samples grouped by padded token count (:func:`_padded`): per
+    group its Jacobian rows ``(heads g,)``, each sample's token positions ``(g, L)`` (padding: position 0)
+    and the same positions with padding at ``m`` (for inputs with a zero row appended). Shared by the
+    expert's weights (and their LoRA factors), whose tokens are the same."""
+
+    def __init__(self, sample: Tensor, n: int, heads: int) -> None:
+        self.sample, self.n, self.heads, self.m = sample, n, heads, sample.numel()
+        self._made: tuple[list[tuple[Tensor, Tensor, Tensor]], Tensor] | None = None
+        self._segments: list[tuple[int, int]] | None = None
+
+    def segments(self) -> list[tuple[int, int]]:
+        """Each sample's tokens, ``(start, end)``."""
+        if self._segments is None:
+            counts = torch.bincount(self.sample, minlength=self.n).tolist()
+            ends = torch.tensor(counts).cumsum(0).tolist()
+            self._segments = [(end - c, end) for c, end in zip(counts, ends)]
+        return self._segments
+
+    def made(self) -> tuple[list[tuple[Tensor, Tensor, Tensor]], Tensor]:
+        """``(groups, rows of samples with no token)``."""
+        if self._made is None:
+            dev = self.sample.device
+            counts = torch.bincount(self.sample, minlength=self.n)
+            start = counts.cumsum(0) - counts
+            length = _padded(counts)
+            order = torch.argsort(length, stable=True)
+            lengths, sizes = (t.tolist() for t in torch.unique_consecutive(length[order], return_counts=True))
+            heads = torch.arange(self.heads, device=dev)[:, None] * self.n
+            groups, empty, at = [], torch.zeros(0, dtype=torch.long, device=dev), 0
+            for size, ln in zip(sizes, lengths):
+                ids = order[at : at + size]
+                at += size
+                if ln == 0:
+                    empty = (heads + ids).reshape(-1)
+                    continue
+                pos = torch.arange(ln, device=dev)
+                tok = start[ids, None] + pos
+                real = pos < counts[ids, None]
+                groups.append(((heads + ids).reshape(-1), tok.where(real, 0), tok.where(real, self.m)))
+            self._made = (groups, empty)
+        return self._made
+
+
 class _Tokens:
     """A linear map applied to a varying number of tokens per sample (an expert's): inputs ``a`` ``(m, p)``
-    of the ``m`` tokens routed to it, grouped by sample (``sample``: each token's sample, ascending), and
-    output gradients ``(heads, m, o)`` -- token ``t``'s in head ``h`` belongs to Jacobian row
-    ``h n + sample[t]``. Row ``r`` of the weight is ``sum_{t in r} d_t a_t^T``: no padding to the largest
-    count (random routers send up to 4x the mean of a sample's tokens to one expert)."""
+    of the ``m`` tokens routed to it, grouped by sample (:class:`_Groups`), and output gradients ``(heads,
+    m, o)`` -- token ``t``'s in head ``h`` belongs to Jacobian row ``h n + sample[t]``. Row ``r`` of the
+    weight is ``sum_{t in r} d_t a_t^T``. Tokens are kept unpadded; formed rows pad each sample only to
+    its group's length on a GPU (:func:`_batched_rows`), not to the largest count (random routers send up
+    to 4x the mean of a sample's tokens to one expert)."""
 
-    def __init__(self, weight: Tensor, a: Tensor, sample: Tensor, n: int) -> None:
-        self.weight, self.a, self.n = weight, a, n
-        counts = torch.bincount(sample, minlength=n).tolist()
-        ends = torch.tensor(counts).cumsum(0).tolist()
-        self.segments = [(end - c, end) for c, end in zip(counts, ends)]
-        self.sample = sample
+    def __init__(self, weight: Tensor, a: Tensor, groups: _Groups) -> None:
+        self.weight, self.a, self.groups = weight, a, groups
+        self.sample, self.n = groups.sample, groups.n
+        self._padded_a: list[Tensor] | None = None
 
-    def bind(self, d: Tensor, heads: int) -> None:
-        self.d, self.heads, self.k = d, heads, heads * self.n
+    def bind(self, d: Tensor) -> None:
+        heads = self.heads = self.groups.heads
+        self.d, self.k = d, heads * self.n
         # each (head, token) pair's Jacobian row
         self.row = (torch.arange(heads, device=d.device)[:, None] * self.n + self.sample[None]).reshape(-1)
 
@@ -220,13 +283,25 @@ class _Tokens:
 
     def rows(self, index: Tensor | slice, out: Tensor) -> None:
         """Write the rows of the weight's output slices ``index`` into ``out`` ``(k, c, p)``."""
-        d = self.d[:, :, index]
-        for h in range(self.heads):
-            for i, (s, e) in enumerate(self.segments):
-                if e > s:
-                    torch.mm(d[h, s:e].T, self.a[s:e], out=out[h * self.n + i])
-                else:
-                    out[h * self.n + i].zero_()  # (no token of this sample reaches the expert)
+        d = self.d[:, :, index]  # (heads, m, c)
+        if not _batched_rows(d.device):
+            for h in range(self.heads):
+                for i, (s, e) in enumerate(self.groups.segments()):
+                    if e > s:
+                        torch.mm(d[h, s:e].T, self.a[s:e], out=out[h * self.n + i])
+                    else:
+                        out[h * self.n + i].zero_()  # (no token of this sample reaches the expert)
+            return
+        # one batched product per group of samples of one padded length (padding: zero inputs)
+        groups, empty = self.groups.made()
+        if self._padded_a is None:
+            a = torch.cat([self.a, self.a.new_zeros(1, self.a.shape[1])])
+            self._padded_a = [a[at] for _, _, at in groups]
+        for (rows, tok, _), a in zip(groups, self._padded_a):
+            prod = torch.matmul(d[:, tok].transpose(-1, -2), a)  # (heads, g, c, p)
+            out.index_copy_(0, rows, prod.reshape(-1, *prod.shape[2:]))
+        if empty.numel():
+            out.index_fill_(0, empty, 0)  # (samples none of whose tokens reach the expert)
 
     def back(self, alpha: Tensor) -> Tensor:
         """``J^T alpha`` in the weight's shape: ``(sum_h alpha_{h n + sample[t]} d_{h,t})^T a``."""
@@ -350,7 +425,7 @@ class _Single:
 
 
 def _expert_parts(name: str, weight: Tensor, lora: _Lora | None, a: dict[int, Tensor], d: dict[int, Tensor],
-                  sample: dict[int, Tensor], n: int, heads: int, want: set[str]) -> dict[str, Any]:
+                  groups: dict[int, _Groups], want: set[str]) -> dict[str, Any]:
     """The parts of one fused expert weight ``(E, o, p)`` (effective: ``W + s B A`` under LoRA) given each
     expert's inputs ``a[e]`` ``(m, p)`` and output gradients ``d[e]`` ``(heads, m, o)``."""
     experts, o, p = weight.shape
@@ -359,8 +434,8 @@ def _expert_parts(name: str, weight: Tensor, lora: _Lora | None, a: dict[int, Te
     def maps(w_of, a_of, d_of) -> dict[int, _Tokens]:
         out = {}
         for e in a:
-            out[e] = _Tokens(w_of(e), a_of(e), sample[e], n)
-            out[e].bind(d_of(e), heads)
+            out[e] = _Tokens(w_of(e), a_of(e), groups[e])
+            out[e].bind(d_of(e))
         return out
 
     if name in want:
@@ -529,11 +604,12 @@ class SparseMoEBlock(Block):
                 d_weights[:, tok, choice] = (back * a_mid[e]).sum(-1)
         self.parts: dict[str, Any] = {}
         ep = layout.experts_path
+        groups = {e: _Groups(sample[e], n, heads) for e in sample}
         self.parts.update(_expert_parts(f"{ep}down_proj", w_d, layout.expert_lora.get("down_proj"), a_mid, g_up,
-                                        sample, n, heads, want))
+                                        groups, want))
         if want_gu:
             self.parts.update(_expert_parts(f"{ep}gate_up_proj", w_gu, layout.expert_lora.get("gate_up_proj"), a_in,
-                                            d_pre, sample, n, heads, want))
+                                            d_pre, groups, want))
         if d_weights is not None:
             e_all = self.logits.shape[1]
             with torch.enable_grad():
