@@ -264,6 +264,9 @@ def test_minnorm_warns_once_when_a_projection_removes_most_of_the_norm():
     with pytest.warns(UserWarning, match="lower reg_coef") as rec:
         unlearn(p, create("minnorm_og", reg_coef=0.5, grad_sample_size=4), Budget(steps=3), device="cpu")
     assert sum("lower reg_coef" in str(w.message) for w in rec) == 1
+    # the samples it names are those the projection used: at most a retain batch's (8 here), not the setting's 50
+    with pytest.warns(UserWarning, match="reg_coef=0.5, 8 samples"):
+        unlearn(p, create("minnorm_og", reg_coef=0.5), Budget(steps=1), device="cpu")
 
 
 # ---- bad input --------------------------------------------------------------------------------
@@ -447,3 +450,141 @@ def test_unlearn_leaves_the_callers_generator_alone():
     state = torch.random.get_rng_state()
     unlearn(p, create("retrain"), Budget(steps=1), device="cpu", seed=7)
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+# ---- a new user's review (2026-12-03) ----------------------------------------------------------
+
+class _VarLenDicts(torch.utils.data.Dataset):
+    """Hugging Face-style examples of their own lengths: lists of token ids, a ``labels`` list, and a raw
+    ``text`` column that the model's forward does not take (what ``datasets.map(tokenize)`` leaves)."""
+
+    def __init__(self, x: dict[str, torch.Tensor], y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        n = int(self.x["attention_mask"][i].sum())
+        return {"text": "raw text", "input_ids": self.x["input_ids"][i, :n].tolist(),
+                "attention_mask": [1] * n, "labels": self.y[i, :n].tolist()}
+
+
+def _trainer_args(tmp_path, **kw):
+    return transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2,
+                                          learning_rate=1e-3, max_grad_norm=0, report_to=[], use_cpu=True,
+                                          save_strategy="no", disable_tqdm=True, **kw)
+
+
+def test_trainer_drops_unused_columns_pads_with_pad_collate_and_names_a_missing_collator(tmp_path):
+    """Dict examples with a column the model does not take are collated as the Trainer does (the column
+    dropped); ``PadCollate`` works as the Trainer's collator; variable lengths without a padding collator
+    are one clear error naming the fix."""
+    from overunlearn.integrations.huggingface import UnlearningTrainer
+
+    x, y = _tokens(12, seed=6)
+    retain, forget = _VarLenDicts({k: v[:8] for k, v in x.items()}, y[:8]), _VarLenDicts({k: v[8:] for k, v in x.items()}, y[8:])
+    model = gpt2()
+    before = copy.deepcopy(model)
+    trainer = UnlearningTrainer(model, _trainer_args(tmp_path), method="ga", retain_dataset=retain, forget_dataset=forget,
+                                task=CausalLMTask(), data_collator=PadCollate())
+    assert trainer.train().global_step == 2
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters()))
+    with pytest.raises(DataError, match="different lengths.*PadCollate"):
+        UnlearningTrainer(gpt2(), _trainer_args(tmp_path), method="ga", retain_dataset=retain, forget_dataset=forget,
+                          task=CausalLMTask()).train()
+
+
+def test_trainer_takes_tensor_data_as_forget_set_like_unlearn(tmp_path):
+    """In-memory ``TensorData`` is accepted as the forget set, as it is as the retain set, and steps exactly as
+    a torch ``Dataset`` of the same examples does."""
+    from overunlearn.integrations.huggingface import UnlearningTrainer
+
+    x, y = _tokens(12, seed=7)
+    data = TensorData(x, y)
+    results = []
+    for forget in (data.subset(range(8, 12)),
+                   torch.utils.data.TensorDataset(*[t[8:] for t in (x["input_ids"], x["attention_mask"], y)])):
+        model = gpt2()
+        if not isinstance(forget, TensorData):
+            forget = [({"input_ids": a, "attention_mask": m}, t) for a, m, t in forget]
+        trainer = UnlearningTrainer(model, _trainer_args(tmp_path), method="ga", retain_dataset=data.subset(range(8)),
+                                    forget_dataset=forget, task=CausalLMTask())
+        assert trainer.train().global_step == 2
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_trainer_mixed_precision_runs_minnorm_og_on_the_vmapped_jacobian(tmp_path):
+    """``bf16=True`` runs the model under autocast; the projection's blocks read layers in their own dtypes, so
+    MinNorm-OG takes the vmapped Jacobian there (it raised a dtype mismatch inside the blocks before)."""
+    from overunlearn.integrations.huggingface import UnlearningTrainer
+    from overunlearn.linalg import projection
+
+    x, y = _tokens(12, seed=8)
+    data = TensorData(x, y)
+    model = gpt2()
+    before = copy.deepcopy(model)
+    trainer = UnlearningTrainer(model, _trainer_args(tmp_path, bf16=True), method="minnorm_og",
+                                method_kwargs={"reg_coef": 0.05, "grad_sample_size": 4},
+                                retain_dataset=data.subset(range(8)), forget_dataset=data.subset(range(8, 12)),
+                                task=CausalLMTask())
+    assert trainer.train().global_step == 2
+    assert projection.last_route.path == "materialised" and projection.last_route.reason == "autocast"
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters()))
+
+
+def test_dict_examples_with_labels_work_in_unlearn_and_pad_collate():
+    """A list of Hugging Face-style dict examples (``labels`` = the targets) is a dataset ``unlearn`` takes,
+    padded by ``PadCollate``; a dict without ``labels`` is one clear error."""
+    x, y = _tokens(12, seed=9)
+    items = [{"input_ids": x["input_ids"][i, :int(x["attention_mask"][i].sum())].tolist(),
+              "attention_mask": x["attention_mask"][i, :int(x["attention_mask"][i].sum())],
+              "labels": y[i, :int(x["attention_mask"][i].sum())]} for i in range(12)]
+    batch = PadCollate()(items[:3])
+    n = int(x["attention_mask"][:3].sum(1).max())
+    torch.testing.assert_close(batch.inputs["input_ids"], x["input_ids"][:3, :n])
+    torch.testing.assert_close(batch.targets, y[:3, :n])
+    p = UnlearningProblem(gpt2(), items[:8], items[8:], CausalLMTask(), batch_size=4, collate=PadCollate())
+    assert unlearn(p, create("ga", lr=1e-3), Budget(steps=2), device="cpu").record.steps == 2
+    with pytest.raises(DataError, match="'labels' entry"):
+        PadCollate()([{"input_ids": [1, 2]}])
+
+
+def test_a_misspelt_key_a_token_beyond_the_vocabulary_and_a_tuple_output_are_named():
+    x, y = _tokens(8, seed=10)
+    data = TensorData({"input_ids": x["input_ids"], "attention_masks": x["attention_mask"]}, y)
+    p = UnlearningProblem(gpt2(), data.subset(range(4)), data.subset(range(4, 8)), CausalLMTask(), batch_size=4)
+    with pytest.warns(UserWarning, match="'attention_masks' \\(did you mean 'attention_mask'\\?\\)"):
+        unlearn(p, create("ga", lr=1e-3), Budget(steps=1), device="cpu")
+    far = TensorData({"input_ids": x["input_ids"] + VOCAB, "attention_mask": x["attention_mask"]}, y)
+    p = UnlearningProblem(gpt2(), far.subset(range(4)), far.subset(range(4, 8)), CausalLMTask(), batch_size=4)
+    with pytest.raises(DataError, match=f"input embedding has {VOCAB} rows"):
+        unlearn(p, create("ga", lr=1e-3), Budget(steps=1), device="cpu")
+    class AsTuple(nn.Module):  # (what return_dict=False gives: the ModelOutput's entries as a tuple)
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = gpt2()
+
+        def forward(self, input_ids, attention_mask):  # noqa: ANN001, ANN201
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=True).to_tuple()
+
+    model = AsTuple()
+    data = TensorData(x, y)
+    p = UnlearningProblem(model, data.subset(range(4)), data.subset(range(4, 8)), CausalLMTask(), batch_size=4)
+    with pytest.raises(DataError, match=r"tuple of 2 outputs.*CausalLMTask\(output=0\)"):
+        unlearn(p, create("ga", lr=1e-3), Budget(steps=1), device="cpu")
+    p = UnlearningProblem(model, data.subset(range(4)), data.subset(range(4, 8)), CausalLMTask(output=0), batch_size=4)
+    for method in ("ga", "minnorm_og"):
+        assert unlearn(p, create(method), Budget(steps=1), device="cpu").record.steps == 1
+
+
+def test_trainer_warns_that_a_methods_own_learning_rate_is_not_used(tmp_path):
+    from overunlearn.integrations.huggingface import UnlearningTrainer
+
+    x, y = _tokens(8, seed=11)
+    data = TensorData(x, y)
+    with pytest.warns(UserWarning, match="method_kwargs lr: the Trainer owns the optimizer"):
+        UnlearningTrainer(gpt2(), _trainer_args(tmp_path), method="ga", method_kwargs={"lr": 5.0},
+                          retain_dataset=data.subset(range(4)), forget_dataset=data.subset(range(4, 8)),
+                          task=CausalLMTask())

@@ -180,3 +180,65 @@ def test_user_config_with_unresolvable_annotation_still_validates_its_numbers():
     assert MyConfig(strength=2).strength == 2
     with pytest.raises(TypeError, match="strength='x' must be a number"):
         MyConfig(strength="x")
+
+
+# ---- a new user's review (2026-12-03) ----------------------------------------------------------
+
+def test_subset_takes_a_boolean_mask_as_indexing_does_and_refuses_what_it_cannot_read():
+    x, y = torch.arange(12.0).view(6, 2), torch.arange(6)
+    data = TensorData(x, y)
+    mask = torch.tensor([False, False, False, False, True, True])
+    assert data.subset(mask).targets.tolist() == [4, 5]  # (a long cast read it as positions 0 and 1)
+    assert data.subset(~mask).targets.tolist() == [0, 1, 2, 3]
+    assert data.subset([True, False, True, False, False, False]).targets.tolist() == [0, 2]
+    assert data.subset(range(2, 4)).targets.tolist() == [2, 3]
+    assert data.subset([-1]).targets.tolist() == [5]
+    with pytest.raises(DataError, match="one entry per example"):
+        data.subset(torch.tensor([True, False]))
+    with pytest.raises(DataError, match="integer positions or a boolean mask"):
+        data.subset(torch.tensor([0.0, 1.0]))
+    with pytest.raises(DataError, match=r"lie in \[-6, 6\)"):
+        data.subset([0, 6])
+
+
+@pytest.mark.parametrize("targets,msg", [
+    (None, "targets are missing"),
+    ([0, 1, 2, 1], "list of int.*torch.tensor"),
+    ((), "empty sequence"),
+])
+def test_targets_of_the_wrong_type_name_the_fix(targets, msg):
+    with pytest.raises(DataError, match=msg):
+        TensorData(torch.randn(4, 3), targets)
+
+
+def test_numpy_targets_name_the_conversion():
+    np = pytest.importorskip("numpy")
+    with pytest.raises(DataError, match="numpy.ndarray.*torch.as_tensor"):
+        TensorData(torch.randn(4, 3), np.zeros(4, dtype=np.int64))
+
+
+def test_a_dict_as_forget_set_names_tensor_data():
+    p = _clf_problem()
+    with pytest.raises(DataError, match="forget is a dict.*TensorData"):
+        UnlearningProblem(p.model, p.retain, {"x": torch.randn(4, 5), "labels": torch.zeros(4)}, ClassificationTask())
+
+
+def test_unlearn_takes_a_method_name_or_class_and_refuses_a_bare_number_as_budget():
+    from overunlearn.methods.descent import GD
+
+    p = _clf_problem()
+    assert unlearn(p, "gd", Budget(steps=1), device="cpu").record.method == "gd"
+    assert unlearn(p, GD, Budget(steps=1), device="cpu").record.method == "gd"
+    with pytest.raises(TypeError, match=r"Budget\(epochs=5\)"):
+        unlearn(p, create("gd"), 5, device="cpu")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="method must be a Method"):
+        unlearn(p, 3, Budget(steps=1), device="cpu")  # type: ignore[arg-type]
+
+
+def test_float16_parameters_with_adamw_are_refused_before_any_work_and_sgd_runs():
+    p = _clf_problem()
+    half = UnlearningProblem(p.model.half(), TensorData(p.retain.inputs.half(), p.retain.targets),
+                             TensorData(p.forget.inputs.half(), p.forget.targets), ClassificationTask())
+    with pytest.raises(ValueError, match="AdamW cannot step float16.*optimizer='sgd'"):
+        unlearn(half, create("gd", lr=1e-3), Budget(steps=2), device="cpu")
+    assert unlearn(half, create("gd", lr=1e-3, optimizer="sgd"), Budget(steps=2), device="cpu").record.steps == 2

@@ -3,6 +3,7 @@
 The main entry points::
 
     from overunlearn import UnlearningProblem, TensorData, RegressionTask, ClassificationTask
+    from overunlearn import CausalLMTask, SequenceClassificationTask, PadCollate  # language models
     from overunlearn import Budget, unlearn, create, list_methods
 """
 
@@ -15,13 +16,24 @@ from overunlearn.errors import (
     UnknownMethodError,
 )
 from overunlearn.methods import Method, MethodConfig, create, get_method, list_methods, register_method
-from overunlearn.problem import Batch, ClassificationTask, RegressionTask, Task, TensorData, UnlearningProblem
+from overunlearn.problem import (
+    Batch,
+    CausalLMTask,
+    ClassificationTask,
+    PadCollate,
+    RegressionTask,
+    SequenceClassificationTask,
+    Task,
+    TensorData,
+    UnlearningProblem,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Batch",
     "Budget",
+    "CausalLMTask",
     "ClassificationTask",
     "DataError",
     "DatasetNotFoundError",
@@ -29,7 +41,9 @@ __all__ = [
     "MethodConfig",
     "NonFiniteLossError",
     "OverunlearnError",
+    "PadCollate",
     "RegressionTask",
+    "SequenceClassificationTask",
     "StepInfo",
     "Task",
     "TensorData",

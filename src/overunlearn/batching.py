@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 
 from overunlearn.problem import Batch, Data, TensorData, batch_from_items
 
@@ -33,9 +33,9 @@ def _epoch(data: Data, batch_size: int, drop_last: bool, generator: torch.Genera
         for i in range(_n_batches(n, batch_size, drop_last)):
             yield data.take(perm[i * batch_size : (i + 1) * batch_size])
         return
-    assert isinstance(data, Dataset)
-    loader = DataLoader(Subset(data, perm.tolist()), batch_size=batch_size, shuffle=False, drop_last=drop_last,
-                        collate_fn=collate)
+    # (any map-style data: a torch Dataset, or a list of examples)
+    loader = DataLoader(Subset(data, perm.tolist()), batch_size=batch_size,  # type: ignore[arg-type]
+                        shuffle=False, drop_last=drop_last, collate_fn=collate)
     for items in loader:
         yield batch_from_items(items)
 

@@ -84,7 +84,7 @@ class Categorical:
 class Task:
     """How outputs and targets are compared; subclass for a new kind of model.
 
-    Subclasses that are dataclasses may declare an ``output`` field (a key or a callable, see
+    Subclasses that are dataclasses may declare an ``output`` field (a key, a tuple position or a callable, see
     :func:`overunlearn.structure.select_output`): what the task reads from the model's raw output.
     """
 
@@ -271,6 +271,10 @@ class CausalLMTask(Task):
 
     def check(self, outputs: Any, targets: Targets) -> None:
         logits = self.select(outputs)
+        if isinstance(logits, (tuple, list)):
+            raise DataError(f"a causal language model's logits must be (batch, positions, vocabulary), got a "
+                            f"{type(logits).__name__} of {len(logits)} outputs (a model called with return_dict=False?): "
+                            "name the logits' position, CausalLMTask(output=0), or pass a callable")
         if not isinstance(logits, Tensor) or logits.dim() != 3:
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise DataError(f"a causal language model's logits must be (batch, positions, vocabulary), got {shape}")
@@ -340,6 +344,25 @@ def _check_finite(name: str, x: Any) -> None:
         raise DataError(f"{where} contains NaN or infinite values")
 
 
+def _check_targets_type(targets: Any) -> None:
+    """Targets are a tensor, or a tuple / list of tensors (one per head); name anything else and the fix."""
+    if isinstance(targets, Tensor):
+        return
+    if isinstance(targets, (tuple, list)) and targets and all(isinstance(t, Tensor) for t in targets):
+        return
+    if targets is None:
+        raise DataError("targets are missing (None): pass the labels as a tensor with one row per example "
+                        "(class indices; for a language model the token labels, -100 where not scored)")
+    if isinstance(targets, (tuple, list)):
+        if not targets:
+            raise DataError("targets is an empty sequence: pass a tensor with one row per example, or a tuple of "
+                            "such tensors (one per head)")
+        raise DataError(f"targets is a {type(targets).__name__} of {type(targets[0]).__name__}: pass a tensor "
+                        "(torch.tensor(labels)), or a tuple of tensors with one per head")
+    raise DataError(f"targets must be a torch.Tensor (or a tuple of tensors, one per head), got "
+                    f"{type(targets).__module__}.{type(targets).__name__}; convert it with torch.as_tensor(...)")
+
+
 @dataclass
 class TensorData:
     """In-memory data: inputs, targets (a tensor or tuple of tensors) and optional weights.
@@ -364,6 +387,7 @@ class TensorData:
             raise DataError(f"inputs must be a torch.Tensor or a tuple / dict of tensors, got "
                             f"{structure.describe(self.inputs)}")
         n = structure.batch_len(self.inputs)
+        _check_targets_type(self.targets)
         if isinstance(self.targets, list):
             self.targets = tuple(self.targets)
         for i, t in enumerate(as_heads(self.targets)):
@@ -394,8 +418,23 @@ class TensorData:
         return Batch(structure.index(self.inputs, index), targets,
                      None if self.weights is None else self.weights[index])
 
-    def subset(self, index: Tensor | Sequence[int]) -> TensorData:
-        idx = torch.as_tensor(index, dtype=torch.long)
+    def subset(self, index: Tensor | Sequence[int] | Sequence[bool]) -> TensorData:
+        """The examples at ``index``: integer positions, or a boolean mask with one entry per example
+        (``data.subset(is_forget)``, ``data.subset(~is_forget)``), as ``x[index]`` selects."""
+        idx = torch.as_tensor(index)
+        n = len(self)
+        if idx.dtype == torch.bool:
+            if idx.shape != (n,):
+                raise DataError(f"subset: a boolean mask needs one entry per example ({n}), got shape "
+                                f"{tuple(idx.shape)}")
+            idx = idx.nonzero().reshape(-1)
+        elif idx.is_floating_point() or idx.is_complex() or idx.dim() > 1:
+            raise DataError(f"subset: index must be integer positions or a boolean mask of {n} entries, got "
+                            f"{idx.dtype} of shape {tuple(idx.shape)}")
+        idx = idx.to(torch.long).reshape(-1)
+        if idx.numel() and not bool(((idx >= -n) & (idx < n)).all()):
+            raise DataError(f"subset: positions must lie in [-{n}, {n}) for {n} examples, got "
+                            f"{int(idx.min())}..{int(idx.max())}")
         b = self.take(idx)
         return TensorData(b.inputs, b.targets, b.weights)
 
@@ -424,13 +463,33 @@ class Batch:
                      None if self.weights is None else self.weights[index])
 
 
+_ITEMS = ("a dataset must yield (inputs, targets) or (inputs, targets, weights), where inputs may be a tensor, a "
+          "tuple or a dict of tensors, or dicts whose 'labels' entry holds the targets and whose other entries are "
+          "the model's inputs (as Hugging Face datasets do)")
+
+
+def _split_labels(item: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+    """A Hugging Face-style example or batch ``{..., "labels": y}`` as ``(inputs, y)``; lists become tensors."""
+    if "labels" not in item:
+        raise DataError(f"a dict example needs a 'labels' entry with its targets (it has {sorted(item)}); "
+                        + _ITEMS[0].lower() + _ITEMS[1:])
+
+    def tensor(v: Any) -> Any:
+        return torch.as_tensor(v) if isinstance(v, (list, tuple)) or isinstance(v, numbers.Number) else v
+
+    d = {k: tensor(v) for k, v in item.items()}
+    return d, d.pop("labels")
+
+
 def batch_from_items(items: Any) -> Batch:
-    """Turn a collated ``DataLoader`` item ``(x, y)`` or ``(x, y, w)`` into a :class:`Batch`."""
+    """Turn a collated ``DataLoader`` item ``(x, y)`` or ``(x, y, w)``, or a dict with a ``"labels"`` entry
+    (the targets; the other entries are the inputs), into a :class:`Batch`."""
     if isinstance(items, Batch):
         return items
+    if isinstance(items, Mapping):
+        items = _split_labels(items)
     if not isinstance(items, (tuple, list)) or len(items) not in (2, 3):
-        raise DataError("a dataset must yield (inputs, targets) or (inputs, targets, weights), where inputs may be "
-                        "a tensor, a tuple or a dict of tensors")
+        raise DataError(_ITEMS)
     x, y = structure.normalise(items[0]), items[1]
     y = tuple(y) if isinstance(y, list) else y
     return Batch(x, y, items[2] if len(items) == 3 else None)
@@ -467,7 +526,8 @@ def _pad_stack(values: list[Tensor], pad: float, side: str, where: str) -> Tenso
 class PadCollate:
     """A collate function that pads variable-length examples to the longest in the batch.
 
-    For a Dataset yielding ``(inputs, target[, weight])`` with ``inputs`` a dict of 1-d token tensors:
+    For a Dataset yielding ``(inputs, target[, weight])`` with ``inputs`` a dict of 1-d token tensors, or
+    Hugging Face-style dicts whose ``"labels"`` entry is the target (lists of token ids are made tensors):
     each input key is padded with ``pad[key]`` (``pad_default`` for keys not named), and a target
     that is a sequence (causal-LM labels) with ``target_pad`` (-100: not scored). ``side="left"``
     pads on the left. Pass it as ``UnlearningProblem(collate=PadCollate())``.
@@ -485,9 +545,11 @@ class PadCollate:
     def __call__(self, items: list[Any]) -> Batch:
         if not items:
             raise DataError("cannot collate an empty batch")
+        if isinstance(items[0], Mapping):
+            items = [_split_labels(it) for it in items]
         first = items[0]
         if not isinstance(first, (tuple, list)) or len(first) not in (2, 3):
-            raise DataError("a dataset must yield (inputs, targets) or (inputs, targets, weights)")
+            raise DataError(_ITEMS)
 
         def stack(values: list[Any], pad: float, where: str) -> Any:
             v0 = values[0]
@@ -555,6 +617,11 @@ class UnlearningProblem:
             data = getattr(self, name)
             if isinstance(data, TensorData):
                 continue
+            if isinstance(data, Mapping):
+                keys = ", ".join(repr(k) for k in list(data)[:4]) + (", ..." if len(data) > 4 else "")
+                raise DataError(
+                    f"{name} is a dict ({keys}), e.g. a tokenizer's batch: wrap it as TensorData(inputs, targets), with "
+                    "the model's inputs as a dict (input_ids, attention_mask, ...) and the labels as targets")
             if isinstance(data, (DataLoader, IterableDataset)) or not (hasattr(data, "__len__")
                                                                         and hasattr(data, "__getitem__")):
                 raise DataError(

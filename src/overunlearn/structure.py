@@ -27,7 +27,7 @@ from overunlearn.errors import DataError
 #: a tensor, or a tuple / list / dict of them (nested)
 Inputs = Any
 #: what a task reads from a model's output: a key, a callable, or ``None`` (tensor / tuple outputs)
-OutputSelector = str | Callable[[Any], Any] | None
+OutputSelector = str | int | Callable[[Any], Any] | None
 
 
 def normalise(inputs: Inputs) -> Inputs:
@@ -142,12 +142,22 @@ def describe(inputs: Inputs) -> str:
 def select_output(outputs: Any, selector: OutputSelector = None) -> Any:
     """What a task reads from a model's raw output.
 
-    ``selector`` is a callable (applied to the raw output), a key, or ``None``. With ``None``, a
+    ``selector`` is a callable (applied to the raw output), a key, a position in a tuple output (a
+    ``ModelOutput``'s ``to_tuple()``, as ``return_dict=False`` returns it), or ``None``. With ``None``, a
     tensor or a tuple of tensors is returned as it is, and a dict or Hugging Face ``ModelOutput``
     gives its ``"logits"`` entry.
     """
     if callable(selector):
         return selector(outputs)
+    if isinstance(selector, int) and not isinstance(selector, bool):
+        seq = outputs.to_tuple() if hasattr(outputs, "to_tuple") else \
+            tuple(outputs.values()) if isinstance(outputs, Mapping) else outputs
+        if not isinstance(seq, (tuple, list)):
+            raise DataError(f"the task reads output position {selector}, but the model returned a "
+                            f"{type(outputs).__name__}, not a tuple")
+        if not -len(seq) <= selector < len(seq):
+            raise DataError(f"the task reads output position {selector}, but the model returned {len(seq)} outputs")
+        return seq[selector]
     if isinstance(outputs, Mapping):
         key = selector or "logits"
         if key not in outputs or outputs[key] is None:

@@ -23,10 +23,12 @@ final descent-only epochs, L1-Sparse's decay) use ``Budget.epochs`` as the plann
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,7 +54,9 @@ from overunlearn.problem import (
 
 @dataclass(frozen=True)
 class Budget:
-    """How long to unlearn: any combination of ``epochs``, ``steps`` and ``seconds``."""
+    """How long to unlearn: any combination of ``epochs``, ``steps`` and ``seconds`` (the first limit reached
+    ends the run). ``steps=0`` or ``epochs=0`` runs no step: the result is the method's set-up alone (the
+    original model; for Retrain, its re-initialised trainable parameters)."""
 
     epochs: int | None = None
     steps: int | None = None
@@ -111,7 +115,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but CUDA is not available; use --device cpu or auto")
+        raise RuntimeError("device 'cuda' was requested but CUDA is not available; use the CPU (device 'cpu', or "
+                           "'auto' to take CUDA only where there is one)")
     return dev
 
 
@@ -262,6 +267,36 @@ def _check_keywords(name: str, model: nn.Module, inputs) -> None:
         if unknown:
             raise DataError(f"{name} set: the inputs dict has key(s) {', '.join(map(repr, unknown))} that the model's "
                             f"forward does not take (it takes {', '.join(map(repr, params))})")
+        return
+    # forward(..., **kwargs), as every Hugging Face model's: a misspelt key ("attention_masks") is taken and
+    # may be ignored; warn about keys that neither this forward nor a wrapped base model's (peft) names
+    named = set(params)
+    base = getattr(model, "get_base_model", None)
+    if callable(base):
+        try:
+            named |= set(inspect.signature(base().forward).parameters)
+        except (TypeError, ValueError):
+            return
+    unnamed = [k for k in inputs if k not in named]
+    if unnamed:
+        close = {k: difflib.get_close_matches(k, sorted(named), n=1) for k in unnamed}
+        hints = ", ".join(f"{k!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for k, c in close.items())
+        warnings.warn(f"{name} set: the inputs dict has key(s) {hints} that the model's forward does not name; it "
+                      "takes them through **kwargs, where they may be ignored", UserWarning, stacklevel=4)
+
+
+def _vocabulary_hint(model: nn.Module, inputs: Any) -> str:
+    """Where token ids exceed the model's input embedding: say so (the model's error is "index out of range")."""
+    get = getattr(model, "get_input_embeddings", None)
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+    emb = get() if callable(get) else None
+    if not isinstance(ids, Tensor) or not isinstance(emb, nn.Embedding) or ids.numel() == 0:
+        return ""
+    top, low = int(ids.max()), int(ids.min())
+    if top < emb.num_embeddings and low >= 0:
+        return ""
+    return (f"; input_ids range over {low}..{top} but the model's input embedding has {emb.num_embeddings} rows "
+            "(a tokenizer with another vocabulary, or a pad id outside it?)")
 
 
 def check_data(problem: UnlearningProblem, model: nn.Module, dev: torch.device) -> None:
@@ -284,7 +319,7 @@ def check_data(problem: UnlearningProblem, model: nn.Module, dev: torch.device) 
                     x = b.inputs
                     what = f"inputs of shape {tuple(x.shape)} and dtype {x.dtype}" if isinstance(x, Tensor) else \
                         f"inputs {structure.describe(x)}"
-                    hint = ""
+                    hint = _vocabulary_hint(model, b.inputs) if isinstance(e, IndexError) else ""
                     if isinstance(b.inputs, dict) and isinstance(e, (TypeError, KeyError, ValueError)):
                         hint = ("; a dict of inputs is passed as keyword arguments, model(**inputs): every key must "
                                 "be an argument of the model's forward, and every input it needs must be a key")
@@ -340,6 +375,17 @@ def _package_warm_up() -> None:
     engine.warm_up()
 
 
+def _check_optimizer(config: MethodConfig, params: list[Tensor]) -> None:
+    """Refuse what the optimizer cannot step, before any work."""
+    half = [p for p in params if p.dtype == torch.float16]
+    if half and config.optimizer == "adamw":
+        # AdamW divides by sqrt(v) + eps: eps = 1e-8 is 0 in float16, and so is the second moment of any
+        # gradient below ~2e-4, so the first step divides by zero whatever the learning rate
+        raise ValueError(f"AdamW cannot step float16 parameters ({len(half)} of the model's trainable tensors): its "
+                         "eps (1e-8) and small squared gradients round to 0 in float16 and the first step divides by "
+                         "zero. Unlearn a bfloat16 or float32 copy (model.to(torch.bfloat16)), or use optimizer='sgd'")
+
+
 def _make_optimizer(config: MethodConfig, params: list[Tensor]) -> torch.optim.Optimizer:
     # foreach=True: the multi-tensor implementation (PyTorch's default only on CUDA) is 20-30%
     # faster per step on CPU for the small models of the benchmarks; same algorithm
@@ -347,6 +393,7 @@ def _make_optimizer(config: MethodConfig, params: list[Tensor]) -> torch.optim.O
         momentum = 0.9 if config.optimizer == "sgd_momentum" else 0.0
         return torch.optim.SGD(params, lr=config.lr, momentum=momentum, weight_decay=config.weight_decay,
                                foreach=True)
+    _check_optimizer(config, params)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
 
 
@@ -380,7 +427,7 @@ def _one_step(ctx: UnlearningContext, method: Method, info: StepInfo, retain_b: 
     return value
 
 
-def unlearn(problem: UnlearningProblem, method: Method, budget: Budget, *, seed: int = 0,
+def unlearn(problem: UnlearningProblem, method: Method | type[Method] | str, budget: Budget, *, seed: int = 0,
             device: str | torch.device = "auto", progress: bool = False,
             forget_bn_stats: bool = False,
             on_step: Callable[[StepInfo, float], None] | None = None) -> UnlearnResult:
@@ -391,8 +438,9 @@ def unlearn(problem: UnlearningProblem, method: Method, budget: Budget, *, seed:
 
     Args:
         problem: model, retain / forget data and task.
-        method: an instance from :func:`overunlearn.methods.create` or a method class.
-        budget: epochs / steps / seconds (see the module docstring for the cut-off rule).
+        method: an instance from :func:`overunlearn.methods.create`, or a method class or registered name
+            (``"minnorm_og"``), which run with their default hyperparameters.
+        budget: a :class:`Budget` of epochs / steps / seconds (see the module docstring for the cut-off rule).
         seed: seeds batch order and every random choice of the method; on CPU the same
             seed gives the same numbers.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
@@ -410,6 +458,18 @@ def unlearn(problem: UnlearningProblem, method: Method, budget: Budget, *, seed:
             before the clock starts), or a batch whose loss is not finite has NaN/inf inputs.
         NonFiniteLossError: the loss became NaN/inf; the error names the step.
     """
+    if isinstance(method, str):
+        from overunlearn.methods import create
+
+        method = create(method)
+    elif isinstance(method, type) and issubclass(method, Method):
+        method = method()  # (a method class: its default hyperparameters)
+    if not isinstance(method, Method):
+        raise TypeError(f"method must be a Method (overunlearn.create('minnorm_og', ...)) or a registered name, got "
+                        f"{type(method).__name__}")
+    if not isinstance(budget, Budget):
+        raise TypeError(f"budget must be a Budget, e.g. Budget(epochs={budget!r}) or Budget(steps=...), got "
+                        f"{type(budget).__name__}")
     dev = resolve_device(device)
     model = copy.deepcopy(problem.model).to(dev)
     model.train()
@@ -424,6 +484,7 @@ def unlearn(problem: UnlearningProblem, method: Method, budget: Budget, *, seed:
         max_steps = min(max_steps, budget.steps)
 
     check_data(problem, model, dev)
+    _check_optimizer(method.config, [p for p in model.parameters() if p.requires_grad])
     _package_warm_up()
     ctx = UnlearningContext(problem, model, dev, seed, planned, steps_per_epoch)
     if method.needs_planned_epochs:

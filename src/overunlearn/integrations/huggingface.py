@@ -29,6 +29,7 @@ Requires ``transformers`` (``pip install 'overunlearn[hf]'``).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -46,9 +47,14 @@ from overunlearn.engine import check_data, reinitialise_trainable
 from overunlearn.errors import DataError, NonFiniteLossError
 from overunlearn.methods import Method, create
 from overunlearn.methods.context import StepInfo, UnlearningContext
-from overunlearn.problem import Batch, Task, UnlearningProblem, batch_from_items
+from overunlearn.problem import Batch, Task, TensorData, UnlearningProblem, batch_from_items
 
 __all__ = ["UnlearningTrainer"]
+
+
+def _items(b: Batch) -> tuple:
+    """A batch as the Trainer's loop takes a torch ``Dataset``'s: ``(inputs, targets[, weights])``."""
+    return (b.inputs, b.targets) if b.weights is None else (b.inputs, b.targets, b.weights)
 
 
 class _MethodHooks(TrainerCallback):
@@ -96,6 +102,11 @@ class UnlearningTrainer(Trainer):
                  forget_dataset: Any, task: Task, method_kwargs: Mapping[str, Any] | None = None,
                  label_key: str = "labels", seed: int | None = None, make_model: Callable[[], torch.nn.Module] | None = None,
                  init_fn: Callable[[torch.nn.Module], None] | None = None, **kwargs: Any) -> None:
+        owned = sorted(set(method_kwargs or {}) & {"lr", "optimizer", "weight_decay"})
+        if owned and isinstance(method, str):
+            warnings.warn(f"method_kwargs {', '.join(owned)}: the Trainer owns the optimizer, so the method's own "
+                          f"{', '.join(owned)} {'is' if len(owned) == 1 else 'are'} not used; set TrainingArguments(learning_rate=..., optim=..., "
+                          "weight_decay=...) instead", UserWarning, stacklevel=2)
         if isinstance(method, str):
             method = create(method, **dict(method_kwargs or {}))
         elif method_kwargs:
@@ -106,9 +117,14 @@ class UnlearningTrainer(Trainer):
             raise ValueError("UnlearningTrainer steps once per forget batch: set gradient_accumulation_steps=1 "
                              "(use a larger per_device_train_batch_size instead)")
         eval_dataset = kwargs.get("eval_dataset")
-        if eval_dataset is not None and len(eval_dataset) and not isinstance(eval_dataset[0], Mapping):
+        if (eval_dataset is not None and not isinstance(eval_dataset, TensorData) and len(eval_dataset)
+                and not isinstance(eval_dataset[0], Mapping)):
             raise DataError("eval_dataset: evaluation through the Trainer needs dict items (inputs and a "
                             f"{label_key!r} entry), got {type(eval_dataset[0]).__name__} items")
+        if isinstance(eval_dataset, TensorData):
+            raise DataError("eval_dataset: evaluation through the Trainer needs a dataset of dict items (inputs "
+                            f"and a {label_key!r} entry), got TensorData")
+        self._dict_collate: Callable[[list[Any]], Any] | None = None
         super().__init__(model=model, args=args, train_dataset=forget_dataset, **kwargs)
         self.label_names = [label_key]
         self.method = method
@@ -126,10 +142,24 @@ class UnlearningTrainer(Trainer):
 
     # ---- data ---------------------------------------------------------------------------------
     def _raw_collate(self, items: list[Any]) -> Any:
-        """Dict items through the Trainer's collator (a dict, as the Trainer's loop expects), other items
-        (``(inputs, targets[, weights])``) through torch's ``default_collate``."""
+        """Dict items through the Trainer's collator (a dict, as the Trainer's loop expects) -- after
+        dropping the entries the model's ``forward`` does not take (a tokenized dataset's raw ``text``), as
+        the Trainer does when ``remove_unused_columns`` is on -- other items (``(inputs, targets[,
+        weights])``) through torch's ``default_collate``."""
         if items and isinstance(items[0], Mapping):
-            return dict(self.data_collator(items))
+            if self._dict_collate is None:
+                self._dict_collate = self._get_collator_with_removed_columns(self.data_collator, "unlearning")
+            try:
+                out = self._dict_collate(items)
+            except (RuntimeError, ValueError) as exc:
+                lengths = {len(v) for it in items for v in it.values() if hasattr(v, "__len__") and not isinstance(v, str)}
+                if len(lengths) > 1:
+                    raise DataError("the examples have different lengths and the data collator does not pad them: pass "
+                                    "data_collator=PadCollate() (overunlearn.problem), or a transformers collator that "
+                                    "pads labels with -100 (DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100))"
+                                    ) from exc
+                raise
+            return _items(out) if isinstance(out, Batch) else dict(out)
         return default_collate(items)
 
     def _to_batch(self, raw: Any) -> Batch:
@@ -166,8 +196,17 @@ class UnlearningTrainer(Trainer):
     def get_train_dataloader(self) -> DataLoader:
         # not prepared by accelerate: every rank reads the same forget batches in the same order
         gen = torch.Generator().manual_seed(self.unlearning_seed)
-        return DataLoader(self.train_dataset, batch_size=self.args.per_device_train_batch_size,
-                          collate_fn=self._raw_collate, sampler=RandomSampler(self.train_dataset, generator=gen))
+        data = self.train_dataset
+        if isinstance(data, TensorData):
+            # in-memory forget data: batches taken by index (as unlearn() does), handed to the Trainer's loop
+            # as (inputs, targets[, weights]) like a torch Dataset's
+            def take(index: list[int]) -> tuple:
+                return _items(data.take(torch.tensor(index, dtype=torch.long)))
+
+            return DataLoader(range(len(data)), batch_size=self.args.per_device_train_batch_size, collate_fn=take,
+                              sampler=RandomSampler(range(len(data)), generator=gen))
+        return DataLoader(data, batch_size=self.args.per_device_train_batch_size,
+                          collate_fn=self._raw_collate, sampler=RandomSampler(data, generator=gen))
 
     # ---- the method's life cycle ----------------------------------------------------------------
     def _begin(self) -> None:

@@ -595,9 +595,17 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
     n_in = structure.batch_len(inputs)
     readings: dict[nn.Module, list[str]] = {m: [] for m in kinds}
 
+    autocast: list[bool] = []
+
     def hook(m, args, kwargs, out):  # noqa: ANN001
         cls = kinds[m]
         replace = None  # what the model gets instead of the call's output (None: the output itself)
+        if isinstance(out, Tensor) and torch.is_autocast_enabled(out.device.type):
+            # mixed precision (accelerate's / the Trainer's bf16 or fp16): the layer computed in another
+            # dtype than its parameters'; the blocks read layers in their own dtypes
+            autocast.append(True)
+            calls[m].append(None)
+            return None
         if (n_in > 1 and args and isinstance(args[0], Tensor) and args[0].dim() > 0 and args[0].shape[0] == 1
                 and isinstance(out, Tensor) and out.dim() > 0 and out.shape[0] == 1):
             # a call on one row shared by every sample (GPT-2's and BERT's position embeddings): its
@@ -676,6 +684,8 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
         # the model did not take a broadcast copy of a shared row: remember, and use the vmapped path
         memo[signature] = False
         return materialised("a shared-row call could not be expanded")
+    if autocast:
+        return materialised("autocast")
     if not bool(torch.isfinite(scores).all()):
         raise FloatingPointError("the model's outputs, and so its output Jacobian, contain NaN or infinite values")
     n, heads = scores.shape
@@ -905,6 +915,8 @@ _WHY = {
     "scores": "the scores do not have one row per sample, or do not depend on the parameters",
     "too little covered": "the usable layer calls cover less than a quarter of the model's parameters",
     "a block declined": "a block could not read its layer's output gradients",
+    "autocast": "the model runs under autocast (mixed precision, e.g. the Trainer's bf16=True / fp16=True), so its "
+                "layers compute in a lower precision than their parameters, which the blocks do not follow",
 }
 _WHY["check failed earlier"] = _WHY["check failed"]
 

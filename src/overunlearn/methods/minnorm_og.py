@@ -199,9 +199,10 @@ class MinNormOG(Method):
             self.warned = True
             warnings.warn(
                 f"minnorm_og: projection {self.projections} removed {removed:.0%} of the trainable parameters' norm "
-                f"(reg_coef={self.config.reg_coef}, {self.config.grad_sample_size} samples): with far fewer samples "
-                "than parameters almost every weight lies outside their gradients' span and is shrunk by about "
-                "reg_coef; if the model degrades, lower reg_coef (the paper uses 0.01-0.1)", stacklevel=2)
+                f"(reg_coef={self.config.reg_coef}, {min(self.config.grad_sample_size, len(retain))} samples): with "
+                "far fewer samples than parameters almost every weight lies outside their gradients' span and is "
+                "shrunk by about reg_coef; if the model degrades, lower reg_coef (the paper uses 0.01-0.1)",
+                stacklevel=2)
         self.projections += 1
 
     def before_step(self, ctx, info, retain):  # type: ignore[override]
