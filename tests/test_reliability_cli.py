@@ -43,7 +43,7 @@ def clean(res) -> str:
     assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
     text = res.output
     assert "Traceback" not in text, text
-    return " ".join(text.split())
+    return " ".join(text.replace("│", " ").split())  # (an error box's borders and line wrapping undone)
 
 
 @pytest.mark.parametrize("seeds, expected", [
@@ -224,3 +224,107 @@ def test_friendly_errors_turn_gpu_out_of_memory_into_one_message(capsys):
         raise torch.OutOfMemoryError("CUDA out of memory")
     assert info.value.exit_code == 1
     assert "out of memory" in capsys.readouterr().err
+
+
+# ---- a read-only review of the command line (2026-12-03) -------------------------------------------
+
+@pytest.mark.parametrize("args", [
+    ["bench", "poison", "--device", "mps", "--seeds", "1"],
+    ["bench", "run", "poison", "--device", "tpu"],
+    ["privacy", "poison", "--device", "cpu:1"],
+    ["report", "nothing.jsonl", "--privacy", "--device", "meta"],
+])
+def test_every_device_option_is_checked_before_anything_runs(runner, tmp_path, args):
+    t0 = time.perf_counter()
+    res = runner.invoke(app, args)
+    assert time.perf_counter() - t0 < 10
+    assert res.exit_code == 2 and "is not a device: use auto, cpu, cuda or cuda:N" in clean(res)
+
+
+@pytest.mark.parametrize("seeds, expected", [("1-1000000000", "holds more than 100000 seeds"),
+                                             ("5-1", "ends below its start")])
+def test_seed_ranges_on_the_command_line_are_bounded(runner, tmp_path, seeds, expected):
+    t0 = time.perf_counter()
+    res = runner.invoke(app, ["bench", "poison", "--seeds", seeds, "--out", str(tmp_path)])
+    assert time.perf_counter() - t0 < 5
+    assert res.exit_code == 2 and expected in clean(res)
+
+
+def test_the_resume_command_repeats_the_options_that_shape_the_run(runner, tmp_path, monkeypatch):
+    import overunlearn.sweep.run as run_mod
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_mod, "run_sweep", interrupted)
+    spec, journal = write_spec(tmp_path), tmp_path / "j.jsonl"
+    res = runner.invoke(app, ["sweep", spec, "--journal", str(journal), "--threads", "1", "--device", "cpu",
+                              "--batch", "0", "--limit", "50", "-q"])
+    assert res.exit_code == 130
+    assert (f"overunlearn sweep {spec} --journal {journal} --threads 1 --device cpu --batch 0 --limit 50 -q"
+            in clean(res))
+
+
+def test_a_dry_run_on_a_journal_folder_and_a_negative_max_trials_are_one_message(runner, tmp_path):
+    folder = tmp_path / "j.jsonl"
+    folder.mkdir()
+    res = runner.invoke(app, ["sweep", write_spec(tmp_path), "--journal", str(folder), "--dry-run"])
+    assert res.exit_code == 1 and f"journal {folder} is a folder" in clean(res)
+    res = runner.invoke(app, ["sweep", write_spec(tmp_path), "--journal", str(tmp_path / "k.jsonl"),
+                              "--max-trials", "-1"])
+    assert res.exit_code == 2 and "--max-trials" in clean(res)
+
+
+def test_a_method_whose_vectorised_form_raises_runs_on_its_own(tmp_path):
+    """A plugin method whose ``vectorised()`` raises used to crash the whole batch of a sweep; it now runs
+    through the engine, as with batching off, and the batch's other runs are vectorised as before."""
+    from dataclasses import dataclass
+
+    from overunlearn.benchmarks.poison import PoisonBenchmark
+    from overunlearn.engine import BatchedRun, Budget, unlearn_many
+    from overunlearn.methods import Method, MethodConfig, create
+
+    @dataclass(frozen=True)
+    class BrokenConfig(MethodConfig):
+        pass
+
+    class Broken(Method):
+        name = "broken_vectorised"
+        Config = BrokenConfig
+
+        def loss(self, ctx, info, retain, forget):  # noqa: ANN001, ANN201
+            return ctx.batch_loss(retain)
+
+        def vectorised(self, epochs, seed):  # noqa: ANN001, ANN201
+            raise RuntimeError("a plugin's bug")
+
+    problem = PoisonBenchmark("smoke", cache_dir=tmp_path, workers=1).problem(1)
+    runs = [BatchedRun(problem, Broken(lr=1e-3), Budget(epochs=2), seed=1, key="broken"),
+            BatchedRun(problem, create("gd", lr=1e-3), Budget(epochs=2), seed=1, key="gd")]
+    broken, gd = unlearn_many(runs, "cpu")
+    assert broken.model is not None and not broken.vectorised and broken.record.steps == 2
+    assert gd.model is not None and gd.vectorised
+
+
+def test_the_poison_figures_thread_stops_when_the_sweep_fails():
+    """``bench poison`` draws its figures in a thread next to the sweep's workers; when the sweep stops (Ctrl-C,
+    a locked journal) the thread must end before the process exits, or the process aborts inside torch."""
+    import threading
+
+    from overunlearn.cli.bench_poison import Background
+
+    started = threading.Event()
+
+    def work(job):  # noqa: ANN001, ANN202
+        started.set()
+        while True:  # (an endless computation that calls the engine's progress callback)
+            job.check(1)
+            time.sleep(0.01)
+
+    job = Background(work, concurrent=True)
+    assert started.wait(5)
+    t0 = time.perf_counter()
+    job.cancel()
+    assert time.perf_counter() - t0 < 5 and not job.thread.is_alive()
+    with pytest.raises(RuntimeError, match="cancelled"):
+        job.result()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from overunlearn.cli.options import (
     CACHE_HELP,
     QUIET_HELP,
     SEEDS_HELP,
+    check_device,
     check_out,
     choose_methods,
     echo_log,
@@ -97,12 +98,14 @@ def cache_root(cache: Path | None) -> Iterator[None]:
 
 def fit_figures(bench: Any, epochs: Sequence[int], methods: Sequence[str], seed: int, device: str,
                 vectorise: bool = True, store: Path | None = None,
-                ids: dict[tuple[str, int], str] | None = None) -> list[Any]:
+                ids: dict[tuple[str, int], str] | None = None,
+                progress: Callable[[int], None] | None = None) -> list[Any]:
     """One :class:`~overunlearn.report.poison.FitFigure` per T: the reference models of ``seed`` and every
     method's unlearned model. The sweep keeps no models, so the figure seed's trials are run again here
     through :func:`overunlearn.engine.unlearn_many`, with the journal's arithmetic (``vectorise``: the
     vectorised runner, whose numbers do not depend on what is computed with them; else the engine one
-    trial at a time), so the curves are those of the trials in the table.
+    trial at a time), so the curves are those of the trials in the table. ``progress``: called after every
+    step (it may raise to stop the work).
 
     ``store``: a JSON file of the curves computed before, by trial id (``ids``: (method, T) -> the sweep's
     trial id), valid for the same source fingerprint and arithmetic; its curves are reused, new ones added.
@@ -152,7 +155,7 @@ def fit_figures(bench: Any, epochs: Sequence[int], methods: Sequence[str], seed:
     problem = bench.problem(seed)
     runs = [BatchedRun(problem, create(m, **preset(m, T).kwargs()), Budget(epochs=T), seed=seed, key=(m, T))
             for T in epochs for m in methods if (m, T) not in panels]
-    for out in unlearn_many(runs, device, vectorise=vectorise) if runs else []:
+    for out in unlearn_many(runs, device, vectorise=vectorise, progress=progress) if runs else []:
         m, T = out.key
         if out.model is None:  # diverged
             panels[(m, T)] = FitPanel(m, m, None, math.inf)
@@ -171,23 +174,44 @@ def fit_figures(bench: Any, epochs: Sequence[int], methods: Sequence[str], seed:
         for T in epochs]
 
 
+class _Cancelled(BaseException):
+    """Stops the figures' thread at its next step (a ``BaseException``: the engine's capture of a run's own
+    errors lets it through)."""
+
+
 class Background:
-    """``fn()`` in a daemon thread started now (``concurrent``), else on :meth:`result`; :meth:`result` returns
-    its value or raises its exception here."""
+    """``fn(job)`` in a thread started now (``concurrent``), else on :meth:`result`; :meth:`result` returns
+    its value or raises its exception here. ``fn`` calls ``job.check`` between steps, so that :meth:`cancel`
+    can stop it."""
 
     def __init__(self, fn: Any, concurrent: bool) -> None:
         import threading
 
         self.fn, self.box, self.thread = fn, {}, None
+        self.stop = threading.Event()
         if concurrent:
             self.thread = threading.Thread(target=self._run, daemon=True, name="bench-poison-figures")
             self.thread.start()
 
     def _run(self) -> None:
         try:
-            self.box["value"] = self.fn()
+            self.box["value"] = self.fn(self)
+        except _Cancelled:
+            self.box["error"] = RuntimeError("the figures were cancelled")
         except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
             self.box["error"] = exc
+
+    def check(self, _steps: int = 0) -> None:
+        """Raise :class:`_Cancelled` once :meth:`cancel` was called (a progress callback of the engine)."""
+        if self.stop.is_set():
+            raise _Cancelled
+
+    def cancel(self) -> None:
+        """Stop the thread at its next step and wait for it: a thread still computing in torch when the
+        interpreter exits makes the process abort ("terminate called without an active exception")."""
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
 
     def result(self) -> Any:
         if self.thread is None:
@@ -209,7 +233,7 @@ def poison_cmd(
     recipe: str = typer.Option("quick", "--recipe", help="'full' = the paper's (100k original / 50k ground-truth "
                                "AdamW steps); 'quick' = 15k / 7.5k steps (the default: a 2-minute demo; the full "
                                "recipe takes about 7 minutes on 2 CPU cores); 'smoke' = a few hundred steps"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda", callback=check_device),
     jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="worker processes of the unlearning trials, one "
                              "torch thread each (0 = as many as --threads; 1: run in this process)"),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU cores for training the reference models (one "
@@ -283,10 +307,10 @@ def poison_cmd(
     ids = {(t.method, int(t.budget["epochs"])): t.id
            for t in parse_spec(dict(raw), source="bench poison", default_name=raw["name"]).trials if t.seed == fig_seed}
 
-    def draw() -> list[Any]:
+    def draw(job: Background) -> list[Any]:
         t0 = time.perf_counter()
         figs = fit_figures(bench, epoch_list, method_list, fig_seed, str(dev), vectorise=batch > 1,
-                           store=out / f"{raw['name']}_fits.json", ids=ids)
+                           store=out / f"{raw['name']}_fits.json", ids=ids, progress=job.check)
         fig_seconds.append(time.perf_counter() - t0)
         return figs
 
@@ -296,9 +320,13 @@ def poison_cmd(
         # the figure seed's trials run again for the figures: next to the sweep's worker processes (this
         # process only waits for them), or after the sweep when it runs in this process
         figures_job = Background(draw, concurrent=n_jobs > 1)
-        with cache_root(cache):
-            run = run_bench(raw, out, jobs=n_jobs, threads=UNLEARN_THREADS if dev.type == "cpu" else None,
-                            device=str(dev), log=log, on_failure="lower --jobs")
+        try:
+            with cache_root(cache):
+                run = run_bench(raw, out, jobs=n_jobs, threads=UNLEARN_THREADS if dev.type == "cpu" else None,
+                                device=str(dev), log=log, on_failure="lower --jobs")
+        except BaseException:  # (Ctrl-C, a locked journal, an unwritable folder: stop the figures first)
+            figures_job.cancel()
+            raise
         t_end = time.perf_counter()
         with friendly_errors(KEPT, "lower --threads"):
             figures = figures_job.result()

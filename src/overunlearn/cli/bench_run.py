@@ -23,6 +23,7 @@ from overunlearn.cli.options import (
     QUIET_HELP,
     SEEDS_HELP,
     THREADS_HELP,
+    check_device,
     check_out,
     choose_methods,
     echo_log,
@@ -63,7 +64,7 @@ def run_cmd(
     seeds: str = typer.Option("1", "--seeds", help=SEEDS_HELP),
     hp: list[str] = typer.Option([], "--hp", help="override a hyperparameter: METHOD.KEY=VALUE (repeatable)"),
     statistic: str = typer.Option("mean_se", "--statistic", help="mean_se (mean ± SE) | median (median (range))"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda", callback=check_device),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help=JOBS_HELP),
     threads: int | None = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     out: Path | None = typer.Option(None, "--out", help="output folder (journal, table, figure; default "

@@ -18,8 +18,34 @@ THREADS_HELP = "torch threads per worker process (default: torch's choice)"
 QUIET_HELP = "no progress output (warnings and errors are still printed)"
 
 
+#: most values one list option may expand to (a sweep spec's seeds have the same cap)
+MAX_VALUES = 100_000
+
+
+def check_device(value: str | None) -> str | None:
+    """The callback of every ``--device`` option: a device overunlearn runs on (``auto``, ``cpu``, ``cuda`` or
+    ``cuda:N``), and a GPU present where one is asked for -- checked before anything runs."""
+    if value is None:
+        return None
+    from overunlearn.sweep.spec import valid_device
+
+    if not valid_device(value):
+        raise typer.BadParameter(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N")
+    if value.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise typer.BadParameter(f"{value!r} asks for a GPU but CUDA is not available on this machine; use cpu "
+                                     "(or auto)")
+        index = int(value.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise typer.BadParameter(f"{value!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    return value
+
+
 def parse_int_list(text: str, what: str = "value", option: str | None = None) -> list[int]:
-    """``"1"``, ``"1,2,5"`` or ``"1-5"`` (ranges inclusive) -> a list of distinct integers, in order."""
+    """``"1"``, ``"1,2,5"`` or ``"1-5"`` (ranges inclusive) -> a list of distinct integers, in order (at most
+    :data:`MAX_VALUES` of them)."""
     values: list[int] = []
     for part in str(text).split(","):
         part = part.strip()
@@ -28,7 +54,13 @@ def parse_int_list(text: str, what: str = "value", option: str | None = None) ->
         try:
             dash = part.find("-", 1)  # a range's dash (a leading one is a sign)
             if dash > 0:
-                values.extend(range(int(part[:dash]), int(part[dash + 1:]) + 1))
+                start, stop = int(part[:dash]), int(part[dash + 1:])
+                if stop < start:
+                    raise typer.BadParameter(f"the range {part!r} ends below its start; write e.g. '{stop}-{start}'",
+                                             param_hint=option)
+                if stop - start + 1 + len(values) > MAX_VALUES:
+                    raise typer.BadParameter(f"{text!r} holds more than {MAX_VALUES} {what}s", param_hint=option)
+                values.extend(range(start, stop + 1))
             else:
                 values.append(int(part))
         except ValueError:

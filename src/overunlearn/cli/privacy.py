@@ -32,7 +32,7 @@ import typer
 
 from overunlearn.cli import app
 from overunlearn.cli.errors import KEPT, friendly_errors
-from overunlearn.cli.options import CACHE_HELP, OPTION_HELP, QUIET_HELP, parse_epochs, parse_options
+from overunlearn.cli.options import CACHE_HELP, OPTION_HELP, QUIET_HELP, check_device, parse_epochs, parse_options
 
 #: the options every benchmark constructor may take that this command sets itself when the constructor
 #: names them: the training device, the cache root, the benchmark's own progress output, training workers
@@ -374,7 +374,7 @@ def privacy_cmd(
                                             "split"),
     klom_bins: str = typer.Option("auto", "--klom-bins", help="KLoM bins: 'auto' (max(3, sqrt N) below 80 models) "
                                   "or a number (20 = the published setting, meant for ~100 models)"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda", callback=check_device),
     out: Path | None = typer.Option(None, "--out", help="output folder (default results/privacy/<benchmark>)"),
     cache: Path | None = typer.Option(None, "--cache", help=CACHE_HELP + "; privacy models and signals go to "
                                       "<cache>/privacy/"),

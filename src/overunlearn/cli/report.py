@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from overunlearn.cli import app
-from overunlearn.cli.options import CACHE_HELP, QUIET_HELP, THREADS_HELP, check_out
+from overunlearn.cli.options import CACHE_HELP, QUIET_HELP, THREADS_HELP, check_device, check_out
 
 
 @app.command("report")
@@ -39,7 +39,7 @@ def report_cmd(
     privacy_ground_truth: str | None = typer.Option(None, "--privacy-ground-truth", help="extra (N further "
                                                     "oracles) | split (one half of the oracles vs the other); "
                                                     "default: the benchmark's, else split"),
-    device: str = typer.Option("auto", "--device", help="privacy: unlearning and signal device (auto | cpu | cuda)"),
+    device: str = typer.Option("auto", "--device", help="privacy: unlearning and signal device (auto | cpu | cuda)", callback=check_device),
     cache: Path | None = typer.Option(None, "--cache", help="privacy: " + CACHE_HELP.replace(
                                       "(default: ", "(default: the benchmark's cache_dir option, else ")),
     threads: int | None = typer.Option(None, "--threads", min=1, help="privacy: " + THREADS_HELP),

@@ -30,7 +30,7 @@ def sweep_cmd(
                                          help="local: GPUs to spread workers over; ray: GPUs per trial"),
     device: str | None = typer.Option(None, "--device", help="override [engine].device: auto, cpu, cuda"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="rerun trials that failed with a NaN loss"),
-    max_trials: int | None = typer.Option(None, "--max-trials", help="run at most this many pending trials"),
+    max_trials: int | None = typer.Option(None, "--max-trials", min=0, help="run at most this many pending trials"),
     batch: int | None = typer.Option(None, "--batch", min=0,
                                      help="run up to N epoch-budget trials as one vectorised ensemble where the "
                                           "model allows (default: the spec's [engine] batch; 0: one at a time)"),
@@ -60,7 +60,10 @@ def sweep_cmd(
     except MemoryError:
         _fail(f"{spec}: out of memory while expanding the spec; shrink its grid or seeds", 1)
     jpath = journal or Path("results") / f"{sp.name}.jsonl"
-    resume = _resume_command(spec, journal, jobs, executor, batch)
+    if jpath.is_dir():
+        _fail(f"journal {jpath} is a folder; give a file path with --journal (e.g. {jpath / (sp.name + '.jsonl')})", 1)
+    resume = _resume_command(spec, journal, jobs, executor, batch, threads=threads, address=address, gpus=gpus,
+                             device=device, limit=limit, quiet=quiet)
     if dry_run:
         _dry_run(sp, jpath, batch, summary_only)
         return
@@ -97,8 +100,12 @@ def _warn(message: str) -> None:
     typer.echo(f"warning: {message}", err=True)
 
 
-def _resume_command(spec: Path, journal: Path | None, jobs: int, executor: str, batch: int | None) -> str:
-    """The command line that continues this sweep."""
+def _resume_command(spec: Path, journal: Path | None, jobs: int, executor: str, batch: int | None, *,
+                    threads: int | None = None, address: str | None = None, gpus: float | None = None,
+                    device: str | None = None, limit: int | None = None, quiet: bool = False) -> str:
+    """The command line that continues this sweep: the same options that shape its trials and their
+    arithmetic (threads, device, batch, executor), without the one-off ones (--dry-run, --max-trials,
+    --retry-failed, --rerun-stale)."""
     from overunlearn.plugins import active_plugins
 
     parts = ["overunlearn", *(f"--plugin={shlex.quote(m)}" for m in active_plugins()), "sweep",
@@ -107,10 +114,22 @@ def _resume_command(spec: Path, journal: Path | None, jobs: int, executor: str, 
         parts += ["--journal", shlex.quote(str(journal))]
     if executor != "local":
         parts += ["--executor", executor]
+    if address is not None:
+        parts += ["--address", shlex.quote(address)]
     if jobs != 1:
         parts += ["--jobs", str(jobs)]
+    if threads is not None:
+        parts += ["--threads", str(threads)]
+    if gpus is not None:
+        parts += ["--gpus", f"{gpus:g}"]
+    if device is not None:
+        parts += ["--device", shlex.quote(device)]
     if batch is not None:
         parts += ["--batch", str(batch)]
+    if limit is not None:
+        parts += ["--limit", str(limit)]
+    if quiet:
+        parts += ["-q"]
     return " ".join(parts)
 
 

@@ -29,6 +29,15 @@ def _alone(run: BatchedRun, device: torch.device, progress: Callable[[int], None
                           vectorised=False)
 
 
+def _batchable(run: BatchedRun) -> bool:
+    """Whether ``run`` joins a vectorised ensemble; a method whose ``vectorised()`` raises (a plugin's bug) runs on
+    its own through the engine, where its hooks decide how it fares, as with batching off."""
+    try:
+        return batchable(run.problem, run.method, run.budget) is None
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def unlearn_many(runs: Sequence[BatchedRun], device: str | torch.device = "auto", *, vectorise: bool = True,
                  progress: Callable[[int], None] | None = None) -> list[BatchedOutcome]:
     """Run every run of ``runs`` and return their outcomes in the same order.
@@ -47,7 +56,7 @@ def unlearn_many(runs: Sequence[BatchedRun], device: str | torch.device = "auto"
         progress: called with a number of steps taken, as they are taken.
     """
     dev = resolve_device(device)
-    together = [j for j, r in enumerate(runs) if vectorise and batchable(r.problem, r.method, r.budget) is None]
+    together = [j for j, r in enumerate(runs) if vectorise and _batchable(r)]
     outcomes: list[BatchedOutcome | None] = [None] * len(runs)
     if together:
         try:

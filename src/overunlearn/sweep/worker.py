@@ -220,11 +220,14 @@ def _run_batch(task: dict[str, Any]) -> dict[str, Any]:
         members.append((sub, bench))
     if not runs:
         return {"kind": "batch", "records": records}
-    warm_up()
-    device = str(resolve_device(task.get("device", "auto")))
-    started = time.time()
-    # the trials that qualify (batchable) run as one vectorised ensemble, any other one on its own
-    outcomes = unlearn_many(runs, device)
+    try:
+        warm_up()
+        device = str(resolve_device(task.get("device", "auto")))
+        started = time.time()
+        # the trials that qualify (batchable) run as one vectorised ensemble, any other one on its own
+        outcomes = unlearn_many(runs, device)
+    except Exception:  # noqa: BLE001 - nothing of the batch is lost: each trial runs (or fails) on its own
+        return {"kind": "batch", "records": records + [_run_trial(sub) for sub, _ in members]}
     for (sub, bench), out in zip(members, outcomes, strict=True):
         t = sub["trial"]
         rec: dict[str, Any] = {"kind": "trial", "id": sub["id"], "config_key": sub["config_key"], **t,
