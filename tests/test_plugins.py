@@ -264,7 +264,23 @@ def test_split_plugin_args():
     names, rest = plugins.split_plugin_args(["bench", "run", "x", "--plugin", "a", "--plugin=b.c", "-q", "--",
                                              "--plugin", "z"])
     assert names == ["a", "b.c"] and rest == ["bench", "run", "x", "-q", "--", "--plugin", "z"]
-    assert plugins.split_plugin_args(["methods", "--plugin"]) == ([], ["methods", "--plugin"])
+    with pytest.raises(PluginError, match="--plugin needs a module name"):
+        plugins.split_plugin_args(["methods", "--plugin"])
+
+
+def test_a_plugin_exiting_or_raising_on_import_is_one_message_naming_it(tmp_path, monkeypatch):
+    """A plugin calling sys.exit() on import used to end the command silently; one that raises was asked
+    whether it is on PYTHONPATH. Both now say what happened, the latter where."""
+    (tmp_path / "plug_exits.py").write_text("import sys\nsys.exit(3)\n")
+    (tmp_path / "plug_raises.py").write_text("x = 1\nraise RuntimeError('broken plugin')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginError, match=r"'plug_exits' called sys.exit\(3\) while being imported"):
+        plugins.load_plugins(["plug_exits"], record=False)
+    with pytest.raises(PluginError) as info:
+        plugins.load_plugins(["plug_raises"], record=False)
+    text = str(info.value)
+    assert "raised RuntimeError: broken plugin" in text and "plug_raises.py, line 2" in text
+    assert "PYTHONPATH" not in text
 
 
 def test_help_shows_the_plugin_option_and_flags_as_flags(runner):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
 from collections.abc import Iterable
 
 from overunlearn.errors import PluginError
@@ -69,11 +70,21 @@ def _import(name: str, what: str) -> None:
             raise PluginError(_message(name, exc2, what)) from exc2
     except Exception as exc:  # noqa: BLE001 - a plugin may fail in any way; report it as one message
         raise PluginError(_message(name, exc, what)) from exc
+    except SystemExit as exc:  # (sys.exit() at import time would end the command without a word)
+        raise PluginError(f"{what} {name!r} called sys.exit({exc.code!r}) while being imported") from None
 
 
 def _message(name: str, exc: BaseException, what: str) -> str:
-    reason = str(exc) if isinstance(exc, ModuleNotFoundError) else f"{type(exc).__name__}: {exc}"
-    return f"cannot import {what} {name!r}: {reason}; is it on PYTHONPATH?"
+    """One line: a module not found asks about the path; an error raised by the module's own code names it
+    and where it was raised."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name in (name, name.split(".")[0]):
+        return f"cannot import {what} {name!r}: {exc}; is it on PYTHONPATH?"
+    where = ""
+    tb = traceback.extract_tb(exc.__traceback__)
+    frames = [f for f in tb if "importlib" not in f.filename]
+    if frames:
+        where = f" ({frames[-1].filename}, line {frames[-1].lineno})"
+    return f"cannot import {what} {name!r}: importing it raised {type(exc).__name__}: {exc}{where}"
 
 
 def load_plugins(names: Iterable[str], *, what: str = "plugin module", record: bool = True) -> list[str]:
@@ -126,8 +137,10 @@ def load_from_env() -> list[str]:
 def split_plugin_args(argv: Iterable[str], option: str = "--plugin") -> tuple[list[str], list[str]]:
     """``argv`` -> (the modules of every ``--plugin X`` / ``--plugin=X``, the other arguments).
 
-    Arguments after a ``--`` are left alone. A trailing ``--plugin`` without a value is left in place
-    (the parser then reports it).
+    Arguments after a ``--`` are left alone.
+
+    Raises:
+        PluginError: a trailing ``--plugin`` without a module.
     """
     args = list(argv)
     names: list[str] = []
@@ -138,7 +151,9 @@ def split_plugin_args(argv: Iterable[str], option: str = "--plugin") -> tuple[li
         if a == "--":
             rest.extend(args[i:])
             break
-        if a == option and i + 1 < len(args):
+        if a == option:
+            if i + 1 >= len(args):
+                raise PluginError(f"{option} needs a module name after it (e.g. {option} mypackage.plugin)")
             names.append(args[i + 1])
             i += 2
             continue

@@ -91,9 +91,14 @@ class _RootGroup(TyperGroup):
         _plain_help(self)
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        from overunlearn.errors import PluginError
         from overunlearn.plugins import split_plugin_args
 
-        names, rest = split_plugin_args(args)
+        try:
+            names, rest = split_plugin_args(args)
+        except PluginError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
         _load_plugins(names)
         return super().parse_args(ctx, rest)
 
@@ -150,10 +155,15 @@ def _register() -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The ``overunlearn`` console script: plugins (``--plugin``, entry points) first, then the commands."""
+    from overunlearn.errors import PluginError
     from overunlearn.plugins import split_plugin_args
 
     args = list(sys.argv[1:] if argv is None else argv)
-    names, rest = split_plugin_args(args)
+    try:
+        names, rest = split_plugin_args(args)
+    except PluginError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
     try:
         _load_plugins(names)  # before the commands are built: a plugin may add commands of its own
     except typer.Exit as exc:
