@@ -15,6 +15,15 @@ class DatasetNotFoundError(OverunlearnError, FileNotFoundError):
     """A dataset is not on disk; the message says how to provide it."""
 
 
+class DatasetFileError(DataError):
+    """A dataset file is on disk but unusable (truncated, corrupt, of another format); ``path`` names it
+    and the message says to delete it and provide it again."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
 class NonFiniteLossError(OverunlearnError, FloatingPointError):
     """The loss became NaN or infinite; ``step`` is the (0-based) step at which it happened."""
 

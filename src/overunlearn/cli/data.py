@@ -44,7 +44,7 @@ def prepare_cmd(
     """Lay files already on this machine into torchvision's layout (never downloads)."""
     from overunlearn.data.prepare import prepare_fashion_mnist
     from overunlearn.data.sources import canonical_name
-    from overunlearn.errors import DatasetNotFoundError
+    from overunlearn.errors import OverunlearnError
 
     try:
         name = canonical_name(dataset)
@@ -55,7 +55,7 @@ def prepare_cmd(
                                  "`overunlearn data status` to see where its files must go")
     try:
         raw = prepare_fashion_mnist(data_root, source, link=not copy)
-    except DatasetNotFoundError as exc:
+    except (OverunlearnError, OSError) as exc:  # a missing or unusable source file; a data root that cannot be made
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"Fashion-MNIST laid out in {raw} (torchvision.datasets.FashionMNIST(root={raw.parent.parent}, "

@@ -15,17 +15,18 @@ KEPT = "trained models are kept in the cache; run the same command again to cont
 def friendly_errors(kept: str, memory_hint: str = "lower the number of models, seeds or the batch size") -> Iterator[None]:
     """Run a command's work, turning our errors and the foreseeable system ones into one line on stderr:
 
-    a missing dataset or a plugin module that cannot be imported exits 2; our other errors (a locked journal, an unusable cache file, a failed set-up),
+    a missing dataset, an unusable (corrupt, truncated) dataset file or a plugin module that cannot be
+    imported exits 2; our other errors (a locked journal, an unusable cache file, a failed set-up),
     an unreadable or unwritable file and running out of memory exit 1; Ctrl-C exits 130 after saying
     what is ``kept`` and how to continue.
     """
     import torch
 
-    from overunlearn.errors import DatasetNotFoundError, OverunlearnError, PluginError
+    from overunlearn.errors import DatasetFileError, DatasetNotFoundError, OverunlearnError, PluginError
 
     try:
         yield
-    except (DatasetNotFoundError, PluginError) as exc:
+    except (DatasetNotFoundError, DatasetFileError, PluginError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     except OverunlearnError as exc:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import gzip
 import os
-import shutil
 from pathlib import Path
 
-from overunlearn.data.sources import DEBIAN_FASHION_MNIST, MNIST_FILES, default_data_root, read_idx
+from overunlearn.data.sources import (
+    DEBIAN_FASHION_MNIST,
+    MNIST_FILES,
+    check_mnist_pair,
+    default_data_root,
+    parse_idx,
+    read_maybe_gzip,
+)
 from overunlearn.errors import DatasetNotFoundError
 from overunlearn.storage import atomic_write_bytes
 
@@ -17,8 +22,10 @@ def prepare_fashion_mnist(root: str | os.PathLike | None = None, source: str | o
     """Put Debian's Fashion-MNIST into ``<root>/FashionMNIST/raw/`` for ``torchvision.datasets.FashionMNIST``.
 
     The ``.gz`` files are symlinked (or copied with ``link=False``) and decompressed next to
-    them, because torchvision reads the uncompressed IDX files. Every file is checked to be a
-    well-formed IDX file first. Idempotent: existing outputs are rewritten atomically.
+    them, because torchvision reads the uncompressed IDX files. All four files are checked
+    (complete gzip streams, well-formed IDX files, as many labels as images) before anything
+    is laid out, so a bad source leaves ``raw/`` as it was; every output is replaced atomically,
+    so rerunning is safe (idempotent).
 
     Args:
         root: the data root (``--data-root``); default :func:`default_data_root`.
@@ -28,6 +35,11 @@ def prepare_fashion_mnist(root: str | os.PathLike | None = None, source: str | o
 
     Returns:
         the ``raw`` folder that was filled.
+
+    Raises:
+        DatasetNotFoundError: a source file is missing.
+        DatasetFileError: a source file is unusable (the message names it).
+        NotADirectoryError, PermissionError: ``raw/`` cannot be created (the message says where).
     """
     src = Path(source) if source is not None else DEBIAN_FASHION_MNIST
     base = Path(root) if root is not None else default_data_root()
@@ -37,21 +49,42 @@ def prepare_fashion_mnist(root: str | os.PathLike | None = None, source: str | o
         raise DatasetNotFoundError(
             f"Fashion-MNIST source files {missing} are not in {src}. On Debian/Ubuntu install them with "
             "`apt install dataset-fashion-mnist`, or pass --source DIR pointing at the four *-ubyte.gz files.")
+    # check every source file before writing anything: a bad one must not leave a half-filled raw/
+    decoded: dict[str, bytes] = {}
+    for images_name, labels_name in MNIST_FILES.values():
+        pair = []
+        for n in (images_name, labels_name):
+            decoded[n] = read_maybe_gzip(src / (n + ".gz"))
+            pair.append(parse_idx(decoded[n], src / (n + ".gz")))
+        check_mnist_pair(pair[0], pair[1], src / (images_name + ".gz"), src / (labels_name + ".gz"))
     raw = base / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError, PermissionError) as exc:  # a file in the way, or no rights
+        blocker = next((p for p in raw.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker is not None else str(exc.strerror)
+        raise type(exc)(f"cannot create the folder {raw}: {why}; --data-root must be a folder this user can "
+                        "write to") from None
     for n in names:
         gz = src / (n + ".gz")
-        read_idx(gz)  # validates the file (magic number, sizes)
-        target = raw / (n + ".gz")
-        if target.is_symlink() or target.exists():
-            target.unlink()
         if link:
-            target.symlink_to(gz.resolve())
+            _replace_with_symlink(raw / (n + ".gz"), gz.resolve())
         else:
-            shutil.copyfile(gz, target)
-        with gzip.open(gz, "rb") as fh:
-            atomic_write_bytes(raw / n, fh.read())
+            atomic_write_bytes(raw / (n + ".gz"), gz.read_bytes())
+        atomic_write_bytes(raw / n, decoded[n])
     return raw
+
+
+def _replace_with_symlink(target: Path, points_to: Path) -> None:
+    """Make ``target`` a symlink to ``points_to`` in one rename (a reader never finds it missing)."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)  # left by a killed run of this process id
+    tmp.symlink_to(points_to)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 __all__ = ["prepare_fashion_mnist"]

@@ -7,8 +7,8 @@ transforms.
 
 Sources (``name``: where the files must be, relative to ``--data-root``):
 
-* ``mnist``: ``MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte`` (torchvision's layout,
-  read with ``torchvision.datasets.MNIST(root, download=False)``).
+* ``mnist``: ``MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte`` (torchvision's layout; the
+  files ``torchvision.datasets.MNIST(root, download=False)`` reads, read here by :func:`read_idx`).
 * ``fashion-mnist``: ``FashionMNIST/raw/...`` likewise. ``overunlearn data prepare fashion-mnist``
   lays Debian's ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``) into
   this layout; when the layout is missing but the Debian files are installed they are read
@@ -27,15 +27,19 @@ Sources (``name``: where the files must be, relative to ``--data-root``):
 Nothing is downloaded unless ``download=True`` is passed explicitly (``--download`` on the
 command line), and then only through torchvision's own ``download=True`` for MNIST,
 Fashion-MNIST and CIFAR-10. A missing dataset raises :class:`DatasetNotFoundError` whose
-message says exactly which files to put where.
+message says exactly which files to put where; a file that is there but unusable (truncated,
+corrupt, of another format) raises :class:`DatasetFileError` naming it and saying to delete it and
+provide it again.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from overunlearn.errors import DatasetNotFoundError
+from overunlearn.errors import DatasetFileError, DatasetNotFoundError
 
 Split = Literal["train", "test"]
 
@@ -55,6 +59,8 @@ MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+#: (height, width) of every MNIST / Fashion-MNIST image
+MNIST_SIZE = (28, 28)
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -104,23 +110,89 @@ def default_data_root() -> Path:
 # readers
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (MNIST format), gzip-compressed or not."""
+def bad_file(path: str | os.PathLike, why: str, cls: type[DatasetFileError] = DatasetFileError) -> DatasetFileError:
+    """The error (of class ``cls``) for a dataset file that is there but unusable: names it, says why and
+    what to do."""
+    return cls(f"dataset file {path} is unusable: {why}. Delete it and provide the file again "
+               "(`overunlearn data status` says where each dataset's files come from)", str(path))
+
+
+def read_maybe_gzip(path: str | os.PathLike) -> bytes:
+    """The bytes of ``path``, decompressed when its name ends in ``.gz``.
+
+    Raises:
+        DatasetFileError: a ``.gz`` file is not a complete gzip stream (garbage, cut short).
+    """
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:  # type: ignore[operator]
-        data = fh.read()
+    if path.suffix != ".gz":
+        return path.read_bytes()
+    try:
+        with gzip.open(path, "rb") as fh:
+            return fh.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:  # not gzip / cut short / damaged stream
+        raise bad_file(path, f"not a complete gzip file ({exc})") from None
+
+
+#: IDX type code -> numpy dtype (big-endian where multi-byte)
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def parse_idx(data: bytes, path: str | os.PathLike = "<bytes>") -> np.ndarray:
+    """Decode the bytes of an IDX file (MNIST format); ``path`` only names it in errors.
+
+    Raises:
+        DatasetFileError: bad magic number, unknown type, or a size that disagrees with the header
+            (a truncated file, or one with bytes after the data).
+    """
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+        raise bad_file(path, "not an IDX file (bad magic number)")
     dtype_code, ndim = data[2], data[3]
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if dtype_code not in dtypes:
-        raise ValueError(f"{path}: unknown IDX data type 0x{dtype_code:02x}")
+    if dtype_code not in _IDX_DTYPES:
+        raise bad_file(path, f"unknown IDX data type 0x{dtype_code:02x}")
+    offset = 4 + 4 * ndim
+    if len(data) < offset:
+        raise bad_file(path, f"the IDX header is cut short ({len(data)} of {offset} bytes)")
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    arr = np.frombuffer(data, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims} but the file holds {arr.size} values")
-    return arr.reshape(dims)
+    dtype = np.dtype(_IDX_DTYPES[dtype_code])
+    expected = offset + math.prod(dims) * dtype.itemsize
+    if len(data) != expected:
+        state = "truncated: " if len(data) < expected else ""
+        raise bad_file(path, f"{state}its header says shape {dims} ({expected} bytes) but the file has "
+                             f"{len(data)} bytes")
+    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(dims)
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (MNIST format), gzip-compressed or not.
+
+    Raises:
+        DatasetFileError: the file is not a complete, well-formed IDX file (see :func:`parse_idx`).
+    """
+    return parse_idx(read_maybe_gzip(path), path)
+
+
+def check_mnist_pair(images: np.ndarray, labels: np.ndarray, image_path: str | os.PathLike,
+                     label_path: str | os.PathLike) -> None:
+    """Check one split read from IDX files: ``uint8`` 28x28 images, one label in 0..9 per image.
+
+    Raises:
+        DatasetFileError: naming the file at fault.
+    """
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != MNIST_SIZE:
+        raise bad_file(image_path, f"expected uint8 images of shape (N, 28, 28), got {images.dtype} "
+                                   f"{tuple(images.shape)}")
+    if labels.ndim != 1 or labels.dtype != np.uint8:
+        raise bad_file(label_path, f"expected a uint8 vector of labels, got {labels.dtype} {tuple(labels.shape)}")
+    if len(labels) != len(images):
+        raise bad_file(label_path, f"it holds {len(labels)} labels for the {len(images)} images of "
+                                   f"{Path(image_path).name}")
+    if labels.size and int(labels.max()) > 9:
+        raise bad_file(label_path, f"label {int(labels.max())} is not a class (0..9)")
+
+
+class UnsafePickleError(DatasetFileError, pickle.UnpicklingError):
+    """A CIFAR batch holds objects other than numpy arrays (unpickling them could run code). Also a
+    :class:`pickle.UnpicklingError`, for callers that catch that."""
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -135,18 +207,42 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):  # type: ignore[override]
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
+        raise UnsafePickleError(f"refusing to load {module}.{name} from a CIFAR batch file")
 
 
 def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``uint8 (N, 3, 32, 32)`` and labels ``int64 (N,)`` of one CIFAR-10 python batch.
+
+    Raises:
+        DatasetFileError: the file is not a complete CIFAR-10 batch (:class:`UnsafePickleError` when it
+            holds objects other than numpy arrays).
+    """
     with open(path, "rb") as fh:
-        entry = _NumpyOnlyUnpickler(fh, encoding="latin1").load()
-    entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+        try:
+            entry = _NumpyOnlyUnpickler(fh, encoding="latin1").load()
+        except UnsafePickleError as exc:
+            raise bad_file(path, str(exc), UnsafePickleError) from None
+        except MemoryError:
+            raise
+        except Exception as exc:  # garbage or a cut pickle fails in many ways (EOFError, ValueError, ...)
+            raise bad_file(path, f"not a CIFAR-10 python batch ({type(exc).__name__}: {exc})") from None
+    if not isinstance(entry, dict):
+        raise bad_file(path, f"not a CIFAR-10 python batch (it holds a {type(entry).__name__}, not a dict)")
+    entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
     labels = entry.get("labels", entry.get("fine_labels"))
     if "data" not in entry or labels is None:
-        raise ValueError(f"{path} is not a CIFAR-10 python batch (no 'data'/'labels')")
-    data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return data, np.asarray(labels, dtype=np.int64)
+        raise bad_file(path, "not a CIFAR-10 python batch (no 'data'/'labels')")
+    try:
+        data = np.asarray(entry["data"], dtype=np.uint8)
+        targets = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise bad_file(path, f"its 'data' or 'labels' are not arrays of numbers ({exc})") from None
+    if data.size % (3 * 32 * 32) or targets.ndim != 1 or data.size // (3 * 32 * 32) != len(targets):
+        raise bad_file(path, f"its {data.size} bytes of 'data' are not 3x32x32 images, one per each of its "
+                             f"{targets.size} labels")
+    if targets.size and (int(targets.min()) < 0 or int(targets.max()) > 9):
+        raise bad_file(path, "its labels are not all classes 0..9")
+    return data.reshape(-1, 3, 32, 32), targets
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,19 +286,17 @@ def _load_mnist_like(name: str, folder: str, classes: tuple[str, ...], debian: P
     def load(root: Path, split: str) -> ImageSet:
         raw = root / folder / "raw"
         img_f, lab_f = MNIST_FILES[split]
-        if (raw / img_f).is_file() and (raw / lab_f).is_file():
-            from torchvision import datasets
-
-            cls = datasets.FashionMNIST if folder == "FashionMNIST" else datasets.MNIST
-            ds = cls(str(root), train=split == "train", download=False)
-            images, labels = ds.data, ds.targets
+        if (raw / img_f).is_file() and (raw / lab_f).is_file():  # torchvision's layout, uncompressed
+            img_p, lab_p = raw / img_f, raw / lab_f
         elif debian is not None and (_debian_dir(debian) / (img_f + ".gz")).is_file():
             deb = _debian_dir(debian)
-            images = torch.from_numpy(read_idx(deb / (img_f + ".gz")).copy())
-            labels = torch.from_numpy(read_idx(deb / (lab_f + ".gz")).astype(np.int64))
+            img_p, lab_p = deb / (img_f + ".gz"), deb / (lab_f + ".gz")
         else:
             raise DatasetNotFoundError(_SOURCES[name].how_to(root))
-        return ImageSet(name, split, images.to(torch.uint8).unsqueeze(1).contiguous(), labels, 10, classes)
+        images, labels = read_idx(img_p), read_idx(lab_p)
+        check_mnist_pair(images, labels, img_p, lab_p)
+        return ImageSet(name, split, torch.from_numpy(images.copy()).unsqueeze(1).contiguous(),
+                        torch.from_numpy(labels.astype(np.int64)), 10, classes)
 
     return load
 
@@ -247,13 +341,17 @@ def _tiny_find(root: Path) -> Path | None:
 
 
 def _pil_to_uint8(path: str, size: tuple[int, int]) -> np.ndarray:
+    """One image file as ``uint8 (3, H, W)``; a file PIL cannot decode raises :class:`DatasetFileError`."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if im.size != (size[1], size[0]):
-            im = im.resize((size[1], size[0]))
-        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]))
+            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL's ways to fail
+        raise bad_file(path, f"not a readable image ({type(exc).__name__}: {exc})") from None
 
 
 def _tiny_load(root: Path, split: str) -> ImageSet:
@@ -389,6 +487,7 @@ def load_images(name: str, split: Split = "train", root: str | os.PathLike | Non
 
     Raises:
         DatasetNotFoundError: the files are not there (the message says how to provide them).
+        DatasetFileError: a file is there but unusable (truncated, corrupt); the message names it.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -403,4 +502,5 @@ def load_images(name: str, split: Split = "train", root: str | os.PathLike | Non
 
 
 __all__ = ["ImageSet", "Source", "load_images", "list_sources", "get_source", "canonical_name", "dataset_location",
-           "default_data_root", "read_idx", "DEBIAN_FASHION_MNIST"]
+           "default_data_root", "read_idx", "parse_idx", "read_maybe_gzip", "check_mnist_pair", "bad_file",
+           "UnsafePickleError", "DEBIAN_FASHION_MNIST", "MNIST_SIZE"]

@@ -1,6 +1,7 @@
 """Reports: tables and figures derived from a sweep journal.
 
-:func:`build_report` reads a journal and writes, per sweep, into ``out_dir/<sweep>/``:
+:func:`build_report` reads a journal and writes, per sweep, into ``out_dir/<sweep>/`` (the sweep's name made
+file-name safe; names that would share a folder get a suffix, see :func:`_folders`):
 
 * ``results.md`` / ``results.csv`` -- Table 1/2 style (best-mean sweeps: a row per setting,
   a column per method, original and ground-truth columns) or the frontier points of
@@ -32,7 +33,7 @@ from overunlearn.report.tables import (
     results_table,
     runtime_table,
 )
-from overunlearn.storage import atomic_write_text
+from overunlearn.storage import atomic_write_text, stable_hash
 from overunlearn.sweep.journal import JournalContents
 
 __all__ = ["build_report", "load", "frontier_plot", "SettingResult", "SweepReport", "ReportSectionError", "Section"]
@@ -72,6 +73,25 @@ def _slug(text: str) -> str:
     return s or "default"
 
 
+def _folders(names: list[str]) -> dict[str, str]:
+    """A distinct folder name per sweep name; deterministic (the same for the same names in any order).
+
+    A name's folder is its :func:`_slug`. Names whose slugs collide (``"run 1"`` and ``"run_1"``; also
+    names differing only in case, which are one folder on macOS and Windows) would overwrite each
+    other's files: of such a group, only a name that is its own slug keeps it (the first in sorted
+    order, if several), every other name gets ``<slug>-<hash of the name>``.
+    """
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(_slug(name).casefold(), []).append(name)
+    out: dict[str, str] = {}
+    for group in groups.values():
+        plain = min((n for n in group if n == _slug(n)), default=None) if len(group) > 1 else group[0]
+        for name in group:
+            out[name] = _slug(name) if name == plain else f"{_slug(name)}-{stable_hash(name, 8)}"
+    return out
+
+
 def build_report(journal: str | Path, out_dir: str | Path | None = None, *, allow_partial: bool = False,
                  sweeps: list[str] | None = None, figures: bool = True,
                  sections: Sequence[Section] = (), select_seeds: list[int] | None = None,
@@ -102,8 +122,9 @@ def build_report(journal: str | Path, out_dir: str | Path | None = None, *, allo
         index += [f"- {w}" for w in contents.warnings()[:50]] + [""]
     if not reports:
         index.append("The journal holds no trials yet.")
+    folders = _folders([rep.name for rep in reports])
     for rep in reports:
-        d = out / _slug(rep.name)
+        d = out / folders[rep.name]
         index += [f"## {rep.name}: {rep.title}" + (f" ({rep.paper})" if rep.paper else ""), ""]
         if not rep.settings:
             index += ["No finished trials yet.", ""]

@@ -85,6 +85,28 @@ def _check_metrics(v: Any) -> str | None:
     return None
 
 
+#: budget key -> check of its value (the fields of :class:`overunlearn.engine.Budget`; an infinite
+#: ``seconds`` is written as ``null``, see :func:`_clean`)
+_BUDGET_VALUES: dict[str, Any] = {"epochs": _is_int, "steps": _is_int, "seconds": _is_num_or_none}
+_BUDGET_WHAT = "a table of integer 'epochs' / 'steps' and a number of 'seconds'"
+
+
+def _budget_problem(v: Any) -> str | None:
+    """What ``v`` must be when it is not a budget that reports can compute with; ``None``: it is one."""
+    if not isinstance(v, dict):
+        return f"{_BUDGET_WHAT}, not a {type(v).__name__}"
+    for key, value in v.items():  # a key of a later version is no problem: nothing here reads it
+        check = _BUDGET_VALUES.get(key)
+        if check is not None and not check(value):
+            return f"{_BUDGET_WHAT} (it has {key!r} = {value!r:.40})"
+    return None
+
+
+def _check_budget(v: Any) -> str | None:
+    why = _budget_problem(v)
+    return None if why is None else f"'budget' must be {why}"
+
+
 def _check_benchmark(v: Any) -> str | None:
     if not isinstance(v, dict) or not isinstance(v.get("name"), str) or not isinstance(v.get("options", {}), dict):
         return "'benchmark' must be a table with a string 'name' and a table 'options'"
@@ -103,12 +125,15 @@ _TYPED: dict[str, tuple[Any, str]] = {
     "status": (lambda v: v in STATUSES, f"one of {list(STATUSES)}"),
     "config": (lambda v: isinstance(v, dict), "a table"),
     "hyper": (lambda v: isinstance(v, dict), "a table"),
-    "budget": (lambda v: isinstance(v, dict), "a table"),
     "engine": (lambda v: isinstance(v, dict), "a table"),
     "error": (lambda v: isinstance(v, str), "a string"),
     "error_type": (lambda v: isinstance(v, str), "a string"),
     "steps": (lambda v: v is None or _is_int(v), "an integer"),
     "seconds": (_is_num_or_none, "a number"),
+    # provenance that resuming and reports compare or print (sweep --rerun-stale, mixed-arithmetic notes)
+    "code": (lambda v: v is None or isinstance(v, str), "a string (the source fingerprint)"),
+    "arithmetic": (lambda v: v is None or isinstance(v, str), "a string"),
+    "torch_threads": (lambda v: v is None or _is_int(v), "an integer"),
     "metric_specs": (lambda v: isinstance(v, list) and all(
         isinstance(m, dict) and isinstance(m.get("name"), str) and m.get("direction") in ("min", "max")
         for m in v), "a list of {name, direction} tables"),
@@ -138,6 +163,9 @@ def _check_spec(v: Any) -> str | None:
         for key in ("grids", "fixed", "budget", "benchmark_options"):
             if not isinstance(s.get(key, {}), dict):
                 return f"'spec.settings[{i}].{key}' must be a table"
+        why = _budget_problem(s.get("budget", {}))
+        if why is not None:
+            return f"'spec.settings[{i}].budget' must be {why}"
         for key in ("grids", "fixed"):
             if not all(isinstance(t, dict) for t in s.get(key, {}).values()):
                 return f"'spec.settings[{i}].{key}' must be a table of method -> table"
@@ -171,7 +199,7 @@ def record_problem(rec: Any) -> str | None:
     for key, (ok, what) in _TYPED.items():
         if key in rec and not ok(rec[key]):
             return f"field {key!r} = {rec[key]!r:.60} must be {what}"
-    for key, check in (("metrics", _check_metrics), ("benchmark", _check_benchmark),
+    for key, check in (("metrics", _check_metrics), ("benchmark", _check_benchmark), ("budget", _check_budget),
                        ("reference", _check_reference), ("spec", _check_spec)):
         if key in rec:
             why = check(rec[key])

@@ -686,7 +686,8 @@ def check_benchmark(spec: SweepSpec) -> list[str]:
     """Problems found by configuring the spec's benchmark for every setting (cheap: nothing is trained).
 
     Checks that the benchmark exists, accepts the options, and reports the metrics and
-    directions listed under ``[metrics]``. Returns readable messages; empty when all is well.
+    directions listed under ``[metrics]`` and the metrics named by ``[report].metrics`` (a name it
+    does not report would leave the report empty). Returns readable messages; empty when all is well.
     """
     from overunlearn.benchmarks import get_benchmark
 
@@ -714,4 +715,8 @@ def check_benchmark(spec: SweepSpec) -> list[str]:
             elif actual[name] != direction:
                 problems.append(f"{label}[metrics] says {name!r} is {direction!r}-is-better; the benchmark says "
                                 f"{actual[name]!r}")
+        unknown = [name for name in spec.report.get("metrics", []) if name not in actual]
+        if unknown:
+            problems.append(f"{label}[report].metrics lists {', '.join(map(repr, unknown))}, which benchmark "
+                            f"{spec.benchmark!r} does not report; valid names: {', '.join(sorted(actual))}")
     return problems
