@@ -53,6 +53,7 @@ def clean(res) -> str:
     ("{start = 1, stop = 1000000000}", "holds 1000000000 seeds, more than"),
     ("{start = 5, stop = 1}", "below start"),
     ("{start = true, stop = 3}", "start = True must be a whole number"),
+    ("[-1, 4294967295]", "differ by a multiple of 2^32"),
 ])
 def test_bad_seed_ranges_are_spec_errors(runner, tmp_path, seeds, expected):
     t0 = time.perf_counter()

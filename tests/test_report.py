@@ -179,6 +179,10 @@ def test_report_cli(journal, tmp_path):
     assert not list((tmp_path / "r").rglob("*.png"))
     res = CliRunner().invoke(app, ["report", str(tmp_path / "missing.jsonl")])
     assert res.exit_code == 2 and "does not exist" in res.output
+    # a sweep name the journal does not hold is one error listing those it does (it was an empty report)
+    res = CliRunner().invoke(app, ["report", str(journal), "--out", str(tmp_path / "n"), "--sweep", "nosuch"])
+    text = " ".join(res.output.replace("│", " ").split())
+    assert res.exit_code == 2 and "no sweep named 'nosuch'" in text and "'table', 'front'" in text
 
 
 def test_dominance_table_counts_weakly_dominated_front_points():

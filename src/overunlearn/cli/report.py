@@ -53,7 +53,7 @@ def report_cmd(
     """
     from overunlearn.privacy.columns import PrivacyOptions, privacy_section
     from overunlearn.report import ReportSectionError, build_report
-    from overunlearn.report.aggregate import SeedSplitError
+    from overunlearn.report.aggregate import SeedSplitError, UnknownSweepError
 
     if not journal.exists():
         typer.echo(f"error: journal {str(journal)!r} does not exist; run `overunlearn sweep SPEC` first", err=True)
@@ -105,6 +105,8 @@ def report_cmd(
         raise typer.Exit(1) from None
     except SeedSplitError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--select-seeds'") from None
+    except UnknownSweepError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--sweep'") from None
     except ReportSectionError as exc:
         for f in exc.files:
             typer.echo(str(f))

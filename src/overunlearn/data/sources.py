@@ -305,8 +305,8 @@ def _mnist_how_to(folder: str, pretty: str, extra: str = ""):
     def how_to(root: Path) -> str:
         files = ", ".join(f for fs in MNIST_FILES.values() for f in fs)
         return (f"{pretty} was not found under {root}: torchvision's layout needs the uncompressed IDX files "
-                f"{files} in {root / folder / 'raw'}. {extra}Or pass --download to let torchvision fetch it "
-                f"(needs network access).")
+                f"{files} in {root / folder / 'raw'}. {extra}Or let torchvision fetch it once with `overunlearn "
+                f"bench erase --dataset ... --download` (needs network access).")
 
     return how_to
 
@@ -331,8 +331,8 @@ def _cifar_load(root: Path, split: str) -> ImageSet:
 def _cifar_how_to(root: Path) -> str:
     return (f"CIFAR-10 was not found under {root}: extract cifar-10-python.tar.gz "
             f"(https://www.cs.toronto.edu/~kriz/cifar.html) so that {root / 'cifar-10-batches-py'} holds "
-            "data_batch_1 ... data_batch_5 and test_batch, or pass --download to let torchvision fetch it "
-            "(needs network access).")
+            "data_batch_1 ... data_batch_5 and test_batch, or let torchvision fetch it once with `overunlearn bench "
+            "erase --dataset cifar10 --download` (needs network access).")
 
 
 def _tiny_find(root: Path) -> Path | None:

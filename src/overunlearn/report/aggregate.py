@@ -14,6 +14,10 @@ from overunlearn.sweep.spec import benchmark_key
 MINNORM = "minnorm_og"
 
 
+class UnknownSweepError(ValueError):
+    """A sweep asked for by name is not in the journal (the message lists those that are)."""
+
+
 class SeedSplitError(ValueError):
     """``select_seeds`` does not split a setting's seeds into a selection and a held-out part."""
 
@@ -103,6 +107,11 @@ def load(path: str | Path, allow_partial: bool = False, sweeps: list[str] | None
         by_sweep.setdefault(rec.get("sweep", "?"), {}).setdefault(rec.get("setting", ""), []).append(rec)
     names = list(dict.fromkeys([*headers, *by_sweep]))
     if sweeps:
+        unknown = [s for s in sweeps if s not in names]
+        if unknown:
+            held = ", ".join(repr(n) for n in names) if names else "none yet"
+            raise UnknownSweepError(f"the journal {path} holds no sweep named {', '.join(map(repr, unknown))} (it "
+                                    f"holds: {held})")
         names = [n for n in names if n in sweeps]
     out = []
     for name in names:

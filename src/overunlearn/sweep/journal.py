@@ -361,8 +361,8 @@ class JournalWriter:
             except OSError:
                 os.close(fd)
                 raise JournalLockedError(
-                    f"journal {str(self.path)!r} is being written by another sweep; wait for it or use another "
-                    "--journal") from None
+                    f"journal {str(self.path)!r} is being written by another sweep; wait for it, or write to "
+                    "another journal (sweep: --journal; bench commands: another --out)") from None
         self._fd = fd
         # a torn tail (a line cut by a kill) is terminated by the first append, so that the file can be
         # read under the lock first (and the torn line still reads as the incomplete last line it is)

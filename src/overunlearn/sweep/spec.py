@@ -479,6 +479,13 @@ def _seeds(value: Any, what: str, fail) -> list[int]:
         fail(f"{what}: {len(value)} seeds are more than {MAX_SEEDS}")
     if len(set(value)) != len(value):
         fail(f"{what}: seeds contain duplicates")
+    low: dict[int, int] = {}
+    for seed in value:
+        # torch's CPU generator keeps a seed's low 32 bits: such seeds would be the same trial twice
+        twin = low.setdefault(seed % 2**32, seed)
+        if twin != seed:
+            fail(f"{what}: seeds {twin} and {seed} differ by a multiple of 2^32, and torch's generator uses only a "
+                 "seed's low 32 bits: they would give the same data and models; use seeds in [0, 2^32)")
     return list(value)
 
 
