@@ -588,3 +588,60 @@ def test_trainer_warns_that_a_methods_own_learning_rate_is_not_used(tmp_path):
         UnlearningTrainer(gpt2(), _trainer_args(tmp_path), method="ga", method_kwargs={"lr": 5.0},
                           retain_dataset=data.subset(range(4)), forget_dataset=data.subset(range(4, 8)),
                           task=CausalLMTask())
+
+
+def test_list_of_dict_examples_without_a_collate_and_a_text_entry():
+    """Equal-length dict examples with lists of token ids are collated into tensors by default (torch's
+    default_collate alone made per-position lists of them); a raw text entry is one clear error."""
+    x, y = _tokens(8, seed=12, min_len=T)
+    items = [{"input_ids": x["input_ids"][i].tolist(), "attention_mask": x["attention_mask"][i].tolist(),
+              "labels": y[i].tolist()} for i in range(8)]
+    p = UnlearningProblem(gpt2(), items[:4], items[4:], CausalLMTask(), batch_size=2)
+    assert unlearn(p, "ga", Budget(steps=2), device="cpu").record.steps == 2
+    texts = [dict(it, text="raw") for it in items]
+    with pytest.raises(DataError, match="'text' holds text"):
+        unlearn(UnlearningProblem(gpt2(), texts[:4], texts[4:], CausalLMTask(), batch_size=2, collate=PadCollate()),
+                "ga", Budget(steps=1), device="cpu")
+
+
+def test_trainer_keeps_every_column_for_a_forward_that_names_none_and_scalar_labels_get_the_padding_message(tmp_path):
+    from overunlearn.integrations.huggingface import UnlearningTrainer
+
+    class Wrapped(nn.Module):  # forward(**batch): the Trainer's column removal would leave it nothing
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = gpt2()
+
+        def forward(self, **batch):  # noqa: ANN003, ANN201
+            return self.m(**batch)
+
+    x, y = _tokens(12, seed=13)
+    data = [{"input_ids": x["input_ids"][i], "attention_mask": x["attention_mask"][i], "labels": y[i]} for i in range(12)]
+    trainer = UnlearningTrainer(Wrapped(), _trainer_args(tmp_path), method="ga", retain_dataset=data[:8],
+                                forget_dataset=data[8:], task=CausalLMTask())
+    assert trainer.train().global_step == 2
+    # sequence classification with 0-d labels (torch.tensor(label)) and examples of their own lengths
+    lens = x["attention_mask"].sum(1)
+    cls = [{"input_ids": x["input_ids"][i, :int(lens[i])], "labels": torch.tensor(i % 3)} for i in range(12)]
+    with pytest.raises(DataError, match="different lengths.*PadCollate"):
+        UnlearningTrainer(bert(), _trainer_args(tmp_path), method="ga", retain_dataset=cls[:8], forget_dataset=cls[8:],
+                          task=SequenceClassificationTask()).train()
+
+
+def test_no_key_warning_for_forwards_that_name_no_keyword():
+    import warnings
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = gpt2()
+
+        def forward(self, **batch):  # noqa: ANN003, ANN201
+            return self.m(**batch)
+
+    x, y = _tokens(8, seed=14)
+    data = TensorData(x, y)
+    p = UnlearningProblem(Wrapped(), data.subset(range(4)), data.subset(range(4, 8)), CausalLMTask(), batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        unlearn(p, "ga", Budget(steps=1), device="cpu")

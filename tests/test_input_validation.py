@@ -242,3 +242,47 @@ def test_float16_parameters_with_adamw_are_refused_before_any_work_and_sgd_runs(
     with pytest.raises(ValueError, match="AdamW cannot step float16.*optimizer='sgd'"):
         unlearn(half, create("gd", lr=1e-3), Budget(steps=2), device="cpu")
     assert unlearn(half, create("gd", lr=1e-3, optimizer="sgd"), Budget(steps=2), device="cpu").record.steps == 2
+
+
+def test_empty_subsets_stay_empty():
+    data = TensorData(torch.randn(6, 3), torch.arange(6))
+    for empty in ([], range(0), torch.zeros(0, dtype=torch.long)):
+        assert len(data.subset(empty)) == 0  # ([] reads as float32: it was refused as "not integer positions")
+
+
+def test_the_autocast_decline_sees_layers_returning_tuples():
+    """``nn.MultiheadAttention`` returns a tuple; under autocast its block crashed on a dtype mismatch."""
+    import overunlearn.linalg.projection as P
+    from overunlearn.linalg.jacobian import output_jacobian
+
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):  # noqa: ANN001, ANN201
+            return self.att(x, x, x, need_weights=False)[0].float().mean(1)[:, :3]
+
+    torch.manual_seed(0)
+    m, x = Attend(), torch.randn(5, 4, 8)
+    v = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = P.project_onto_span(output_jacobian(m, x, lambda out: out), v)
+        got = P.project_model_onto_span(m, x, lambda out: out, v)
+    assert P.last_route.reason == "autocast"
+    torch.testing.assert_close(got, ref)
+
+
+def test_select_output_positions_and_bad_selectors():
+    from overunlearn.structure import select_output
+
+    a, b = torch.zeros(1), torch.ones(1)
+    assert select_output((a, b), 1) is b and select_output((a, b), -2) is a
+    assert select_output({"x": a, "none": None, "y": b}, 1) is b  # (None entries skipped, as to_tuple() does)
+    np = pytest.importorskip("numpy")
+    assert select_output((a, b), np.int64(1)) is b
+    for bad in (True, 1.5):
+        with pytest.raises(DataError, match="name an entry"):
+            select_output((a, b), bad)  # type: ignore[arg-type]
+    with pytest.raises(DataError, match="returned 2 outputs"):
+        select_output((a, b), 2)

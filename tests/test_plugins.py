@@ -281,6 +281,11 @@ def test_a_plugin_exiting_or_raising_on_import_is_one_message_naming_it(tmp_path
     text = str(info.value)
     assert "raised RuntimeError: broken plugin" in text and "plug_raises.py, line 2" in text
     assert "PYTHONPATH" not in text
+    (tmp_path / "plug_syntax.py").write_text("def f(:\n")
+    with pytest.raises(PluginError) as info:
+        plugins.load_plugins(["plug_syntax"], record=False)
+    text = str(info.value)  # (its own file and line, not a line of overunlearn's)
+    assert "SyntaxError" in text and "plug_syntax.py, line 1" in text and "plugins.py" not in text
 
 
 def test_help_shows_the_plugin_option_and_flags_as_flags(runner):

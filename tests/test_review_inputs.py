@@ -175,6 +175,19 @@ def test_prepare_checks_every_source_file_before_laying_any_out(tmp_path, bad):
     assert _snapshot(root) == before
 
 
+@pytest.mark.parametrize("link", [False, True])
+def test_prepare_from_its_own_laid_out_folder_keeps_the_files(tmp_path, link):
+    """``--source`` pointing at the laid-out ``raw/`` itself replaced each copied ``.gz`` by a symlink to
+    itself (the data lost, and success reported)."""
+    src, root = tmp_path / "src", tmp_path / "root"
+    _write_gz_source(src)
+    raw = prepare_fashion_mnist(root, src, link=link)
+    before = _snapshot(raw)
+    assert prepare_fashion_mnist(root, raw, link=link) == raw
+    assert _snapshot(raw) == before
+    assert all(p.resolve().is_file() for p in raw.iterdir())
+
+
 def test_data_prepare_cli_names_a_bad_source_file_and_a_data_root_that_is_a_file(tmp_path):
     from overunlearn.cli import _register, app
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from overunlearn.problem import Batch, Data, TensorData, batch_from_items
+from overunlearn.problem import Batch, Data, TensorData, batch_from_items, collate_examples
 
 
 def _n_batches(n: int, batch_size: int, drop_last: bool) -> int:
@@ -35,7 +35,7 @@ def _epoch(data: Data, batch_size: int, drop_last: bool, generator: torch.Genera
         return
     # (any map-style data: a torch Dataset, or a list of examples)
     loader = DataLoader(Subset(data, perm.tolist()), batch_size=batch_size,  # type: ignore[arg-type]
-                        shuffle=False, drop_last=drop_last, collate_fn=collate)
+                        shuffle=False, drop_last=drop_last, collate_fn=collate or collate_examples)
     for items in loader:
         yield batch_from_items(items)
 

@@ -81,8 +81,8 @@ def _message(name: str, exc: BaseException, what: str) -> str:
         return f"cannot import {what} {name!r}: {exc}; is it on PYTHONPATH?"
     where = ""
     tb = traceback.extract_tb(exc.__traceback__)
-    frames = [f for f in tb if "importlib" not in f.filename]
-    if frames:
+    frames = [f for f in tb if "importlib" not in f.filename and os.path.abspath(f.filename) != os.path.abspath(__file__)]
+    if frames and not isinstance(exc, SyntaxError):  # (a SyntaxError's message names its file and line)
         where = f" ({frames[-1].filename}, line {frames[-1].lineno})"
     return f"cannot import {what} {name!r}: importing it raised {type(exc).__name__}: {exc}{where}"
 

@@ -423,6 +423,8 @@ class TensorData:
         (``data.subset(is_forget)``, ``data.subset(~is_forget)``), as ``x[index]`` selects."""
         idx = torch.as_tensor(index)
         n = len(self)
+        if idx.numel() == 0:
+            idx = idx.to(torch.long)  # ([] and range(0) read as float32: no example)
         if idx.dtype == torch.bool:
             if idx.shape != (n,):
                 raise DataError(f"subset: a boolean mask needs one entry per example ({n}), got shape "
@@ -474,11 +476,32 @@ def _split_labels(item: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
         raise DataError(f"a dict example needs a 'labels' entry with its targets (it has {sorted(item)}); "
                         + _ITEMS[0].lower() + _ITEMS[1:])
 
-    def tensor(v: Any) -> Any:
+    def tensor(key: str, v: Any) -> Any:
+        if isinstance(v, str) or (isinstance(v, (list, tuple)) and v and isinstance(v[0], str)):
+            raise DataError(f"the examples' entry {key!r} holds text, which the model cannot take: remove it "
+                            f"(a datasets.Dataset: .remove_columns({key!r})), or use the UnlearningTrainer, which "
+                            "drops the entries the model's forward does not take")
         return torch.as_tensor(v) if isinstance(v, (list, tuple)) or isinstance(v, numbers.Number) else v
 
-    d = {k: tensor(v) for k, v in item.items()}
+    d = {k: tensor(k, v) for k, v in item.items()}
     return d, d.pop("labels")
+
+
+def collate_examples(items: list[Any]) -> Any:
+    """The default collate function of a ``Dataset``'s examples: torch's ``default_collate``, after turning
+    Hugging Face-style dict examples into ``(inputs, labels)`` pairs of tensors (so that a list of token ids
+    is one tensor, not a list of per-position batches); examples of different lengths name ``PadCollate``."""
+    from torch.utils.data import default_collate
+
+    if items and isinstance(items[0], Mapping):
+        items = [_split_labels(it) for it in items]
+    try:
+        return default_collate(items)
+    except RuntimeError as exc:
+        if "equal size" not in str(exc) and "same size" not in str(exc):
+            raise
+        raise DataError(f"the examples have different lengths ({exc}); pass UnlearningProblem(..., "
+                        "collate=PadCollate()) to pad them (inputs with 0, labels with -100)") from None
 
 
 def batch_from_items(items: Any) -> Batch:
@@ -497,13 +520,11 @@ def batch_from_items(items: Any) -> Batch:
 
 def first_examples(data: Data, k: int, collate: Any = None) -> Batch:
     """The first ``min(k, len(data))`` examples of a :class:`TensorData` or a map-style ``Dataset`` as one
-    batch (a ``Dataset``'s through ``collate``, default torch's ``default_collate``)."""
+    batch (a ``Dataset``'s through ``collate``, default :func:`collate_examples`)."""
     k = min(k, len(data))  # type: ignore[arg-type]
     if isinstance(data, TensorData):
         return data.take(torch.arange(k))
-    from torch.utils.data import default_collate
-
-    return batch_from_items((collate or default_collate)([data[i] for i in range(k)]))  # type: ignore[index]
+    return batch_from_items((collate or collate_examples)([data[i] for i in range(k)]))  # type: ignore[index]
 
 
 def _pad_stack(values: list[Tensor], pad: float, side: str, where: str) -> Tensor:

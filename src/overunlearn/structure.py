@@ -15,6 +15,7 @@ key, or a callable).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -149,9 +150,13 @@ def select_output(outputs: Any, selector: OutputSelector = None) -> Any:
     """
     if callable(selector):
         return selector(outputs)
-    if isinstance(selector, int) and not isinstance(selector, bool):
+    if isinstance(selector, bool):
+        raise DataError(f"output={selector!r}: name an entry (a string), a position (an integer) or pass a callable")
+    if isinstance(selector, numbers.Integral):
+        selector = int(selector)
+        # (a dict's positions skip None entries, as a ModelOutput's to_tuple() does)
         seq = outputs.to_tuple() if hasattr(outputs, "to_tuple") else \
-            tuple(outputs.values()) if isinstance(outputs, Mapping) else outputs
+            tuple(v for v in outputs.values() if v is not None) if isinstance(outputs, Mapping) else outputs
         if not isinstance(seq, (tuple, list)):
             raise DataError(f"the task reads output position {selector}, but the model returned a "
                             f"{type(outputs).__name__}, not a tuple")
@@ -167,6 +172,9 @@ def select_output(outputs: Any, selector: OutputSelector = None) -> Any:
                 "the task should read, e.g. ClassificationTask(output='<key>'), or pass a callable")
         return outputs[key]
     if selector is not None:
+        if not isinstance(selector, str):
+            raise DataError(f"output={selector!r}: name an entry (a string), a position (an integer) or pass a "
+                            "callable")
         if hasattr(outputs, selector):
             return getattr(outputs, selector)
         raise DataError(f"the task reads output {selector!r}, but the model returned a {type(outputs).__name__}")

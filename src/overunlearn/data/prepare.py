@@ -67,10 +67,13 @@ def prepare_fashion_mnist(root: str | os.PathLike | None = None, source: str | o
                         "write to") from None
     for n in names:
         gz = src / (n + ".gz")
-        if link:
-            _replace_with_symlink(raw / (n + ".gz"), gz.resolve())
+        target = raw / (n + ".gz")
+        if target.exists() and target.resolve() == gz.resolve():
+            pass  # (the source is this very file: --source pointing at the laid-out folder; leave it be)
+        elif link:
+            _replace_with_symlink(target, gz.resolve())
         else:
-            atomic_write_bytes(raw / (n + ".gz"), gz.read_bytes())
+            atomic_write_bytes(target, gz.read_bytes())
         atomic_write_bytes(raw / n, decoded[n])
     return raw
 

@@ -269,8 +269,13 @@ def _check_keywords(name: str, model: nn.Module, inputs) -> None:
                             f"forward does not take (it takes {', '.join(map(repr, params))})")
         return
     # forward(..., **kwargs), as every Hugging Face model's: a misspelt key ("attention_masks") is taken and
-    # may be ignored; warn about keys that neither this forward nor a wrapped base model's (peft) names
-    named = set(params)
+    # may be ignored; warn about keys that neither this forward nor a wrapped base model's (peft) names --
+    # unless it names no keyword at all (a forward(**batch) wrapper, a torch.compile'd module), where
+    # nothing tells a misspelt key from a good one
+    named = {n for n, p in params.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                         inspect.Parameter.KEYWORD_ONLY)}
+    if not named:
+        return
     base = getattr(model, "get_base_model", None)
     if callable(base):
         try:

@@ -52,6 +52,15 @@ from overunlearn.problem import Batch, Task, TensorData, UnlearningProblem, batc
 __all__ = ["UnlearningTrainer"]
 
 
+def _length(v: Any) -> int | None:
+    """An example entry's length along its first dimension (``None``: a scalar, a string)."""
+    if isinstance(v, torch.Tensor):
+        return v.shape[0] if v.dim() else None
+    if isinstance(v, (list, tuple)):
+        return len(v)
+    return None
+
+
 def _items(b: Batch) -> tuple:
     """A batch as the Trainer's loop takes a torch ``Dataset``'s: ``(inputs, targets[, weights])``."""
     return (b.inputs, b.targets) if b.weights is None else (b.inputs, b.targets, b.weights)
@@ -148,11 +157,11 @@ class UnlearningTrainer(Trainer):
         weights])``) through torch's ``default_collate``."""
         if items and isinstance(items[0], Mapping):
             if self._dict_collate is None:
-                self._dict_collate = self._get_collator_with_removed_columns(self.data_collator, "unlearning")
+                self._dict_collate = self._collator_for(items[0])
             try:
                 out = self._dict_collate(items)
             except (RuntimeError, ValueError) as exc:
-                lengths = {len(v) for it in items for v in it.values() if hasattr(v, "__len__") and not isinstance(v, str)}
+                lengths = {n for it in items for v in it.values() if (n := _length(v)) is not None}
                 if len(lengths) > 1:
                     raise DataError("the examples have different lengths and the data collator does not pad them: pass "
                                     "data_collator=PadCollate() (overunlearn.problem), or a transformers collator that "
@@ -161,6 +170,16 @@ class UnlearningTrainer(Trainer):
                 raise
             return _items(out) if isinstance(out, Batch) else dict(out)
         return default_collate(items)
+
+    def _collator_for(self, example: Mapping[str, Any]) -> Callable[[list[Any]], Any]:
+        """The data collator, behind the Trainer's removal of the entries ``forward`` does not name -- unless
+        ``forward`` names none of the example's inputs (a ``forward(**batch)`` wrapper), where removing them
+        would leave nothing (the plain Trainer would refuse such a dataset)."""
+        self._set_signature_columns_if_needed()
+        named = set(self._signature_columns or ()) - {"label", "label_ids", self.label_key}
+        if not (set(example) - {self.label_key}) & named:
+            return self.data_collator
+        return self._get_collator_with_removed_columns(self.data_collator, "unlearning")
 
     def _to_batch(self, raw: Any) -> Batch:
         """A collated batch as a :class:`Batch`: a dict's ``label_key`` entry is the target, the rest the inputs."""

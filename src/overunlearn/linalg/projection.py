@@ -411,6 +411,16 @@ def _route(path: str, reason: str = "", **counts: int) -> None:
     last_route = Route(path=path, reason=reason, **counts)
 
 
+def _under_autocast(m: nn.Module, args: tuple, out: Any) -> bool:
+    """Whether a layer call ran under autocast for its device (read from its output, a first tensor among
+    its outputs -- ``nn.MultiheadAttention`` returns a tuple -- or inputs, else its parameters)."""
+    first = out if isinstance(out, Tensor) else next(
+        (t for t in (*(out if isinstance(out, (tuple, list)) else ()), *args) if isinstance(t, Tensor)), None)
+    if first is None:
+        first = next(m.parameters(), None)
+    return first is not None and torch.is_autocast_enabled(first.device.type)
+
+
 def _hook_target(out: Tensor) -> Tensor | None:
     """The tensor to hook for ``out``'s gradient before later in-place ops: ``out`` itself, or the
     base of a view that covers the whole base (``None``: another kind of view)."""
@@ -600,7 +610,7 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
     def hook(m, args, kwargs, out):  # noqa: ANN001
         cls = kinds[m]
         replace = None  # what the model gets instead of the call's output (None: the output itself)
-        if isinstance(out, Tensor) and torch.is_autocast_enabled(out.device.type):
+        if _under_autocast(m, args, out):
             # mixed precision (accelerate's / the Trainer's bf16 or fp16): the layer computed in another
             # dtype than its parameters'; the blocks read layers in their own dtypes
             autocast.append(True)
