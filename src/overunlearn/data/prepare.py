@@ -68,7 +68,7 @@ def prepare_fashion_mnist(root: str | os.PathLike | None = None, source: str | o
     for n in names:
         gz = src / (n + ".gz")
         target = raw / (n + ".gz")
-        if target.exists() and target.resolve() == gz.resolve():
+        if target.parent.resolve() == gz.parent.resolve():
             pass  # (the source is this very file: --source pointing at the laid-out folder; leave it be)
         elif link:
             _replace_with_symlink(target, gz.resolve())
