@@ -50,7 +50,16 @@ def check(model, x, score=identity, targets=None, v=None, tol=1e-9, qr=True, den
     v = flat(model) if v is None else v
     got = project_model_onto_span(model, x, score, v, targets=targets)
     route = P.last_route
-    ref = project_onto_span(output_jacobian(model, x, score, targets=targets), v)
+    jac = output_jacobian(model, x, score, targets=targets)
+    ref = project_onto_span(jac, v)
+    # two Gram (normal-equation) solves summed in different orders agree to about eps * cond(J)^2: random
+    # tiny models can be ill-conditioned (a draw with cond(J) = 8e4 put them 1.6e-8 apart), so the tolerance
+    # grows with cond(J) over the singular values the solve keeps (above 1e-6 of the largest)
+    if jac.dtype == torch.float64 and jac.numel():
+        sv = torch.linalg.svdvals(jac)
+        kept = sv[sv > sv[0] * 1e-6] if float(sv[0]) > 0 else sv[:0]
+        if kept.numel():
+            tol = max(tol, 1e-15 * float(kept[0] / kept[-1]) ** 2)
     assert relerr(got, ref) <= tol, (relerr(got, ref), route)
     if qr:
         jr = output_jacobian_reference(model, x, score, targets=targets)
@@ -194,14 +203,8 @@ def test_sequence_linear_random_shapes(n, t, i, o, heads, bias, ghost, seed):
     x = torch.randn(n, t, i, dtype=F64)
     saved = P._conv_factored_cheaper
     P._conv_factored_cheaper = lambda *a: ghost
-    # random tiny models can be ill-conditioned: two Gram (normal-equation) solves summed in different orders
-    # agree to about eps * cond(J)^2 (n=4, t=1, i=1, o=3: cond(J) = 8e4 and 1.6e-8 apart), so the
-    # tolerance is that, and at least 1e-8
-    sv = torch.linalg.svdvals(output_jacobian(model, x, identity))
-    sv = sv[sv > sv[0] * 1e-12] if sv.numel() and float(sv[0]) > 0 else sv
-    cond = float(sv[0] / sv[-1]) if sv.numel() else 1.0
-    try:
-        check(model, x, tol=max(1e-8, 1e-15 * cond**2), qr=False)
+    try:  # (check's tolerance grows with the conditioning of these random tiny models)
+        check(model, x, tol=1e-8, qr=False)
     finally:
         P._conv_factored_cheaper = saved
 
