@@ -11,7 +11,6 @@ from torch import nn
 
 from overunlearn import ClassificationTask, RegressionTask, TensorData, UnlearningProblem
 
-
 # Property tests draw new examples on every local run (exploration: a failure prints the example to add as
 # a fixed case); under CI (the environment variable CI set, as `CI=true bash .ci/run`) they draw the same
 # examples every time, so that a submission's CI result does not depend on the luck of the draw.

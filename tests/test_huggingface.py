@@ -604,20 +604,23 @@ def test_list_of_dict_examples_without_a_collate_and_a_text_entry():
                 "ga", Budget(steps=1), device="cpu")
 
 
+class KwargsOnly(nn.Module):
+    """A GPT-2 behind ``forward(**batch)``: a forward that names none of its inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.m = gpt2()
+
+    def forward(self, **batch):  # noqa: ANN003, ANN201
+        return self.m(**batch)
+
+
 def test_trainer_keeps_every_column_for_a_forward_that_names_none_and_scalar_labels_get_the_padding_message(tmp_path):
     from overunlearn.integrations.huggingface import UnlearningTrainer
 
-    class Wrapped(nn.Module):  # forward(**batch): the Trainer's column removal would leave it nothing
-        def __init__(self) -> None:
-            super().__init__()
-            self.m = gpt2()
-
-        def forward(self, **batch):  # noqa: ANN003, ANN201
-            return self.m(**batch)
-
     x, y = _tokens(12, seed=13)
     data = [{"input_ids": x["input_ids"][i], "attention_mask": x["attention_mask"][i], "labels": y[i]} for i in range(12)]
-    trainer = UnlearningTrainer(Wrapped(), _trainer_args(tmp_path), method="ga", retain_dataset=data[:8],
+    trainer = UnlearningTrainer(KwargsOnly(), _trainer_args(tmp_path), method="ga", retain_dataset=data[:8],
                                 forget_dataset=data[8:], task=CausalLMTask())
     assert trainer.train().global_step == 2
     # sequence classification with 0-d labels (torch.tensor(label)) and examples of their own lengths
@@ -631,17 +634,9 @@ def test_trainer_keeps_every_column_for_a_forward_that_names_none_and_scalar_lab
 def test_no_key_warning_for_forwards_that_name_no_keyword():
     import warnings
 
-    class Wrapped(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.m = gpt2()
-
-        def forward(self, **batch):  # noqa: ANN003, ANN201
-            return self.m(**batch)
-
     x, y = _tokens(8, seed=14)
     data = TensorData(x, y)
-    p = UnlearningProblem(Wrapped(), data.subset(range(4)), data.subset(range(4, 8)), CausalLMTask(), batch_size=4)
+    p = UnlearningProblem(KwargsOnly(), data.subset(range(4)), data.subset(range(4, 8)), CausalLMTask(), batch_size=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         unlearn(p, "ga", Budget(steps=1), device="cpu")
