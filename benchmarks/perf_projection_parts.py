@@ -139,6 +139,18 @@ def main() -> int:
 
     add("  back-projection J^T alpha, float64 blocks", back)
     add("  Gram, one float32 product (for scale)", lambda: jac @ jac.T)
+
+    def gram32() -> torch.Tensor:  # an alternative not used: float32 products of 4096 columns, summed in float64
+        g = torch.zeros(jac.shape[0], jac.shape[0], dtype=torch.float64, device=jac.device)
+        for s in range(0, jac.shape[1], 4096):
+            b = jac[:, s : s + 4096]
+            g += (b @ b.T).double()
+        return g
+
+    if jac.dtype == torch.float32:
+        add("  Gram, float32 blocks summed in float64 (not used)", gram32)
+        dev = float((gram32() - gram).abs().max() / gram.diagonal().max())
+        print(f"    (its largest deviation from the float64 Gram: {dev:.1e} of the largest diagonal entry)")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
