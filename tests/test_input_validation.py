@@ -286,3 +286,74 @@ def test_select_output_positions_and_bad_selectors():
             select_output((a, b), bad)  # type: ignore[arg-type]
     with pytest.raises(DataError, match="returned 2 outputs"):
         select_output((a, b), 2)
+
+
+# ---- a new user's review of their own PyTorch model (2026-12-03) -------------------------------------
+
+class _Examples(torch.utils.data.Dataset):
+    def __init__(self, items):  # noqa: ANN001
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):  # noqa: ANN001, ANN204
+        return self.items[i]
+
+
+@pytest.mark.parametrize("weight, msg", [(-1.0, "must be >= 0"), (float("nan"), "contain NaN or infinite"),
+                                         (1, "must be floating point")])
+@pytest.mark.parametrize("where", ["retain", "forget"])
+def test_a_datasets_weights_follow_tensor_datas_rule(weight, msg, where):
+    """Weights a Dataset yields were never checked: a negative one silently turned GA's ascent into descent
+    (forget accuracy 1.0), a NaN one read as a diverged loss with advice to lower the learning rate."""
+    p = _clf_problem()
+    data = getattr(p, where)
+    # (one bad weight among good ones; integer weights on every example, as a batch collates to one dtype)
+    items = [(data.inputs[i], data.targets[i], weight if i == len(data) - 1 or isinstance(weight, int) else 1.0)
+             for i in range(len(data))]
+    kw = {where: _Examples(items)}
+    bad = UnlearningProblem(**{"model": p.model, "retain": p.retain, "forget": p.forget, "task": p.task,
+                               "batch_size": 4, **kw})
+    with pytest.raises(DataError, match=f"a batch's weights {msg}"):
+        unlearn(bad, create("ga" if where == "forget" else "gd", lr=1e-3), Budget(epochs=3), device="cpu")
+
+
+def test_a_label_beyond_the_outputs_in_a_later_batch_names_the_step():
+    p = _clf_problem(classes=3)
+    items = [(p.retain.inputs[i], p.retain.targets[i] if i < 40 else torch.tensor(7)) for i in range(len(p.retain))]
+    bad = UnlearningProblem(p.model, _Examples(items), p.forget, ClassificationTask(), batch_size=4)
+    with pytest.raises(DataError, match=r"step \d+: .*out of bounds.*check the labels of the whole set"):
+        unlearn(bad, create("gd", lr=1e-3), Budget(epochs=20), device="cpu")
+
+
+def test_device_typos_integer_images_and_a_budget_that_runs_out_before_a_step():
+    p = _clf_problem()
+    with pytest.raises(RuntimeError, match="'gpu' is not a device: use 'auto', 'cpu'"):
+        unlearn(p, create("gd"), Budget(steps=1), device="gpu")
+    ints = UnlearningProblem(p.model, TensorData((p.retain.inputs * 10).to(torch.uint8), p.retain.targets), p.forget,
+                             ClassificationTask())
+    with pytest.raises(DataError, match="uint8.*converted to the model's float dtype"):
+        unlearn(ints, create("gd"), Budget(steps=1), device="cpu")
+    with pytest.warns(UserWarning, match="ran out before the first step"):
+        res = unlearn(p, create("gd"), Budget(seconds=1e-9), device="cpu")
+    assert res.record.steps == 0
+
+
+def test_a_forward_drawing_random_numbers_is_named_as_such():
+    import overunlearn.linalg.projection as P
+    from overunlearn.methods import MinNormOG  # (exported, as the class a user looks for)
+
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x):  # noqa: ANN001, ANN201
+            return self.fc(x + 0.1 * torch.randn_like(x))  # (noise in eval mode too)
+
+    p = _clf_problem()
+    noisy = UnlearningProblem(Noisy(), p.retain, p.forget, ClassificationTask())
+    report = create("minnorm_og").explain(noisy)
+    assert isinstance(create("minnorm_og"), MinNormOG)
+    assert P.last_route.reason == "nondeterministic" and "two identical forward passes" in str(report)

@@ -344,6 +344,20 @@ def _check_finite(name: str, x: Any) -> None:
         raise DataError(f"{where} contains NaN or infinite values")
 
 
+def _check_weights(weights: Any, n: int, where: str = "") -> None:
+    """Per-example weights: a finite, non-negative floating-point tensor of shape ``(n,)`` -- the same rule for
+    :class:`TensorData` and for each batch a ``Dataset`` yields (``where`` names that batch's source)."""
+    if not isinstance(weights, Tensor) or weights.shape != (n,):
+        shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise DataError(f"{where}weights must be a tensor of shape ({n},), got {shape}")
+    if not weights.dtype.is_floating_point:
+        raise DataError(f"{where}weights must be floating point, got {weights.dtype}")
+    if not torch.isfinite(weights).all():
+        raise DataError(f"{where}weights contain NaN or infinite values")
+    if (weights < 0).any():
+        raise DataError(f"{where}weights must be >= 0 (a negative weight turns descent into ascent on that example)")
+
+
 def _check_targets_type(targets: Any) -> None:
     """Targets are a tensor, or a tuple / list of tensors (one per head); name anything else and the fix."""
     if isinstance(targets, Tensor):
@@ -396,15 +410,7 @@ class TensorData:
             if t.shape[0] != n:
                 raise DataError(f"targets[{i}] has {t.shape[0]} rows but inputs have {n}")
         if self.weights is not None:
-            if not isinstance(self.weights, Tensor) or self.weights.shape != (n,):
-                shape = tuple(self.weights.shape) if isinstance(self.weights, Tensor) else type(self.weights).__name__
-                raise DataError(f"weights must be a tensor of shape ({n},), got {shape}")
-            if not self.weights.dtype.is_floating_point:
-                raise DataError(f"weights must be floating point, got {self.weights.dtype}")
-            if not torch.isfinite(self.weights).all():
-                raise DataError("weights contain NaN or infinite values")
-            if (self.weights < 0).any():
-                raise DataError("weights must be >= 0 (a negative weight turns descent into ascent on that example)")
+            _check_weights(self.weights, n)
         _check_finite("inputs", self.inputs)
         for i, t in enumerate(as_heads(self.targets)):
             _check_finite(f"targets[{i}]", t)
@@ -508,14 +514,18 @@ def batch_from_items(items: Any) -> Batch:
     """Turn a collated ``DataLoader`` item ``(x, y)`` or ``(x, y, w)``, or a dict with a ``"labels"`` entry
     (the targets; the other entries are the inputs), into a :class:`Batch`."""
     if isinstance(items, Batch):
-        return items
-    if isinstance(items, Mapping):
-        items = _split_labels(items)
-    if not isinstance(items, (tuple, list)) or len(items) not in (2, 3):
-        raise DataError(_ITEMS)
-    x, y = structure.normalise(items[0]), items[1]
-    y = tuple(y) if isinstance(y, list) else y
-    return Batch(x, y, items[2] if len(items) == 3 else None)
+        batch = items
+    else:
+        if isinstance(items, Mapping):
+            items = _split_labels(items)
+        if not isinstance(items, (tuple, list)) or len(items) not in (2, 3):
+            raise DataError(_ITEMS)
+        x, y = structure.normalise(items[0]), items[1]
+        y = tuple(y) if isinstance(y, list) else y
+        batch = Batch(x, y, items[2] if len(items) == 3 else None)
+    if batch.weights is not None:  # (checked as drawn: a Dataset's weights are not seen ahead)
+        _check_weights(batch.weights, len(batch), "a batch's ")
+    return batch
 
 
 def first_examples(data: Data, k: int, collate: Any = None) -> Batch:

@@ -113,7 +113,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise RuntimeError(f"device {device!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was requested but CUDA is not available; use the CPU (device 'cpu', or "
                            "'auto' to take CUDA only where there is one)")
@@ -325,6 +328,8 @@ def check_data(problem: UnlearningProblem, model: nn.Module, dev: torch.device) 
                     what = f"inputs of shape {tuple(x.shape)} and dtype {x.dtype}" if isinstance(x, Tensor) else \
                         f"inputs {structure.describe(x)}"
                     hint = _vocabulary_hint(model, b.inputs) if isinstance(e, IndexError) else ""
+                    if isinstance(x, Tensor) and not x.is_floating_point() and "type" in str(e):
+                        hint += "; integer inputs (e.g. uint8 images) must be converted to the model's float dtype first"
                     if isinstance(b.inputs, dict) and isinstance(e, (TypeError, KeyError, ValueError)):
                         hint = ("; a dict of inputs is passed as keyword arguments, model(**inputs): every key must "
                                 "be an argument of the model's forward, and every input it needs must be a key")
@@ -414,7 +419,15 @@ def _one_step(ctx: UnlearningContext, method: Method, info: StepInfo, retain_b: 
     method.before_step(ctx, info, retain_b)
     assert ctx.optimizer is not None
     ctx.optimizer.zero_grad(set_to_none=True)
-    loss = method.loss(ctx, info, retain_b, forget_dev)
+    try:
+        loss = method.loss(ctx, info, retain_b, forget_dev)
+    except IndexError as exc:
+        # a class label beyond the outputs in a batch of a Dataset, which is not read ahead (the first batch
+        # of each set is checked before the run): name the step and the check that would have found it
+        if "out of bounds" not in str(exc) or "Target" not in str(exc):
+            raise
+        raise DataError(f"step {info.step}: {exc} -- a target lies outside the model's outputs in a batch after the "
+                        "first (those of a Dataset are not checked ahead); check the labels of the whole set") from None
     value = float(loss.detach())
     if not math.isfinite(value):
         for name, b in (("retain", retain_b), ("forget", forget_b)):
@@ -553,6 +566,10 @@ def unlearn(problem: UnlearningProblem, method: Method | type[Method] | str, bud
             record.seconds = time.perf_counter() - t0
             record.steps = step
             record.stopped_by = stopped
+            if stopped == "seconds" and step == 0:
+                warnings.warn(f"{method.name}: the {budget.seconds:g} s budget ran out before the first step (the "
+                              f"method's set-up took {record.setup_seconds:.3g} s), so no step ran: the result is the "
+                              "model as set up (for most methods the original)", UserWarning, stacklevel=2)
         finally:
             method.teardown(ctx)
             if bar is not None:

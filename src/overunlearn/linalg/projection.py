@@ -338,6 +338,13 @@ def _verify(model: nn.Module, inputs, score_fn, scores: Tensor, uses: _Uses, cov
             alone = call_scores(score_fn, structure.call_model(model, one), y)
         if alone.shape != scores[:1].shape or not torch.allclose(
                 alone, scores[:1].detach(), rtol=tol * 10, atol=tol * float(scores.detach().abs().max())):
+            if seen is not None:
+                # the same sample twice: unequal scores mean a forward that draws random numbers in eval mode
+                with _mode(model, train=False), torch.no_grad():
+                    again = call_scores(score_fn, structure.call_model(model, one), y)
+                if again.shape == alone.shape and not torch.allclose(again, alone, rtol=tol * 10, atol=tol * float(
+                        alone.abs().max())):
+                    seen["nondeterministic"] = alone
             return False
     g = torch.Generator().manual_seed(12345)
     c = torch.randn(n * heads, generator=g, dtype=torch.float64).to(scores.device)
@@ -786,7 +793,7 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
             return _RETRY
         if not ok:
             memo[signature] = False
-            return materialised("check failed")
+            return materialised("nondeterministic" if "nondeterministic" in checked else "check failed")
     # (a passed check is remembered only after the Gram check below, which explain does not reach)
     remember = check
     k = n * heads
@@ -925,6 +932,9 @@ _WHY = {
     "scores": "the scores do not have one row per sample, or do not depend on the parameters",
     "too little covered": "the usable layer calls cover less than a quarter of the model's parameters",
     "a block declined": "a block could not read its layer's output gradients",
+    "nondeterministic": "the model's outputs differ between two identical forward passes in eval mode (its forward "
+                        "draws random numbers, e.g. noise, or dropout called with training=True); the blocks need a "
+                        "deterministic forward",
     "autocast": "the model runs under autocast (mixed precision, e.g. the Trainer's bf16=True / fp16=True), so its "
                 "layers compute in a lower precision than their parameters, which the blocks do not follow",
 }

@@ -6,6 +6,8 @@
 
 from overunlearn.methods import ascent, descent, distill, minnorm_og, saliency, uniform  # noqa: F401  (register)
 from overunlearn.methods.base import Method, MethodConfig
+from overunlearn.methods.minnorm_og import MinNormOG, MinNormOGConfig
 from overunlearn.methods.registry import create, get_method, list_methods, register_method
 
-__all__ = ["Method", "MethodConfig", "create", "get_method", "list_methods", "register_method"]
+__all__ = ["Method", "MethodConfig", "MinNormOG", "MinNormOGConfig", "create", "get_method", "list_methods",
+           "register_method"]
