@@ -16,6 +16,11 @@ echo "== CUDA tests"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.txt" | tail -40
 echo "== projection targets (c) and (e), and the Mixtral-shaped case (j): time and memory"
 timeout 240 python3 benchmarks/perf_projection.py --device cuda --cases c,e,j --repeats 10 --skip-reference 2>&1 | tee "$OUT/perf_projection_cuda.txt"
+echo "== case (j): experts' rows batched by token count (the GPU's default) against one product per sample"
+timeout 120 python3 benchmarks/perf_projection.py --device cuda --cases j --repeats 5 --skip-reference --ablate moe-rows 2>&1 | tee "$OUT/perf_projection_moe_rows_cuda.txt" | tail -8
+for rows in batched loop; do
+  timeout 60 python3 benchmarks/perf_projection_parts.py --device cuda --case j --ops --moe-rows $rows 2>&1 | tail -2
+done | tee "$OUT/perf_projection_ops_j_cuda.txt"
 echo "== operators and kernel launches per step (case c)"
 timeout 60 python3 benchmarks/perf_projection_parts.py --device cuda --case c --ops 2>&1 | tee "$OUT/perf_projection_ops_cuda.txt"
 echo "== projection, part by part (case c)"

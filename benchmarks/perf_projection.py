@@ -51,7 +51,9 @@ Cases ((a) and (c) are models of the paper's experiments, Appendices F.2 and F.3
 
 ``--ablate attention`` / ``--ablate sequence-first`` also times the fast projection with that part of
 the blocks switched off (``nn.MultiheadAttention`` unregistered: its parameters through
-``torch.func``; sequence-first calls declined), interleaved with the other two, and prints the ratio.
+``torch.func``; sequence-first calls declined), interleaved with the other two, and prints the ratio;
+``--ablate moe-rows`` times mixture-of-experts rows formed the other device's way (on a GPU the
+per-sample loop, on a CPU the batches by token count).
 
 Transformers are built from configs with random weights (no downloads) and eager attention, for
 the GD step and the projection alike (MinNorm-OG's step switches Hugging Face models to eager
@@ -351,12 +353,23 @@ def projection(case: Case, implementation: str, ablate: str = "") -> Callable[[]
 @contextlib.contextmanager
 def ablated(part: str) -> Iterator[None]:
     """Switch part of the blocks off for the duration (``""``: nothing): ``"attention"`` unregisters
-    ``nn.MultiheadAttention``'s block, ``"sequence-first"`` makes sequence-first calls decline."""
+    ``nn.MultiheadAttention``'s block, ``"sequence-first"`` makes sequence-first calls decline,
+    ``"moe-rows"`` forms experts' rows the other device's way (a GPU: one product per sample and score; a
+    CPU: batched by token count)."""
     from overunlearn.linalg import projection as lp
+    from overunlearn.linalg.blocks import moe
     from overunlearn.linalg.blocks.base import _REGISTRY
 
     if not part:
         yield
+        return
+    if part == "moe-rows":  # (the same blocks and checks: only how the rows are formed changes)
+        batched = moe._batched_rows
+        moe._batched_rows = lambda device: not batched(device)
+        try:
+            yield
+        finally:
+            moe._batched_rows = batched
         return
     if part not in ("attention", "sequence-first"):
         raise ValueError(f"unknown --ablate {part!r}")
@@ -536,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interleave", action="store_true",
                     help="time GD and fast projection calls in turn (for a machine shared with other jobs)")
     ap.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory child processes")
-    ap.add_argument("--ablate", default="", choices=["", "attention", "sequence-first"],
+    ap.add_argument("--ablate", default="", choices=["", "attention", "sequence-first", "moe-rows"],
                     help="also time the fast projection with this part of the blocks switched off (interleaved)")
     ap.add_argument("--probe-timeout", type=float, default=900.0)
     ap.add_argument("--json", help="also write the results to this file")
