@@ -357,3 +357,14 @@ def test_a_forward_drawing_random_numbers_is_named_as_such():
     report = create("minnorm_og").explain(noisy)
     assert isinstance(create("minnorm_og"), MinNormOG)
     assert P.last_route.reason == "nondeterministic" and "two identical forward passes" in str(report)
+
+
+def test_data_errors_name_the_example_and_read_a_single_target_tensor_as_targets():
+    x = torch.randn(6, 3)
+    x[4, 1] = float("nan")
+    with pytest.raises(DataError, match=r"inputs contains NaN or infinite values \(example 4\)"):
+        TensorData(x, torch.zeros(6))
+    with pytest.raises(DataError, match=r"^targets has 5 rows but inputs have 6"):
+        TensorData(torch.randn(6, 3), torch.zeros(5, 3))
+    with pytest.raises(DataError, match=r"targets\[1\] \(head 1\) has 5 rows"):
+        TensorData(torch.randn(6, 3), (torch.zeros(6), torch.zeros(5)))

@@ -341,7 +341,10 @@ def _check_finite(name: str, x: Any) -> None:
     bad = structure.non_finite_leaf(x)
     if bad is not None:
         where = name if bad == "inputs" else f"{name}{bad}"
-        raise DataError(f"{where} contains NaN or infinite values")
+        rows = [int(i) for leaf in structure.tensor_leaves(x) if leaf.is_floating_point() and leaf.dim()
+                for i in (~torch.isfinite(leaf)).reshape(leaf.shape[0], -1).any(1).nonzero()[:3, 0]]
+        at = f" (example {', '.join(map(str, sorted(set(rows))[:3]))}{', ...' if len(set(rows)) > 3 else ''})" if rows else ""
+        raise DataError(f"{where} contains NaN or infinite values{at}")
 
 
 def _check_weights(weights: Any, n: int, where: str = "") -> None:
@@ -405,15 +408,16 @@ class TensorData:
         if isinstance(self.targets, list):
             self.targets = tuple(self.targets)
         for i, t in enumerate(as_heads(self.targets)):
+            head = "targets" if isinstance(self.targets, Tensor) else f"targets[{i}] (head {i})"
             if not isinstance(t, Tensor) or t.dim() == 0:
-                raise DataError(f"targets[{i}] must be a tensor with one row per example")
+                raise DataError(f"{head} must be a tensor with one row per example")
             if t.shape[0] != n:
-                raise DataError(f"targets[{i}] has {t.shape[0]} rows but inputs have {n}")
+                raise DataError(f"{head} has {t.shape[0]} rows but inputs have {n}")
         if self.weights is not None:
             _check_weights(self.weights, n)
         _check_finite("inputs", self.inputs)
         for i, t in enumerate(as_heads(self.targets)):
-            _check_finite(f"targets[{i}]", t)
+            _check_finite("targets" if isinstance(self.targets, Tensor) else f"targets[{i}]", t)
 
     def __len__(self) -> int:
         return structure.batch_len(self.inputs)
