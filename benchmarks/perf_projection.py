@@ -592,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
                                              f", parameters ghost {rt['ghost']} / rows {rt['rows']} / torch.func {rt['dense']}"))
         if "ablated_s" in r:
             ra = r["ablated_route"]
-            print(f"    projection, fast, without {r['ablated']:<14s}{fmt_s(r['ablated_s'])}"
+            label = "other expert rows" if r["ablated"] == "moe-rows" else f"without {r['ablated']}"
+            print(f"    projection, fast, {label:<22s}{fmt_s(r['ablated_s'])}"
                   f"   = {r['ablated_s'] / r['gd_s']:.2f} x GD; {r['ablated_s'] / r['fast_s']:.2f} x the fast step"
                   f"  (route: {ra['path']}, torch.func {ra['dense']})")
         if r["ref_s"] is not None:

@@ -319,12 +319,38 @@ def test_a_datasets_weights_follow_tensor_datas_rule(weight, msg, where):
         unlearn(bad, create("ga" if where == "forget" else "gd", lr=1e-3), Budget(epochs=3), device="cpu")
 
 
-def test_a_label_beyond_the_outputs_in_a_later_batch_names_the_step():
+@pytest.mark.parametrize("label, msg", [(7, r"step \d+: .*out of bounds.*check the labels of the whole set"),
+                                        (-1, r"batch of step \d+: label -1 \(head 0\) is negative")])
+def test_a_bad_label_in_a_later_batch_names_the_step(label, msg):
     p = _clf_problem(classes=3)
-    items = [(p.retain.inputs[i], p.retain.targets[i] if i < 40 else torch.tensor(7)) for i in range(len(p.retain))]
+    items = [(p.retain.inputs[i], p.retain.targets[i] if i < 40 else torch.tensor(label)) for i in range(len(p.retain))]
     bad = UnlearningProblem(p.model, _Examples(items), p.forget, ClassificationTask(), batch_size=4)
-    with pytest.raises(DataError, match=r"step \d+: .*out of bounds.*check the labels of the whole set"):
+    with pytest.raises(DataError, match=msg):
         unlearn(bad, create("gd", lr=1e-3), Budget(epochs=20), device="cpu")
+
+
+def test_a_methods_own_index_error_is_not_blamed_on_the_data():
+    """An IndexError from a method's own wrong targets (in-memory data, step 0) stays the method's error."""
+    from dataclasses import dataclass
+
+    import torch.nn.functional as F
+
+    from overunlearn.methods import Method, MethodConfig
+
+    @dataclass(frozen=True)
+    class WrongConfig(MethodConfig):
+        pass
+
+    class Wrong(Method):
+        name = "wrong_targets"
+        Config = WrongConfig
+
+        def loss(self, ctx, info, retain, forget):  # noqa: ANN001, ANN201
+            return F.cross_entropy(ctx.forward(retain)[:, :2], retain.targets)  # (2 of 3 classes: a bug)
+
+    p = _clf_problem(classes=3)
+    with pytest.raises(IndexError, match="out of bounds"):
+        unlearn(p, Wrong(lr=1e-3), Budget(steps=3), device="cpu")
 
 
 def test_device_typos_integer_images_and_a_budget_that_runs_out_before_a_step():
@@ -357,6 +383,8 @@ def test_a_forward_drawing_random_numbers_is_named_as_such():
     report = create("minnorm_og").explain(noisy)
     assert isinstance(create("minnorm_og"), MinNormOG)
     assert P.last_route.reason == "nondeterministic" and "two identical forward passes" in str(report)
+    again = create("minnorm_og").explain(noisy)  # (the remembered failure keeps its reason)
+    assert P.last_route.reason == "nondeterministic" and "two identical forward passes" in str(again)
 
 
 def test_data_errors_name_the_example_and_read_a_single_target_tensor_as_targets():

@@ -42,6 +42,7 @@ from overunlearn.errors import DataError, NonFiniteLossError
 from overunlearn.methods.base import Method, MethodConfig
 from overunlearn.methods.context import StepInfo, UnlearningContext
 from overunlearn.problem import (
+    IGNORE_INDEX,
     Batch,
     ClassificationTask,
     Outputs,
@@ -407,6 +408,17 @@ def _make_optimizer(config: MethodConfig, params: list[Tensor]) -> torch.optim.O
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
 
 
+def _check_drawn_labels(batches: list[tuple[str, Batch]], step: int) -> None:
+    """Class / token labels of a categorical task drawn from a ``Dataset``: none negative but -100 (the unscored
+    mark), which a loss would otherwise read as an index (a causal LM's gather clamps it to token 0)."""
+    for name, b in batches:
+        for head, t in enumerate(as_heads(b.targets)):
+            if not t.is_floating_point() and bool(((t < 0) & (t != IGNORE_INDEX)).any()):
+                bad = int(t[(t < 0) & (t != IGNORE_INDEX)][0])
+                raise DataError(f"the {name} batch of step {step}: label {bad} (head {head}) is negative; labels are "
+                                "class or token indices, -100 where a position is not scored")
+
+
 def _one_step(ctx: UnlearningContext, method: Method, info: StepInfo, retain_b: Batch, forget_b: Batch,
               forget_bn_stats: bool) -> float:
     model, dev = ctx.model, ctx.device
@@ -419,15 +431,21 @@ def _one_step(ctx: UnlearningContext, method: Method, info: StepInfo, retain_b: 
     method.before_step(ctx, info, retain_b)
     assert ctx.optimizer is not None
     ctx.optimizer.zero_grad(set_to_none=True)
+    drawn = [(name, b) for name, b, data in (("retain", retain_b, ctx.problem.retain), ("forget", forget_b,
+                                                                                        ctx.problem.forget))
+             if not isinstance(data, TensorData)]  # (a Dataset's batches after the first are not checked ahead)
+    if drawn and ctx.problem.task.is_categorical:
+        _check_drawn_labels(drawn, info.step)
     try:
         loss = method.loss(ctx, info, retain_b, forget_dev)
-    except IndexError as exc:
-        # a class label beyond the outputs in a batch of a Dataset, which is not read ahead (the first batch
-        # of each set is checked before the run): name the step and the check that would have found it
-        if "out of bounds" not in str(exc) or "Target" not in str(exc):
+    except (IndexError, RuntimeError) as exc:
+        # a label beyond the outputs in a batch of a Dataset (the first batch of each set is checked before
+        # the run, TensorData entirely): name the step and the check that would have found it
+        if not drawn or info.step == 0 or "out of bounds" not in str(exc):
             raise
-        raise DataError(f"step {info.step}: {exc} -- a target lies outside the model's outputs in a batch after the "
-                        "first (those of a Dataset are not checked ahead); check the labels of the whole set") from None
+        raise DataError(f"step {info.step}: {exc} -- a label lies outside the model's outputs in a batch of a "
+                        "Dataset after the first (those are not checked ahead); check the labels of the whole set"
+                        ) from exc
     value = float(loss.detach())
     if not math.isfinite(value):
         for name, b in (("retain", retain_b), ("forget", forget_b)):

@@ -274,12 +274,12 @@ def _factored_layers(model: nn.Module, inputs, params: list[Tensor],
 
 
 #: models (held weakly) whose hooked projection was checked against autograd: input signature ->
-#: ``False`` (a check failed: the vmapped Jacobian from then on) or the set of *readings* that passed
+#: the reason a check failed (a key of ``_WHY``: the vmapped Jacobian from then on) or the set of *readings* that passed
 #: (how every layer call was read: batch-major, sequence-first, a shared row, ...; see
 #: :func:`_reading`). A memo of :func:`_verify`, so that the check runs once per model, input shape and
 #: reading, not every step; a batch read differently (a last, smaller batch making ``L = n``; a
 #: data-dependent branch) is checked again.
-_VERIFIED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool | set[tuple]]] = weakref.WeakKeyDictionary()
+_VERIFIED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, str | set[tuple]]] = weakref.WeakKeyDictionary()
 
 #: models (held weakly) -> input signature -> the layouts of their position-wise layers' calls
 #: (:func:`_probe_layouts`), read once per model and input shape
@@ -595,8 +595,8 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
     memo = _VERIFIED.setdefault(model, {})
     signature = _signature(inputs, kinds, params)
     verified = memo.get(signature)
-    if verified is False:
-        return materialised("check failed earlier")
+    if isinstance(verified, str):  # (a failed check: its reason, as it was when it failed)
+        return materialised("check failed earlier" if verified == "check failed" else verified)
     probed = _LAYOUTS.setdefault(model, {})
     if signature not in probed:
         probed[signature] = _probe_layouts(model, inputs, kinds)
@@ -699,8 +699,8 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
             h.remove()
     if failed:
         # the model did not take a broadcast copy of a shared row: remember, and use the vmapped path
-        memo[signature] = False
-        return materialised("a shared-row call could not be expanded")
+        memo[signature] = "a shared-row call could not be expanded"
+        return materialised(memo[signature])
     if autocast:
         return materialised("autocast")
     if not bool(torch.isfinite(scores).all()):
@@ -792,8 +792,8 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
             probed[signature] = {i: [(layout, None) for layout, _ in seen] for i, seen in layouts.items()}
             return _RETRY
         if not ok:
-            memo[signature] = False
-            return materialised("nondeterministic" if "nondeterministic" in checked else "check failed")
+            memo[signature] = "nondeterministic" if "nondeterministic" in checked else "check failed"
+            return materialised(memo[signature])
     # (a passed check is remembered only after the Gram check below, which explain does not reach)
     remember = check
     k = n * heads
@@ -862,7 +862,7 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
                 blk.done()
         stage.flush()
     if probe is not None and not _gram_agrees(gram, rhs, *probe, dtype=score_dtype):
-        memo[signature] = False
+        memo[signature] = "check failed"
         return materialised("check failed")
     if remember:
         memo[signature] = (verified if isinstance(verified, set) else set()) | {reading}
