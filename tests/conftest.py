@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import settings
 from torch import nn
 
 from overunlearn import ClassificationTask, RegressionTask, TensorData, UnlearningProblem
+from overunlearn.methods import Method, MethodConfig
 
 # Property tests draw new examples on every local run (exploration: a failure prints the example to add as
 # a fixed case); under CI (the environment variable CI set, as `CI=true bash .ci/run`) they draw the same
@@ -101,3 +103,17 @@ def block_registry():
         store.clear()
         store.update(old)
     base._RESOLVED.clear()
+
+
+def tiny_method(name: str, loss, **members) -> type[Method]:  # noqa: ANN001
+    """An unregistered method class without hyperparameters of its own, whose step's loss is
+    ``loss(ctx, info, retain, forget)``; ``members`` add or override class members (``vectorised``, ...)."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(MethodConfig):
+        pass
+
+    def step_loss(self, ctx, info, retain, forget):  # noqa: ANN001, ANN202
+        return loss(ctx, info, retain, forget)
+
+    return type(name, (Method,), {"name": name, "Config": Config, "loss": step_loss, **members})

@@ -331,23 +331,11 @@ def test_a_bad_label_in_a_later_batch_names_the_step(label, msg):
 
 def test_a_methods_own_index_error_is_not_blamed_on_the_data():
     """An IndexError from a method's own wrong targets (in-memory data, step 0) stays the method's error."""
-    from dataclasses import dataclass
-
     import torch.nn.functional as F
+    from conftest import tiny_method
 
-    from overunlearn.methods import Method, MethodConfig
-
-    @dataclass(frozen=True)
-    class WrongConfig(MethodConfig):
-        pass
-
-    class Wrong(Method):
-        name = "wrong_targets"
-        Config = WrongConfig
-
-        def loss(self, ctx, info, retain, forget):  # noqa: ANN001, ANN201
-            return F.cross_entropy(ctx.forward(retain)[:, :2], retain.targets)  # (2 of 3 classes: a bug)
-
+    # (2 of the 3 classes' logits: the method's own bug)
+    Wrong = tiny_method("wrong_targets", lambda ctx, info, r, f: F.cross_entropy(ctx.forward(r)[:, :2], r.targets))
     p = _clf_problem(classes=3)
     with pytest.raises(IndexError, match="out of bounds"):
         unlearn(p, Wrong(lr=1e-3), Budget(steps=3), device="cpu")

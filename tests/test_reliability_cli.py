@@ -279,26 +279,16 @@ def test_a_dry_run_on_a_journal_folder_and_a_negative_max_trials_are_one_message
 def test_a_method_whose_vectorised_form_raises_runs_on_its_own(tmp_path):
     """A plugin method whose ``vectorised()`` raises used to crash the whole batch of a sweep; it now runs
     through the engine, as with batching off, and the batch's other runs are vectorised as before."""
-    from dataclasses import dataclass
+    from conftest import tiny_method
 
     from overunlearn.benchmarks.poison import PoisonBenchmark
     from overunlearn.engine import BatchedRun, Budget, unlearn_many
-    from overunlearn.methods import Method, MethodConfig, create
+    from overunlearn.methods import create
 
-    @dataclass(frozen=True)
-    class BrokenConfig(MethodConfig):
-        pass
+    def vectorised(self, epochs, seed):  # noqa: ANN001, ANN202
+        raise RuntimeError("a plugin's bug")
 
-    class Broken(Method):
-        name = "broken_vectorised"
-        Config = BrokenConfig
-
-        def loss(self, ctx, info, retain, forget):  # noqa: ANN001, ANN201
-            return ctx.batch_loss(retain)
-
-        def vectorised(self, epochs, seed):  # noqa: ANN001, ANN201
-            raise RuntimeError("a plugin's bug")
-
+    Broken = tiny_method("broken_vectorised", lambda ctx, info, r, f: ctx.batch_loss(r), vectorised=vectorised)
     problem = PoisonBenchmark("smoke", cache_dir=tmp_path, workers=1).problem(1)
     runs = [BatchedRun(problem, Broken(lr=1e-3), Budget(epochs=2), seed=1, key="broken"),
             BatchedRun(problem, create("gd", lr=1e-3), Budget(epochs=2), seed=1, key="gd")]
