@@ -117,3 +117,14 @@ def tiny_method(name: str, loss, **members) -> type[Method]:  # noqa: ANN001
         return loss(ctx, info, retain, forget)
 
     return type(name, (Method,), {"name": name, "Config": Config, "loss": step_loss, **members})
+
+
+class LinearThen(nn.Module):
+    """One ``nn.Linear(i, o)`` and the forward ``fn(linear, x)``: a tiny model whose forward a test writes inline."""
+
+    def __init__(self, i: int, o: int, fn) -> None:  # noqa: ANN001
+        super().__init__()
+        self.lin, self.fn = nn.Linear(i, o), fn
+
+    def forward(self, x: torch.Tensor):  # noqa: ANN201
+        return self.fn(self.lin, x)

@@ -355,19 +355,14 @@ def test_device_typos_integer_images_and_a_budget_that_runs_out_before_a_step():
 
 
 def test_a_forward_drawing_random_numbers_is_named_as_such():
+    from conftest import LinearThen
+
     import overunlearn.linalg.projection as P
     from overunlearn.methods import MinNormOG  # (exported, as the class a user looks for)
 
-    class Noisy(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(5, 3)
-
-        def forward(self, x):  # noqa: ANN001, ANN201
-            return self.fc(x + 0.1 * torch.randn_like(x))  # (noise in eval mode too)
-
     p = _clf_problem()
-    noisy = UnlearningProblem(Noisy(), p.retain, p.forget, ClassificationTask())
+    noisy = UnlearningProblem(LinearThen(5, 3, lambda lin, x: lin(x + 0.1 * torch.randn_like(x))),  # (eval mode too)
+                              p.retain, p.forget, ClassificationTask())
     report = create("minnorm_og").explain(noisy)
     assert isinstance(create("minnorm_og"), MinNormOG)
     assert P.last_route.reason == "nondeterministic" and "two identical forward passes" in str(report)
