@@ -379,3 +379,11 @@ def test_data_errors_name_the_example_and_read_a_single_target_tensor_as_targets
         TensorData(torch.randn(6, 3), torch.zeros(5, 3))
     with pytest.raises(DataError, match=r"targets\[1\] \(head 1\) has 5 rows"):
         TensorData(torch.randn(6, 3), (torch.zeros(6), torch.zeros(5)))
+
+
+def test_a_model_on_the_meta_device_is_refused_with_what_to_do():
+    with torch.device("meta"):
+        model = nn.Linear(5, 3)
+    p = _clf_problem()
+    with pytest.raises(DataError, match=r"meta device, without values \(weight, bias\): load its weights first"):
+        UnlearningProblem(model, p.retain, p.forget, ClassificationTask())

@@ -319,3 +319,15 @@ def test_the_poison_figures_thread_stops_when_the_sweep_fails():
     assert time.perf_counter() - t0 < 5 and not job.thread.is_alive()
     with pytest.raises(RuntimeError, match="cancelled"):
         job.result()
+
+
+def test_an_output_folder_may_have_a_dot_in_its_name():
+    from pathlib import Path
+
+    import typer
+
+    from overunlearn.cli.options import check_out
+
+    assert check_out(Path("results/v1.2"), [""]) == Path("results/v1.2")  # (a version, not a file type)
+    with pytest.raises(typer.BadParameter, match="not '.md'"):
+        check_out(Path("results/table.md"), [""])

@@ -663,6 +663,12 @@ class UnlearningProblem:
                     f"{name} must be a TensorData or a map-style torch Dataset (with __len__ and "
                     f"__getitem__), got {type(data).__name__}; pass the DataLoader's .dataset, or "
                     "TensorData(inputs, targets) for data in memory")
+        meta = [n for n, p in self.model.named_parameters() if p.is_meta]
+        if meta:
+            raise DataError(f"the model's parameters are on the meta device, without values ("
+                            f"{', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''}): load its "
+                            "weights first (e.g. model.to_empty(device='cpu') and load_state_dict, or from_pretrained "
+                            "without low_cpu_mem_usage / device_map='meta')")
         bad = [n for n, p in self.model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
         if bad:
             shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")

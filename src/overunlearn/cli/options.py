@@ -107,10 +107,13 @@ def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 
 def check_out(path: Path | None, suffixes: Sequence[str], option: str = "'--out'") -> Path | None:
-    """``path`` if its suffix is one of ``suffixes`` (``""`` = a folder); else a clear error."""
+    """``path`` if its suffix is one of ``suffixes`` (``""`` = a folder); else a clear error. A suffix that is not
+    a file type (digits, as in ``results/v1.2``) is part of a folder's name."""
     if path is None:
         return None
     suffix = path.suffix.lower()
+    if not any(c.isalpha() for c in suffix):
+        suffix = ""
     if suffix not in suffixes:
         kinds = ", ".join(repr(s) if s else "a folder (no suffix)" for s in suffixes)
         raise typer.BadParameter(f"{path}: this command writes {kinds}, not {suffix or 'a folder'!r}",
