@@ -325,8 +325,13 @@ def test_a_bad_label_in_a_later_batch_names_the_step(label, msg):
     p = _clf_problem(classes=3)
     items = [(p.retain.inputs[i], p.retain.targets[i] if i < 40 else torch.tensor(label)) for i in range(len(p.retain))]
     bad = UnlearningProblem(p.model, _Examples(items), p.forget, ClassificationTask(), batch_size=4)
-    with pytest.raises(DataError, match=msg):
+    with pytest.raises(DataError, match=msg) as info:
         unlearn(bad, create("gd", lr=1e-3), Budget(epochs=20), device="cpu")
+    assert info.value.step > 0 and f"step {info.value.step}" in str(info.value)  # (what a sweep's record keeps)
+    from overunlearn.engine import BatchedRun, unlearn_many
+
+    (out,) = unlearn_many([BatchedRun(bad, create("gd", lr=1e-3), Budget(epochs=20), seed=0, key=0)], "cpu")
+    assert out.model is None and out.error_step == info.value.step and out.error_type == "DataError"
 
 
 def test_a_methods_own_index_error_is_not_blamed_on_the_data():

@@ -554,32 +554,37 @@ def unlearn(problem: UnlearningProblem, method: Method | type[Method] | str, bud
             synchronize(dev)
             record.setup_seconds = time.perf_counter() - t0
             step, epoch, stopped = 0, 0, ""
-            while not stopped:
-                if step >= max_steps:
-                    by_epochs = budget.epochs is not None and step >= budget.epochs * steps_per_epoch
-                    stopped = "epochs" if by_epochs else "steps"
-                    break
-                losses: list[float] = []
-                for j, forget_b in enumerate(forget_epoch(problem.forget, problem.batch_size, data_gen, problem.collate)):
+            try:
+                while not stopped:
                     if step >= max_steps:
+                        by_epochs = budget.epochs is not None and step >= budget.epochs * steps_per_epoch
+                        stopped = "epochs" if by_epochs else "steps"
                         break
-                    if budget.seconds is not None:
-                        synchronize(dev)
-                        if time.perf_counter() - t0 >= budget.seconds:
-                            stopped = "seconds"
+                    losses: list[float] = []
+                    for j, forget_b in enumerate(forget_epoch(problem.forget, problem.batch_size, data_gen, problem.collate)):
+                        if step >= max_steps:
                             break
-                    info = StepInfo(step, epoch, j, steps_per_epoch, planned)
-                    losses.append(_one_step(ctx, method, info, next(retain_iter).to(dev), forget_b, forget_bn_stats))
-                    step += 1
-                    if bar is not None:
-                        bar.update(1)
-                    if on_step is not None:
-                        on_step(info, losses[-1])
-                if losses:
-                    record.epoch_losses.append(sum(losses) / len(losses))
-                if len(losses) == steps_per_epoch:
-                    epoch += 1
-                    record.epochs_completed = epoch
+                        if budget.seconds is not None:
+                            synchronize(dev)
+                            if time.perf_counter() - t0 >= budget.seconds:
+                                stopped = "seconds"
+                                break
+                        info = StepInfo(step, epoch, j, steps_per_epoch, planned)
+                        losses.append(_one_step(ctx, method, info, next(retain_iter).to(dev), forget_b, forget_bn_stats))
+                        step += 1
+                        if bar is not None:
+                            bar.update(1)
+                        if on_step is not None:
+                            on_step(info, losses[-1])
+                    if losses:
+                        record.epoch_losses.append(sum(losses) / len(losses))
+                    if len(losses) == steps_per_epoch:
+                        epoch += 1
+                        record.epochs_completed = epoch
+            except DataError as exc:  # (a batch drawn or computed mid-run: the step it belongs to)
+                if getattr(exc, "step", None) is None:
+                    exc.step = step  # type: ignore[attr-defined]
+                raise
             synchronize(dev)
             record.seconds = time.perf_counter() - t0
             record.steps = step
