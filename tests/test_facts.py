@@ -157,3 +157,36 @@ def test_privacy_of_the_facts_benchmark_separates_members_from_retrained_models(
     by = {r[0]: r for r in table if len(r) > 3}
     # (columns: label, mia_auc, ...) the original model's forget pairs are members, the oracles' are not
     assert float(by["original"][1]) > float(by["ground_truth"][1]) + 0.2
+
+
+# ---- review fixes (2026-12-03) ------------------------------------------------------------------------------
+
+def test_truth_ratios_stay_finite_for_a_diverged_model():
+    """A model with ~200 nats more on another word: the ratio of probabilities was 0 / 0 (NaN p-value)."""
+
+    class Diverged(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **x):  # noqa: ANN003, ANN201
+            out = self.inner(**x)
+            out.logits[..., 0] += 200.0
+            return out
+
+    b = FactsBenchmark("test", use_cache=False, device="cpu", people=16)
+    facts = b.split(1)["forget_facts"]
+    model = Diverged(b.make_model())
+    with torch.no_grad():
+        r = b._log_truth_ratios(model, facts)
+    assert torch.isfinite(r).all()
+    assert (r.abs() < 50).all()  # every word but 0 is equally unlikely: wrong and true answers tie closely
+
+
+def test_the_prior_is_a_guess_from_the_retain_facts_and_averages_to_chance():
+    b = FactsBenchmark("cpu", use_cache=False, device="cpu")  # (the world only: nothing is trained)
+    assert b.chance() == pytest.approx(1 / len(ATTRIBUTES["city"][0]))
+    # over many splits a guess from the other people's answers scores about chance on the forget facts, 0.065 here
+    # (400 facts, binomial sd ~0.011); the previous prior, the in-sample most frequent answer, was 0.098
+    assert abs(b.prior(range(1, 31)) - b.chance()) < 0.03
+    assert b.prior((1,)) == pytest.approx(0.15)  # seed 1: 6 of its 40 forget facts

@@ -293,7 +293,7 @@ def test_a_dict_missing_a_key_the_model_needs_names_the_key():
 def test_all_labels_ignored_is_a_clear_error():
     p = lm_problem(gpt2())
     blank = TensorData(p.forget.inputs, torch.full_like(p.forget.targets, -100))
-    with pytest.raises(DataError, match="forget set: every label of the batch is -100"):
+    with pytest.raises(DataError, match="forget set: every label is -100"):
         unlearn(UnlearningProblem(p.model, p.retain, blank, p.task), create("ga"), Budget(steps=1), device="cpu")
 
 

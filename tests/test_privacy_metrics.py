@@ -385,3 +385,21 @@ def test_privacy_retrain_never_starts_from_an_originals_initialisation(tmp_path)
     for i in range(2):
         fresh = vec(runner.unlearn_one(spec, i, seeded_model(setup.make_model, 99)))
         assert all(not torch.allclose(fresh, w, atol=1e-4) for w in inits)
+
+
+def test_language_model_margins_stay_exact_when_the_label_probability_rounds_to_one():
+    """The language-model path took log(1 - p_y) from probabilities clamped at 1 - 1e-15: margins saturated at 34.5
+    (the classifier path computes them from logits)."""
+    from torch import nn
+
+    from overunlearn.problem import CausalLMTask
+
+    for gap in (5.0, 40.0, 60.0):
+        z = torch.zeros(2, 3, 5, dtype=torch.float64)
+        z[..., 2] = gap
+        labels = torch.full((2, 3), 2)
+        sig = compute_signals(nn.Identity(), TensorData(z, labels), CausalLMTask(shift=False), batch_size=2)
+        exact = gap - math.log(4.0)  # z_y - logsumexp of the four others (zeros)
+        np.testing.assert_allclose(sig.margin, exact, rtol=1e-12)
+        np.testing.assert_allclose(sig.scaled_confidence, exact, rtol=1e-12)
+        np.testing.assert_allclose(sig.loss, math.log1p(4 * math.exp(-gap)), rtol=1e-9, atol=1e-15)

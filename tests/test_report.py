@@ -238,3 +238,11 @@ def test_frontier_figure_adds_a_close_up_only_when_a_front_is_far_away(tmp_path)
         path = frontier_plot(_front_setting(flag), tmp_path / f"f{flag}.png")
         widths.append(struct.unpack(">I", path.read_bytes()[16:20])[0])  # PNG IHDR width
     assert widths[1] == 2 * widths[0]
+
+
+def test_bench_tables_print_the_median_seconds_of_an_even_number_of_seeds():
+    from overunlearn.report.bench_table import _seconds
+
+    assert _seconds([1.0, 3.0], "median") == "2.0"  # was the upper middle value, 3.0
+    assert _seconds([20.0, 1.0, 10.0, 2.0], "median") == "6.0"
+    assert _seconds([1.0, 5.0, 2.0], "median") == "2.0"

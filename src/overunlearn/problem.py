@@ -286,13 +286,14 @@ class CausalLMTask(Task):
             raise DataError(f"labels must be integer token ids (-100 for unscored positions), got {targets.dtype}")
         _, labels = self.aligned(outputs, targets)
         scored = labels != IGNORE_INDEX
-        if not bool(scored.any()):
-            raise DataError("every label of the batch is -100, so no token is scored: the answer positions need "
-                            "their token ids as labels (only prompt and padding positions carry -100)")
         vocab = logits.shape[2]
         bad = scored & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
             raise DataError(f"label {int(labels[bad][0])} is outside the vocabulary [0, {vocab}) (and not -100)")
+
+    def scored_positions(self, labels: Tensor) -> Tensor:
+        """``labels``' scored positions as a bool mask, aligned as the logits are (``shift``)."""
+        return (labels[:, 1:] if self.shift else labels) != IGNORE_INDEX
 
     def _token_logprobs(self, outputs: Any, targets: Tensor) -> tuple[Tensor, Tensor]:
         logits, labels = self.aligned(outputs, targets)
@@ -327,7 +328,10 @@ class CausalLMTask(Task):
         logits, labels = self.aligned(outputs, targets)  # type: ignore[arg-type]
         mask = labels != IGNORE_INDEX
         owner = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
-        return [Categorical(logits[mask], labels[mask].long(), owner, labels.shape[0])]
+        rows = logits[mask]
+        if rows.dtype in (torch.float16, torch.bfloat16):  # (as for the loss: softmaxes and KLs in float32)
+            rows = rows.float()
+        return [Categorical(rows, labels[mask].long(), owner, labels.shape[0])]
 
     def random_labels(self, outputs: Any, targets: Targets, generator: torch.Generator) -> Targets:
         labels: Tensor = targets  # type: ignore[assignment]

@@ -101,16 +101,18 @@ def facts_cmd(
     run = run_bench(raw, out, jobs=jobs, threads=threads, device=device, log=echo_log(quiet))
     journal, result = run.journal, run.result
     metrics = [m.name for m in FACTS_METRICS]
-    prior = f"{math.nan:.3f}"
+    prior = chance = f"{math.nan:.3f}"
     try:
         from overunlearn.benchmarks.facts import FactsBenchmark
 
-        prior = f"{FactsBenchmark(chosen, use_cache=False, device='cpu').prior():.3f}"
+        bench = FactsBenchmark(chosen, use_cache=False, device="cpu")
+        prior, chance = f"{bench.prior(seed_list):.3f}", f"{bench.chance():.3f}"
     except Exception:  # noqa: BLE001 - the prior is information only
         pass
     title = (f"facts ({preset} preset: {chosen.people} people x {chosen.attributes} attributes, forget "
              f"{chosen.n_forget()} people; T = {T}; seeds {seed_list}; median (range) over seeds). Prior exact "
-             f"match (most frequent answer per attribute): {prior}")
+             f"match on the forget facts (each attribute's most frequent retain answer, mean over seeds): {prior}; "
+             f"chance {chance}")
     written = write_bench_tables(run, out, raw["name"], metrics, title=title, ref_labels=REF_LABELS,
                                  figure_title=f"facts ({preset}), T = {T}")
     typer.echo(f"wrote {journal}, {', '.join(str(p) for p in written if not p.name.endswith('.csv'))}")

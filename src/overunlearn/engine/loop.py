@@ -44,6 +44,7 @@ from overunlearn.methods.context import StepInfo, UnlearningContext
 from overunlearn.problem import (
     IGNORE_INDEX,
     Batch,
+    CausalLMTask,
     ClassificationTask,
     Outputs,
     TensorData,
@@ -156,7 +157,23 @@ def _reset_lora(m: nn.Module, inits: dict[str, Any]) -> list[nn.Parameter]:
     if not callable(reset) or adapters is None:
         return []
     for name in list(adapters.keys()):
-        reset(name, inits.get(name, True))
+        init = inits.get(name, True)
+        if init is False:
+            # peft's rule for False is "keep the layers' construction values" (its reset does nothing), so draw
+            # those again: nn.Linear's / nn.Conv's own init for A and B, a normal for embedding adapters
+            for table in (m.lora_A, getattr(m, "lora_B", {})):
+                if name in table and callable(getattr(table[name], "reset_parameters", None)):
+                    table[name].reset_parameters()
+            for table in (getattr(m, "lora_embedding_A", {}), getattr(m, "lora_embedding_B", {})):
+                if name in table:
+                    nn.init.normal_(table[name])
+            continue
+        try:
+            reset(name, init)
+        except ValueError as e:  # pissa, olora, loftq, eva...: derived from the base weights, which they change
+            raise DataError(f"Retrain cannot re-initialise the LoRA adapter {name!r}: its init_lora_weights={init!r} "
+                            f"is not drawn at random ({e}); pass UnlearningProblem(make_model=...) that builds the "
+                            "model afresh") from None
     return [p for n, p in m.named_parameters() if n.split(".")[0].startswith("lora_")]
 
 
@@ -339,6 +356,8 @@ def check_data(problem: UnlearningProblem, model: nn.Module, dev: torch.device) 
                     problem.task.check(out, b.targets)
                     if isinstance(data, TensorData) and isinstance(problem.task, ClassificationTask):
                         _check_all_labels(problem.task, out, data.targets)
+                    if isinstance(problem.task, CausalLMTask):
+                        _check_some_scored(name, problem.task, data, b)
                 except DataError as e:
                     raise DataError(f"{name} set: {e}") from None
     finally:
@@ -356,6 +375,23 @@ def _check_all_labels(task: ClassificationTask, outputs: Outputs, targets) -> No
             j = int(bad[0, 0])
             raise DataError(f"head {i}: class index {int(t.reshape(len(t), -1)[j, 0])} of example {j} is out of "
                             f"range [0, {o.shape[1]}) ({len(bad)} such examples)")
+
+
+def _check_some_scored(name: str, task: CausalLMTask, data, first: Batch) -> None:
+    """A language model's data set scores some token (a batch that scores none contributes nothing to a
+    loss; a set that scores none is a labelling mistake). In-memory labels are read whole; of a ``Dataset``
+    only the first batch, and a first batch without a scored token is a warning."""
+    if isinstance(first.targets, Tensor) and first.targets.dim() == 2 and bool(task.scored_positions(first.targets).any()):
+        return
+    if isinstance(data, TensorData):
+        labels = data.targets
+        if isinstance(labels, Tensor) and labels.dim() == 2 and not bool(task.scored_positions(labels).any()):
+            raise DataError("every label is -100, so no token is scored: the answer positions need their token ids as "
+                            "labels (only prompt and padding positions carry -100)")
+        return
+    warnings.warn(f"the {name} set's first {len(first)} examples score no token (every label -100): a batch without "
+                  "scored tokens contributes nothing; check the labels if the whole set is like that", UserWarning,
+                  stacklevel=4)
 
 
 _WARM = {"done": False}

@@ -239,6 +239,9 @@ class UnlearningTrainer(Trainer):
             self.ctx.require_planned_epochs(self.method.name)
         if getattr(self.method, "reinitialise", False):
             reinitialise_trainable(self.problem, model, self.unlearning_seed)
+        # in train mode, as unlearn() sets a method up (on_train_begin runs before the Trainer's own
+        # model.train(): a model from from_pretrained is still in eval mode here)
+        model.train()
         self.method.setup(self.ctx)
         self._retain_iter = RetainCycle(self.problem.retain, self.problem.batch_size,
                                         torch.Generator().manual_seed(self.unlearning_seed + 1), self._collate)

@@ -8,7 +8,7 @@ linearly dependent rows), and ``P v = J^T a``. Cost: ``O(d k^2)`` flops, memory 
 beyond ``J`` itself.
 
 Reference (:func:`project_onto_span_qr`): reduced QR of ``J^T`` in float64, as the
-authors' code does it. It assumes ``J`` has full row rank.
+authors' code does it, with a rank check the authors' code lacks (their QR assumes full row rank).
 """
 
 from __future__ import annotations
@@ -109,11 +109,23 @@ def project_onto_span(jac: Tensor, v: Tensor, rcond: float = 1e-12, chunk: int |
 
 
 def project_onto_span_qr(jac: Tensor, v: Tensor) -> Tensor:
-    """Reference: ``Q Q^T v`` with ``Q`` from a float64 reduced QR of ``J^T``."""
+    """Reference: ``Q Q^T v`` with ``Q`` from a float64 reduced QR of ``J^T``, as the paper's code computes it.
+
+    That is the projection only when ``J`` has full row rank. Where it has not (duplicate samples, a
+    language model's sample without scored tokens: a zero row), some of ``Q``'s columns are arbitrary
+    directions outside the span; the span is ``Q range(R)``, so the coefficients ``Q^T v`` are then
+    projected onto the left singular vectors of ``R`` (``k x k``) whose singular values exceed NumPy's
+    rank tolerance, ``max(k, d) eps sigma_max``.
+    """
     if jac.shape[0] == 0:
         return torch.zeros_like(v)
-    q, _ = torch.linalg.qr(jac.double().T, mode="reduced")
-    return (q @ (q.T @ v.double())).to(v.dtype)
+    q, r = torch.linalg.qr(jac.double().T, mode="reduced")
+    w = q.T @ v.double()
+    u, sv, _ = torch.linalg.svd(r)
+    keep = sv > sv.max() * max(jac.shape) * torch.finfo(torch.float64).eps
+    if not bool(keep.all()):  # rank-deficient: only R's range is the span
+        w = u[:, keep] @ (u[:, keep].T @ w)
+    return (q @ w).to(v.dtype)
 
 
 # ---- the projection step from per-layer blocks instead of a vmapped Jacobian -----------------------

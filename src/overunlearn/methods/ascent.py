@@ -7,7 +7,15 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from overunlearn.methods.base import CATEGORICAL_TASKS, Method, MethodConfig, check_range, require_categorical
+from overunlearn.methods.base import (
+    CATEGORICAL_TASKS,
+    Method,
+    MethodConfig,
+    check_range,
+    example_mean,
+    require_categorical,
+)
+from overunlearn.methods.context import ReferenceMode, set_reference_mode
 from overunlearn.methods.registry import register_method
 from overunlearn.methods.vectorised import VectorisedForm
 
@@ -52,13 +60,18 @@ class NGP(Method):
 
 @dataclass(frozen=True)
 class NPOConfig(MethodConfig):
-    """``reg_coef``: the inverse temperature ``beta`` of NPO."""
+    """``reg_coef``: the inverse temperature ``beta`` of NPO; ``reference_mode``: how the frozen reference
+    policy runs (:func:`~overunlearn.methods.context.set_reference_mode`: ``"train"``, the paper's reference
+    code, gives its BatchNorm batch statistics; dropout is off either way, so ``pi_ref`` is a fixed function)."""
 
     reg_coef: float = 0.1
+    reference_mode: ReferenceMode = "train"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range("reg_coef", self.reg_coef, 0.0, low_open=True)
+        if self.reference_mode not in ("train", "eval"):
+            raise ValueError(f"reference_mode={self.reference_mode!r} is not one of 'train', 'eval'")
 
 
 @register_method("npo")
@@ -78,19 +91,19 @@ class NPO(Method):
 
     def setup(self, ctx):  # type: ignore[override]
         require_categorical(self, ctx)
-        ctx.original()
+        self.reference = set_reference_mode(ctx.original(), self.config.reference_mode)
 
     def loss(self, ctx, info, retain, forget):  # type: ignore[override]
         task = require_categorical(self, ctx)
         beta = self.config.reg_coef
         cats = task.categorical(ctx.forward(forget), forget.targets)
         with torch.no_grad():
-            refs = task.categorical(ctx.forward(forget, ctx.original()), forget.targets)
+            refs = task.categorical(ctx.forward(forget, self.reference), forget.targets)
         total = 0.0
         for cat, ref in zip(cats, refs):
             y = cat.labels.unsqueeze(1)
             lp = torch.log_softmax(cat.logits, dim=1).gather(1, y).squeeze(1)
             lr_ = torch.log_softmax(ref.logits, dim=1).gather(1, y).squeeze(1)
-            ratio = lp - lr_ if cat.per_example else cat.per_example_sum(lp - lr_)[cat.scored()]
-            total = total + (2.0 / beta) * F.softplus(beta * ratio).mean()
+            ratio = lp - lr_ if cat.per_example else cat.per_example_sum(lp - lr_)  # (n,): one per example
+            total = total + example_mean(cat, (2.0 / beta) * F.softplus(beta * ratio), forget.weights)
         return total  # type: ignore[return-value]

@@ -196,10 +196,19 @@ def require_categorical(method: Method, ctx: UnlearningContext) -> Task:
     return task
 
 
-def mean_over_examples(cat: Categorical, per_row: Tensor) -> Tensor:
+def mean_over_examples(cat: Categorical, per_row: Tensor, weights: Tensor | None = None) -> Tensor:
     """Batch mean of a per-row quantity: over rows when there is one row per example (a classifier
     head), else over the examples that have rows of each one's mean over its rows (a language model's
-    scored tokens)."""
-    if cat.per_example:
-        return per_row.mean()
-    return cat.per_example_mean(per_row)[cat.scored()].mean()
+    scored tokens). See :func:`example_mean` for ``weights`` and a batch without rows."""
+    return example_mean(cat, per_row if cat.per_example else cat.per_example_mean(per_row), weights)
+
+
+def example_mean(cat: Categorical, values: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Mean of per-example ``values`` ``(n,)`` over the examples that have rows in ``cat``, each times its
+    weight where the batch has ``weights`` (as in the data loss, ``mean(loss_i * w_i)``). A batch none of
+    whose examples has a scored token contributes 0 (connected to the graph), as it does to the data loss."""
+    if weights is not None:
+        values = values * weights.to(device=values.device, dtype=values.dtype)
+    if not cat.per_example:
+        values = values[cat.scored()]
+    return values.mean() if values.numel() else values.sum()

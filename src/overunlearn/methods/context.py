@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,29 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+#: how a frozen reference model (SCRUB's teacher, NPO's reference policy) runs
+ReferenceMode = Literal["train", "eval"]
+
+
+def set_reference_mode(model: nn.Module, mode: ReferenceMode) -> nn.Module:
+    """Put a frozen reference model in ``mode`` and return it.
+
+    ``"eval"``: every module in eval mode. ``"train"``: as the paper's reference code runs its
+    teachers -- normalisation layers with running statistics (BatchNorm, InstanceNorm) use the batch's
+    statistics -- but every other module, dropout included, in eval mode: a reference policy is a fixed
+    function, and a dropout mask drawn per call would make ``log pi_ref`` random (the image models of
+    the paper have no dropout, so this is the reference code's behaviour there).
+    """
+    if mode not in ("train", "eval"):
+        raise ValueError(f"reference mode {mode!r} is not one of 'train', 'eval'")
+    model.eval()
+    if mode == "train":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase):  # BatchNorm*d, SyncBatchNorm, InstanceNorm*d
+                m.train()
+    return model
 
 
 def sampling_seed(seed: int) -> int:

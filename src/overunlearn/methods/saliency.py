@@ -26,10 +26,36 @@ class SalUnConfig(MethodConfig):
         check_range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
 
 
+def saliency_mask(mags: torch.Tensor, sparsity: float, generator: torch.Generator) -> torch.Tensor:
+    """Which entries of the flat saliencies ``mags`` stay trainable: ``mags >= threshold``, with the threshold
+    the median for ``sparsity = 0.5`` (the reference's rule) and else the ``(k + 1)``-th smallest value, ``k =
+    round(sparsity * n)``. Entries tied at the threshold are kept only up to the count the rule keeps without
+    ties, chosen at random by ``generator``: many equal saliencies -- exact zeros, as fresh LoRA adapters'
+    ``A`` factors or embedding rows the forget set never reaches have -- would otherwise keep every entry."""
+    n = mags.numel()
+    k = int(round(sparsity * n))
+    if k <= 0:
+        return torch.ones(n, dtype=torch.bool, device=mags.device)
+    if k >= n:
+        return torch.zeros(n, dtype=torch.bool, device=mags.device)
+    if sparsity == 0.5:  # exactly the median rule of the reference (torch's median: the lower middle value)
+        threshold, wanted = mags.median(), n - (n - 1) // 2
+    else:
+        threshold, wanted = mags.kthvalue(k + 1).values, n - k
+    keep = mags >= threshold
+    surplus = int(keep.sum()) - wanted
+    if surplus > 0:  # ties at the threshold: drop a random `surplus` of them
+        tied = (mags == threshold).nonzero().squeeze(1)
+        drop = tied[torch.randperm(len(tied), generator=generator)[:surplus].to(tied.device)]
+        keep[drop] = False
+    return keep
+
+
 @register_method("salun")
 class SalUn(Method):
     """SalUn. Before the loop (timed, not counted in epochs) the gradient ``g = sum_batches grad J(theta*; B_f)``
-    over all forget batches gives a saliency mask ``|g| >= quantile(|g|, sparsity)`` (the median by default).
+    over all forget batches gives a saliency mask ``|g| >= quantile(|g|, sparsity)`` (the median by default;
+    ties at the threshold are broken at random, :func:`saliency_mask`).
     Each step minimises ``J(theta; B_r) + ga_coef * J(theta; B_f')`` where ``B_f'`` relabels every head with a
     uniformly random *incorrect* class (for a language model: every scored token replaced by a random
     other token), and gradients outside the mask are zeroed. The mask is applied to
@@ -57,17 +83,8 @@ class SalUn(Method):
             for b, saved in buffers:
                 b.copy_(saved)
         mags = torch.cat([g.abs().reshape(-1) for g in grads])
-        # freeze the k smallest |g| entries: keep those >= the (k+1)-th smallest value
-        k = int(round(self.config.sparsity * mags.numel()))
-        if k <= 0:
-            threshold = mags.new_tensor(-1.0)
-        elif k >= mags.numel():
-            threshold = mags.new_tensor(float("inf"))
-        else:
-            threshold = mags.kthvalue(k + 1).values
-        if self.config.sparsity == 0.5:  # exactly the median rule of the reference
-            threshold = mags.median()
-        self.masks = [(g.abs() >= threshold).to(g.dtype) for g in grads]
+        keep = saliency_mask(mags, self.config.sparsity, torch.Generator().manual_seed(ctx.seed))
+        self.masks = [m.view_as(g).to(g.dtype) for m, g in zip(keep.split([g.numel() for g in grads]), grads)]
 
     def loss(self, ctx, info, retain, forget):  # type: ignore[override]
         task = require_categorical(self, ctx)

@@ -60,5 +60,5 @@ class KLUnif(Method):
     def loss(self, ctx, info, retain, forget):  # type: ignore[override]
         task = require_categorical(self, ctx)
         cats = task.categorical(ctx.forward(forget), forget.targets)
-        kl = sum(mean_over_examples(c, kl_to_uniform(c.logits, self.config.direction)) for c in cats)
+        kl = sum(mean_over_examples(c, kl_to_uniform(c.logits, self.config.direction), forget.weights) for c in cats)
         return ctx.batch_loss(retain) + self.config.kl_coef * kl

@@ -10,9 +10,11 @@ Two established attacks, both pure functions over arrays (see :mod:`overunlearn.
     cross-validation (``n_splits`` is lowered to the size of the smaller class when needed);
     the AUC is computed on the pooled out-of-fold member probabilities. A model that has
     forgotten its forget set as well as a retrained model scores like the retrained model
-    (ideally ~0.5 when forget and test examples come from one distribution; compare with the
-    ground-truth row otherwise). The attack has one feature, so it can only learn a threshold
-    on the loss; ``threshold_auc`` in the summary is the AUC of ``-loss`` without any fitting.
+    (~0.5 when forget and test examples come from one distribution and the sets are large; the
+    pooled out-of-fold AUC is biased below 0.5 on sets of tens of examples, measured by
+    ``benchmarks/mia_null.py``, so compare with the ground-truth row at the same sizes). The attack
+    has one feature, so it can only learn a threshold on the loss; ``threshold_auc`` in the summary
+    is the AUC of ``-loss`` without any fitting (and without that bias).
 
 :func:`mia_efficacy` -- SalUn's (Fan et al. 2024; Jia et al. 2023) "MIA-efficacy".
     An RBF support-vector classifier (``C=3``, ``gamma="auto"``) is trained on a named

@@ -167,7 +167,10 @@ def _sequence_signals(task: Task, outputs, labels: Tensor) -> dict[str, Tensor]:
     logp = torch.log_softmax(z, dim=1)
     p = logp.exp()
     log1m = torch.log1p(-p.clamp(max=1.0 - 1e-15))
-    logp_y, log1m_y = logp[rows, y], log1m[rows, y]
+    # the label's log(1 - p_y) from logits, logsumexp_{i != y} z_i - logsumexp z, exact where p_y rounds
+    # to 1 (the margin would saturate at -log(1e-15) = 34.5 otherwise)
+    others = z.index_put((rows, y), z.new_tensor(float("-inf")))
+    logp_y, log1m_y = logp[rows, y], torch.logsumexp(others, dim=1) - torch.logsumexp(z, dim=1)
     other = p * log1m
     other[rows, y] = 0.0
     margin = logp_y - log1m_y

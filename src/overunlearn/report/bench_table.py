@@ -8,6 +8,7 @@ statistic's centre: median or mean over seeds). A method whose trials failed sho
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,10 +30,9 @@ def _seconds(values: Sequence[float], statistic: str) -> str:
 
     if not values:
         return ""
-    v = sorted(values)
     if statistic == "median":
-        return f"{v[len(v) // 2]:.1f}"
-    return fmt_num(sum(v) / len(v))
+        return f"{statistics.median(values):.1f}"
+    return fmt_num(sum(values) / len(values))
 
 
 def method_table(setting: SettingResult, metrics: Sequence[str], statistic: str | None = None,
