@@ -53,5 +53,10 @@ class PluginError(OverunlearnError, ImportError):
     could not be imported; the message names it and the reason."""
 
 
+class BenchmarkDefinitionError(OverunlearnError, ValueError):
+    """A registered benchmark does not follow the protocol (a missing method, malformed ``metrics``, an
+    ``evaluate`` that leaves out a declared metric); the message names the benchmark and what to fix."""
+
+
 class CacheRebuiltWarning(UserWarning):
     """A cache entry could not be used (corrupt, of another format) and is rebuilt; the message names it."""

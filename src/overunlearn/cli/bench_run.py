@@ -77,6 +77,7 @@ def run_cmd(
     from overunlearn.cli.bench_images import check_sizes
     from overunlearn.cli.bench_sweep import run_bench, write_bench_tables
     from overunlearn.cli.errors import KEPT, friendly_errors
+    from overunlearn.errors import BenchmarkDefinitionError
     from overunlearn.methods import create, list_methods
 
     # every option is checked before anything trains
@@ -93,6 +94,9 @@ def run_cmd(
     overrides = parse_overrides(hp)
     try:
         bench = get_benchmark(name, **options)
+    except BenchmarkDefinitionError as exc:  # the benchmark's own code, not the options
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     except (KeyError, ValueError, TypeError) as exc:  # an unknown or bad constructor option, preset, dataset...
         msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
         raise typer.BadParameter(f"benchmark {name!r}: {msg}", param_hint="'--option'") from None

@@ -482,6 +482,9 @@ def _one_step(ctx: UnlearningContext, method: Method, info: StepInfo, retain_b: 
         raise DataError(f"step {info.step}: {exc} -- a label lies outside the model's outputs in a batch of a "
                         "Dataset after the first (those are not checked ahead); check the labels of the whole set"
                         ) from exc
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+        raise TypeError(f"method {method.name!r}: loss() must return a scalar tensor (e.g. a batch mean), got {got}")
     value = float(loss.detach())
     if not math.isfinite(value):
         for name, b in (("retain", retain_b), ("forget", forget_b)):

@@ -108,6 +108,9 @@ class UnlearningContext:
     def forward(self, batch: Batch, model: nn.Module | None = None) -> Outputs:
         """The raw output of ``model`` (the working model by default) on a batch (call convention of
         :func:`overunlearn.structure.call_model`)."""
+        if batch is None:
+            raise TypeError("no batch to forward: a method receives forget batches only when its class sets "
+                            "uses_forget = True (forget is None otherwise)")
         return structure.call_model(model or self.model, batch.inputs)
 
     def data_loss(self, outputs: Outputs, batch: Batch) -> Tensor:
@@ -122,4 +125,5 @@ class UnlearningContext:
         return per.mean()
 
     def batch_loss(self, batch: Batch) -> Tensor:
+        """The task loss of a batch (:meth:`data_loss` of :meth:`forward`)."""
         return self.data_loss(self.forward(batch), batch)

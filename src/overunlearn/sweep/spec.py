@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from overunlearn.errors import OverunlearnError, UnknownMethodError
+from overunlearn.errors import BenchmarkDefinitionError, OverunlearnError, UnknownMethodError
 from overunlearn.storage import stable_hash
 
 try:  # Python >= 3.11
@@ -710,6 +710,9 @@ def check_benchmark(spec: SweepSpec) -> list[str]:
             bench = get_benchmark(spec.benchmark, **s.benchmark_options)
         except KeyError as exc:
             problems.append(f"{label}{exc.args[0] if exc.args else exc}")
+            continue
+        except BenchmarkDefinitionError as exc:
+            problems.append(f"{label}{exc}")
             continue
         except (TypeError, ValueError) as exc:
             problems.append(f"{label}benchmark {spec.benchmark!r} rejects the options {s.benchmark_options}: {exc}")

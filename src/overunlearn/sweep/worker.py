@@ -71,9 +71,12 @@ def _benchmark(name: str, options: dict[str, Any], imports: list[str] | tuple[st
 
 
 def _problem(bench: Any, bkey: str, seed: int) -> Any:
+    from overunlearn.benchmarks.base import seeded
+
     key = (bkey, seed)
     if key not in _PROBLEM_CACHE:
-        _PROBLEM_CACHE[key] = bench.problem(seed)
+        with seeded(seed):
+            _PROBLEM_CACHE[key] = bench.problem(seed)
         while len(_PROBLEM_CACHE) > _MAX_PROBLEMS:
             _PROBLEM_CACHE.popitem(last=False)
     _PROBLEM_CACHE.move_to_end(key)
@@ -140,13 +143,17 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_reference(task: dict[str, Any]) -> dict[str, Any]:
+    from overunlearn.benchmarks.base import check_metrics, seeded
+
     rec: dict[str, Any] = {"kind": "reference", "benchmark": task["benchmark"], "benchmark_key": task["benchmark_key"],
                            "seed": task["seed"], "started_at": time.time()}
     t0 = time.perf_counter()
     try:
         bench = _benchmark(task["benchmark"]["name"], task["benchmark"]["options"], task.get("imports", ()))
         rec["metric_specs"] = _metric_specs(bench)
-        rec["reference"] = {k: {m: float(v) for m, v in d.items()} for k, d in bench.reference(task["seed"]).items()}
+        with seeded(task["seed"]):
+            ref = bench.reference(task["seed"])
+        rec["reference"] = {k: check_metrics(bench, d) for k, d in ref.items()}
         rec["status"] = "finished"
     except Exception as exc:  # noqa: BLE001 - every failure is recorded
         rec.update(_error_fields(exc))
@@ -156,6 +163,7 @@ def _run_reference(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_trial(task: dict[str, Any]) -> dict[str, Any]:
+    from overunlearn.benchmarks.base import check_metrics, seeded
     from overunlearn.engine import Budget, resolve_device, unlearn
     from overunlearn.methods import create
 
@@ -182,8 +190,8 @@ def _run_trial(task: dict[str, Any]) -> dict[str, Any]:
                    seconds=r.seconds, setup_seconds=r.setup_seconds, stopped_by=r.stopped_by,
                    epoch_losses=r.epoch_losses, arithmetic=ENGINE)
         phase = "evaluate"
-        metrics = bench.evaluate(result.model, t["seed"])
-        rec["metrics"] = {k: float(v) for k, v in metrics.items()}
+        with seeded(t["seed"]):
+            rec["metrics"] = check_metrics(bench, bench.evaluate(result.model, t["seed"]))
         rec["status"] = "finished"
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, the sweep goes on
         rec.update(_error_fields(exc))
@@ -194,6 +202,7 @@ def _run_trial(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_batch(task: dict[str, Any]) -> dict[str, Any]:
+    from overunlearn.benchmarks.base import check_metrics, seeded
     from overunlearn.engine import BatchedRun, Budget, resolve_device, unlearn_many
     from overunlearn.methods import create
 
@@ -207,7 +216,7 @@ def _run_batch(task: dict[str, Any]) -> dict[str, Any]:
             bench = _benchmark(t["benchmark"]["name"], t["benchmark"]["options"], sub.get("imports", ()))
             key = (sub["benchmark_key"], int(t["seed"]))
             if key not in problems:
-                problems[key] = bench.problem(t["seed"])
+                problems[key] = _problem(bench, sub["benchmark_key"], int(t["seed"]))
             method = create(t["method"], **t["config"])
             budget = Budget(**t["budget"])
         except Exception:  # noqa: BLE001 - the trial on its own records the failure and its phase
@@ -248,7 +257,8 @@ def _run_batch(task: dict[str, Any]) -> dict[str, Any]:
                 rec["traceback"] = out.traceback[-4000:]
         else:
             try:
-                rec["metrics"] = {k: float(v) for k, v in bench.evaluate(out.model, t["seed"]).items()}
+                with seeded(int(t["seed"])):
+                    rec["metrics"] = check_metrics(bench, bench.evaluate(out.model, t["seed"]))
                 rec["status"] = "finished"
             except Exception as exc:  # noqa: BLE001
                 rec.update(_error_fields(exc))
