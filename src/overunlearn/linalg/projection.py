@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
+import traceback
 import warnings
 import weakref
 from collections.abc import Callable
@@ -146,7 +148,7 @@ from torch import nn  # noqa: E402
 from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 
 from overunlearn.linalg.blocks import Block, Budget, Decline, block_for  # noqa: E402
-from overunlearn.linalg.blocks.base import param_of, registered_block  # noqa: E402
+from overunlearn.linalg.blocks.base import count, param_of, registered_block  # noqa: E402
 from overunlearn.linalg.blocks.conv import patches2d as _patches  # noqa: E402,F401  (the name tests use)
 from overunlearn.linalg.blocks.positional import PositionalBlock  # noqa: E402
 
@@ -262,7 +264,8 @@ def _factored_layers(model: nn.Module, inputs, params: list[Tensor],
     def hook(m, args, kwargs, out):  # noqa: ANN001
         try:
             blk = kinds[m](m, args, kwargs, out)
-        except Decline:
+        except Exception as e:  # a declined call; a block's error: the projection itself reports it
+            _blame(e, kinds[m])  # (running out of memory is raised again)
             return
         if isinstance(blk, PositionalBlock) or hasattr(blk, "out_positions"):
             w = m._parameters.get("weight")
@@ -286,7 +289,8 @@ def _factored_layers(model: nn.Module, inputs, params: list[Tensor],
 
 
 #: models (held weakly) whose hooked projection was checked against autograd: input signature ->
-#: the reason a check failed (a key of ``_WHY``: the vmapped Jacobian from then on) or the set of *readings* that passed
+#: the reason a check failed (a key of ``_WHY``, or what a failing block raised: the vmapped Jacobian from then
+#: on) or the set of *readings* that passed
 #: (how every layer call was read: batch-major, sequence-first, a shared row, ...; see
 #: :func:`_reading`). A memo of :func:`_verify`, so that the check runs once per model, input shape and
 #: reading, not every step; a batch read differently (a last, smaller batch making ``L = n``; a
@@ -310,8 +314,71 @@ def _first(inputs, targets):
     return one, None if targets is None else structure.index(targets, slice(0, 1))
 
 
+class BlockFailedWarning(UserWarning):
+    """A block raised an exception or returned a tensor of the wrong shape: the model takes the ``torch.func``
+    Jacobian (the same projection, slower)."""
+
+
+class _BlockFailed(Exception):
+    """Block code raised ``error`` (or returned a tensor of the wrong shape): block class ``kind``, its layer
+    ``module`` and the parameter ``name`` (where known). The engine treats it as a failed check."""
+
+    def __init__(self, kind: type, module: nn.Module | None, name: str | None, error: BaseException) -> None:
+        super().__init__(kind, module, name, error)
+        self.kind, self.module, self.name, self.error = kind, module, name, error
+
+    def reason(self, model: nn.Module) -> str:
+        """The block, its layer (by its name in ``model``) and parameter, the error and where it was raised (not
+        where the engine found a wrong shape)."""
+        layer = next((f"layer {n!r}" if n else "the model" for n, m in model.named_modules() if m is self.module),
+                     "its layer")
+        if self.module is not None:
+            layer += f" ({type(self.module).__name__})"
+        frames = traceback.extract_tb(self.error.__traceback__)
+        at = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" \
+            if frames and frames[-1].filename != __file__ else ""
+        return (f"block {self.kind.__qualname__} of {layer}" + (f", parameter {self.name!r}," if self.name else "")
+                + f" raised {type(self.error).__name__}: {self.error}{at}")
+
+
+def _blame(err: Exception, blk: Block | type, name: str | None = None, module: nn.Module | None = None) -> _BlockFailed:
+    """``err``, raised by block ``blk`` (an instance, or a class with its layer ``module``) on parameter ``name``,
+    as a :class:`_BlockFailed` (itself if it is one). Running out of memory is not the block's error: raised
+    again."""
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        raise err
+    if isinstance(err, _BlockFailed):
+        return err
+    if not isinstance(blk, type):
+        blk, module = type(blk), getattr(blk, "module", None)
+    return _BlockFailed(blk, module, name, err)
+
+
+def _wrong_shape(blk: Block, name: str, what: str, got: object, expected: tuple) -> _BlockFailed:
+    shape = tuple(got.shape) if isinstance(got, Tensor) else type(got).__name__
+    return _blame(ValueError(f"{what} returned {shape}, expected {expected}"), blk, name)
+
+
+#: models (held weakly) -> the block classes a ``BlockFailedWarning`` was issued for
+_BLOCK_WARNED: weakref.WeakKeyDictionary[nn.Module, set[type]] = weakref.WeakKeyDictionary()
+
+
+def _warn_block(model: nn.Module, kind: type, reason: str) -> None:
+    """Warn once per model and block class that the block failed (the warning points at the caller of
+    :func:`project_model_onto_span`)."""
+    seen = _BLOCK_WARNED.setdefault(model, set())
+    if kind in seen:
+        return
+    seen.add(kind)
+    warnings.warn(f"{reason}. The fast projection takes the torch.func Jacobian for this model instead (the same "
+                  "projection, slower). A block must not raise (raise Decline to leave a layer call to the "
+                  "fallback) and must return tensors of the documented shapes (docs/architecture.md)",
+                  BlockFailedWarning, stacklevel=6)
+
+
 class _Uses:
-    """Which block calls compute each covered parameter: ``id(p) -> [(block, name)]``."""
+    """Which block calls compute each covered parameter: ``id(p) -> [(block, name)]``. What the blocks
+    raise or return in a wrong shape reaches the engine as :class:`_BlockFailed`."""
 
     def __init__(self) -> None:
         self.of: dict[int, list[tuple[Block, str]]] = {}
@@ -319,10 +386,23 @@ class _Uses:
     def back(self, p: Tensor, alpha: Tensor) -> Tensor:
         out = None
         for blk, name in self.of[id(p)]:
-            g = blk.back(name, alpha)
+            try:
+                g = blk.back(name, alpha)
+            except Exception as e:
+                raise _blame(e, blk, name) from e
+            if not isinstance(g, Tensor) or g.numel() != p.numel():
+                raise _wrong_shape(blk, name, "back()", g, tuple(p.shape))
+            g = g.reshape(p.shape)
             out = g if out is None else out + g
         assert out is not None
         return out
+
+    def done(self, p: Tensor) -> None:
+        for blk, _ in self.of[id(p)]:
+            try:
+                blk.done()
+            except Exception as e:
+                raise _blame(e, blk) from e
 
 
 def _verify(model: nn.Module, inputs, score_fn, scores: Tensor, uses: _Uses, covered: list[Tensor],
@@ -366,8 +446,7 @@ def _verify(model: nn.Module, inputs, score_fn, scores: Tensor, uses: _Uses, cov
     pieces = []
     for q in covered:
         pieces.append(uses.back(q, c).reshape(-1).double())
-        for blk, _ in uses.of[id(q)]:
-            blk.done()  # (one layer's recomputable tensors, e.g. unfolded patches, held at a time)
+        uses.done(q)  # (one layer's recomputable tensors, e.g. unfolded patches, held at a time)
     got = torch.cat(pieces)
     if seen is not None:
         seen.update(c=c, jtc=got)
@@ -537,7 +616,9 @@ def project_model_onto_span(model: nn.Module, inputs, score_fn, v: Tensor,
     In ``"per_sample"`` mode the layers with a registered block (``linalg/blocks``: linear layers on
     any leading dimensions, GPT-2's ``Conv1D``, convolutions, embeddings, LayerNorm, RMSNorm,
     eval-mode BatchNorm, ...) are handled from forward and backward hooks (see above); anything else
-    falls back to the vmapped ``torch.func`` Jacobian.
+    falls back to the vmapped ``torch.func`` Jacobian. So does the whole model once a block fails the
+    check against autograd, raises an exception (``Decline`` aside) or returns a tensor of the wrong
+    shape; the last two with a :class:`BlockFailedWarning` naming the block, its layer and the error.
     """
     _check_adapted(model)
     out = _project(model, inputs, score_fn, v, mode, rcond, targets)
@@ -609,6 +690,13 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
     verified = memo.get(signature)
     if isinstance(verified, str):  # (a failed check: its reason, as it was when it failed)
         return materialised("check failed earlier" if verified == "check failed" else verified)
+
+    def broken(failure: _BlockFailed) -> Tensor | None:
+        # block code raised, or returned a wrong shape: as a failed check, the vmapped Jacobian from now on
+        memo[signature] = reason = failure.reason(model)
+        _warn_block(model, failure.kind, reason)
+        return materialised(reason)
+
     probed = _LAYOUTS.setdefault(model, {})
     if signature not in probed:
         probed[signature] = _probe_layouts(model, inputs, kinds)
@@ -625,6 +713,7 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
     readings: dict[nn.Module, list[str]] = {m: [] for m in kinds}
 
     autocast: list[bool] = []
+    failures: list[_BlockFailed] = []  # (a block raising in the hook must not stop the model's forward)
 
     def hook(m, args, kwargs, out):  # noqa: ANN001
         cls = kinds[m]
@@ -668,7 +757,14 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
             return None
         try:
             blk = cls(m, args, kwargs, out)
+            if blk.output is not None and not isinstance(blk.output, Tensor):
+                raise TypeError(f"its output is a {type(blk.output).__name__}, not a tensor")
+            saved = [t._version for t in blk.saved] if blk.output is not None else []
         except Decline:
+            calls[m].append(None)
+            return replace
+        except Exception as e:
+            failures.append(_blame(e, cls, module=m))
             calls[m].append(None)
             return replace
         if blk.output is None or not blk.output.requires_grad:
@@ -677,7 +773,7 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
         slot = len(blocks)
         blocks.append(blk)
         calls[m].append(blk)
-        versions[slot] = ([t._version for t in blk.saved], blk.output._version)
+        versions[slot] = (saved, blk.output._version)
         # for an output that a later in-place op (ReLU(inplace=True)) overwrites: a tensor hook sees
         # the gradient w.r.t. the value before that op. On a view (a linear layer on a sequence
         # returns its matrix product reshaped), the hook goes on the base tensor: a view's hook is
@@ -713,6 +809,8 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
         # the model did not take a broadcast copy of a shared row: remember, and use the vmapped path
         memo[signature] = "a shared-row call could not be expanded"
         return materialised(memo[signature])
+    if failures:
+        return broken(failures[0])
     if autocast:
         return materialised("autocast")
     if not bool(torch.isfinite(scores).all()):
@@ -743,7 +841,11 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
         if len(names) != len(ms):
             continue
         us = [(b, nm) for m, nm in zip(ms, names) for b in calls[m]]
-        if len({b.units(nm) for b, nm in us}) > 1:  # type: ignore[union-attr]
+        try:
+            unequal = len({b.units(nm) for b, nm in us}) > 1  # type: ignore[union-attr]
+        except Exception as e:
+            return broken(_blame(e, *us[0]))  # type: ignore[arg-type]
+        if unequal:
             continue  # (blocks that slice its rows differently: the fallback takes it)
         uses.of[id(p)] = us  # type: ignore[assignment]
         covered.append(p)
@@ -791,13 +893,18 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
                 blk.bind(d, n, heads)
     except (Decline, ValueError):
         return materialised("a block declined")
+    except Exception as e:
+        return broken(_blame(e, blk))
     checked: dict[str, Tensor] = {}
     # the least precise of the scores' and the covered parameters' dtypes (a float16 language model's
     # scores are float32): what the Gram check's tolerance follows
     score_dtype = max([scores.dtype, *{p.dtype for p in covered}], key=lambda t: torch.finfo(t).eps)
     if check:
-        with record_function("overunlearn::verify"):
-            ok = _verify(model, inputs, score_fn, scores, uses, covered, targets, checked)
+        try:
+            with record_function("overunlearn::verify"):
+                ok = _verify(model, inputs, score_fn, scores, uses, covered, targets, checked)
+        except _BlockFailed as e:  # (the model's own errors are not caught)
+            return broken(e)
         if not ok and any("f" in codes for _, codes in reading):
             # the flattened calls may be position-major: read them no more (their parameters then take
             # the fallback) and try again, rather than giving the whole model to the vmapped Jacobian
@@ -811,7 +918,10 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
     k = n * heads
     budget = _budget()
     if explain is not None:
-        forms = {id(p): _form(p, uses.of[id(p)], budget, k) for p in covered}
+        try:
+            forms = {id(p): _form(p, uses.of[id(p)], budget, k) for p in covered}
+        except _BlockFailed as e:
+            return broken(e)
         forms.update({id(p): "torch.func" for p in dense})
         explain.update(path="hooked", reason="", rows=k, forms=forms,
                        why={id(p): _why_uncovered(p, owners, kinds, calls) for p in dense})
@@ -819,9 +929,12 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
     # the blocks hold what they need; free the graph of the hooked forward
     del scores, wanted
     grads.clear()
-    for blk in blocks:
-        blk.output, blk.saved = None, []
-        blk.done()
+    try:
+        for blk in blocks:
+            blk.output, blk.saved = None, []
+            blk.done()
+    except Exception as e:
+        return broken(_blame(e, blk))
 
     offsets, off = {}, 0
     for p in params:
@@ -847,32 +960,35 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
     kept_bytes = 0
     stage = _Stage(gram, rhs)
     scratches: dict[torch.dtype, Tensor] = {}
-    with record_function("overunlearn::gram"):
-        for p in covered:
-            us = uses.of[id(p)]
-            size = k * p.numel() * p.element_size()
-            form = _form(p, us, budget, k)
-            if form == "ghost":
-                g, r = us[0][0].ghost(us[0][1], part(p))
-                gram += g
-                rhs += r
-                n_ghost += 1
-            elif form == "gathered":
-                rows = None
-                for blk, name in us:
-                    r = blk.rows(name, slice(0, _units(p, us)))
-                    rows = r if rows is None else rows + r
-                stage.add(p, rows, part(p).reshape(-1))  # type: ignore[arg-type]
-            else:
-                keep = (sum(blk.back_flops(name) for blk, name in us) > _KEEP_FACTOR * k * p.numel()
-                        and kept_bytes + size <= _KEEP_BYTES)
-                slices = _rows_gram(p, us, part(p), gram, rhs, keep, scratches)
-                if slices is not None:
-                    kept[id(p)] = slices
-                    kept_bytes += size
-            for blk, _ in us:
-                blk.done()
-        stage.flush()
+    try:
+        with record_function("overunlearn::gram"):
+            for p in covered:
+                us = uses.of[id(p)]
+                size = k * p.numel() * p.element_size()
+                form = _form(p, us, budget, k)
+                if form == "ghost":
+                    g, r = us[0][0].ghost(us[0][1], part(p))
+                    if g.shape != (k, k) or r.shape != (k,):
+                        raise ValueError(f"ghost() returned shapes {tuple(g.shape)} and {tuple(r.shape)}, expected "
+                                         f"({k}, {k}) and ({k},)")
+                    gram += g
+                    rhs += r
+                    n_ghost += 1
+                elif form == "gathered":
+                    rows = _summed_rows(us, slice(0, _units(p, us)), k, p.numel())
+                    stage.add(p, rows, part(p).reshape(-1))
+                else:
+                    keep = (sum(blk.back_flops(name) for blk, name in us) > _KEEP_FACTOR * k * p.numel()
+                            and kept_bytes + size <= _KEEP_BYTES)
+                    slices = _rows_gram(p, us, part(p), gram, rhs, keep, scratches)
+                    if slices is not None:
+                        kept[id(p)] = slices
+                        kept_bytes += size
+                for blk, _ in us:
+                    blk.done()
+            stage.flush()
+    except Exception as e:  # (what a block raised, or an operation on what it returned)
+        return broken(_blame(e, *us[0]))
     if probe is not None and not _gram_agrees(gram, rhs, *probe, dtype=score_dtype):
         memo[signature] = "check failed"
         return materialised("check failed")
@@ -896,16 +1012,18 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
     out = torch.empty_like(v)
     with record_function("overunlearn::back_projection"):
         staged = stage.back(alpha)
-        for p in covered:
-            o, c = offsets[id(p)]
-            if id(p) in staged:
-                out[o : o + c] = staged.pop(id(p))
-            elif id(p) in kept:
-                out[o : o + c] = _back_from_rows(p, kept.pop(id(p)), alpha, _units(p, uses.of[id(p)])).to(v.dtype)
-            else:
-                out[o : o + c] = uses.back(p, alpha).reshape(-1).to(v.dtype)
-                for blk, _ in uses.of[id(p)]:
-                    blk.done()
+        try:
+            for p in covered:
+                o, c = offsets[id(p)]
+                if id(p) in staged:
+                    out[o : o + c] = staged.pop(id(p))
+                elif id(p) in kept:
+                    out[o : o + c] = _back_from_rows(p, kept.pop(id(p)), alpha, _units(p, uses.of[id(p)])).to(v.dtype)
+                else:
+                    out[o : o + c] = uses.back(p, alpha).reshape(-1).to(v.dtype)
+                    uses.done(p)
+        except _BlockFailed as e:
+            return broken(e)
     if jd is not None:
         back = torch.empty(jd.shape[1], dtype=v.dtype, device=v.device)
         chunk = _chunk(k, None, jd.device)
@@ -923,10 +1041,13 @@ def _form(p: Tensor, us: list[tuple[Block, str]], budget: Budget, k: int) -> str
     """How the engine accumulates covered parameter ``p``'s Gram block: ``"ghost"`` (factored, one
     use), ``"gathered"`` (small rows, gathered with other small parameters' into one product) or
     ``"rows"`` (formed rows in slices)."""
-    if len(us) == 1 and us[0][0].ghost_cheaper(us[0][1], budget):
-        return "ghost"
-    if k * p.numel() * p.element_size() <= _SMALL_BYTES and all(blk.support(name) is None for blk, name in us):
-        return "gathered"
+    try:
+        if len(us) == 1 and us[0][0].ghost_cheaper(us[0][1], budget):
+            return "ghost"
+        if k * p.numel() * p.element_size() <= _SMALL_BYTES and all(blk.support(name) is None for blk, name in us):
+            return "gathered"
+    except Exception as e:
+        raise _blame(e, *us[0]) from e
     return "rows"
 
 
@@ -1090,7 +1211,7 @@ def _rows_gram(p: Tensor, us: list[tuple[Block, str]], vp: Tensor, gram: Tensor,
     inner = max(1, p.numel() // max(first, 1))
     supports = [blk.support(name) for blk, name in us]
     index = None if any(s is None for s in supports) else torch.unique(torch.cat([s for s in supports if s is not None]))
-    count = first if index is None else index.numel()
+    total = first if index is None else index.numel()
     per = max(1, _ROWS_BYTES // (p.element_size() * k * inner))
     v2 = vp.reshape(first, inner)
     slices: list[tuple[slice | Tensor, Tensor]] = []
@@ -1098,20 +1219,32 @@ def _rows_gram(p: Tensor, us: list[tuple[Block, str]], vp: Tensor, gram: Tensor,
     scratch = None
     if scratches is not None and not keep and len(us) == 1 and _takes_scratch(type(us[0][0])):
         scratch = scratches.get(p.dtype)
-        if scratch is None or scratch.numel() < min(per, count) * k * inner:
-            scratch = scratches[p.dtype] = torch.empty(max(_ROWS_BYTES // p.element_size(), min(per, count) * k * inner),
+        if scratch is None or scratch.numel() < min(per, total) * k * inner:
+            scratch = scratches[p.dtype] = torch.empty(max(_ROWS_BYTES // p.element_size(), min(per, total) * k * inner),
                                                        dtype=p.dtype, device=p.device)
-    for s in range(0, count, per):
+    for s in range(0, total, per):
         # (a slice where every index is wanted: the blocks then work on views, not gathered copies)
-        ix = slice(s, min(s + per, count)) if index is None else index[s : s + per]
-        rows = None
-        for blk, name in us:
-            r = blk.rows(name, ix, scratch=scratch) if scratch is not None else blk.rows(name, ix)
-            rows = r if rows is None else rows + r
-        assert rows is not None
+        ix = slice(s, min(s + per, total)) if index is None else index[s : s + per]
+        rows = _summed_rows(us, ix, k, count(ix, first) * inner, scratch)
         g, r = gram_and_rhs(rows, v2[ix].reshape(-1))
         gram += g
         rhs += r
         if keep:
             slices.append((ix, rows))
     return slices if keep else None
+
+
+def _summed_rows(us: list[tuple[Block, str]], ix: Tensor | slice, k: int, width: int,
+                 scratch: Tensor | None = None) -> Tensor:
+    """The rows of a parameter's slices ``ix``, summed over its uses ``us``; each use's must be ``(k, width)``."""
+    rows = None
+    for blk, name in us:
+        try:
+            r = blk.rows(name, ix, scratch=scratch) if scratch is not None else blk.rows(name, ix)
+        except Exception as e:
+            raise _blame(e, blk, name) from e
+        if not isinstance(r, Tensor) or r.shape != (k, width):
+            raise _wrong_shape(blk, name, "rows()", r, (k, width))
+        rows = r if rows is None else rows + r
+    assert rows is not None
+    return rows

@@ -14,7 +14,9 @@ Rows are ordered head-major: row ``r = h n + i`` is sample ``i``'s score ``h``. 
 registered by module type with :func:`register_block`; a module whose type (or a base class of it)
 has a block is hooked, provided ``Block.accepts(module)``. Whatever the blocks compute is checked
 against autograd once per model and input shape (``projection._verify``: their ``J^T c``; then their Gram
-and ``J v`` against that ``J^T c``), so a wrong block costs time, not results.
+and ``J v`` against that ``J^T c``), so a wrong block costs time, not results. A block that raises an
+exception (``Decline`` aside) or returns a tensor of the wrong shape is treated the same way, with a
+``projection.BlockFailedWarning`` naming it.
 """
 
 from __future__ import annotations
@@ -214,9 +216,18 @@ def register_block(*types: type | str) -> Callable[[type[Block]], type[Block]]:
     for an optional library never imports it. A dotted name with ``*`` is a pattern matched against
     ``module.qualname`` of every class in a module type's ancestry (``"transformers.models.*RMSNorm"``:
     the RMSNorm of every Hugging Face model). A later registration for the same type or pattern wins;
-    for one class, a registered type comes before a pattern, and the nearest class in the ancestry wins."""
+    for one class, a registered type comes before a pattern, and the nearest class in the ancestry wins.
+    Anything else as a type, or a decorated class that is not a :class:`Block` subclass, raises ``TypeError``."""
+    for t in types:
+        _check_key(t)
 
     def deco(cls: type[Block]) -> type[Block]:
+        if not (isinstance(cls, type) and issubclass(cls, Block)):
+            named = ", ".join(t if isinstance(t, str) else t.__name__ for t in types)
+            swapped = isinstance(cls, type) and issubclass(cls, nn.Module)
+            raise TypeError(f"register_block({named})(...) takes a Block subclass, got {_describe(cls)}"
+                            + (", a layer (register_block(MyLayer)(MyBlock) registers MyBlock for MyLayer)"
+                               if swapped else ""))
         for t in types:
             if isinstance(t, str):
                 store = _PATTERNS if "*" in t else _LAZY
@@ -229,6 +240,28 @@ def register_block(*types: type | str) -> Callable[[type[Block]], type[Block]]:
         return cls
 
     return deco
+
+
+def _check_key(t: object) -> None:
+    """Raise ``TypeError`` unless ``t`` is a module class or a dotted name (``"pkg.module.Class"``) or pattern."""
+    if isinstance(t, str):
+        if "*" in t or all(t.rpartition(".")[::2]):
+            return
+        raise TypeError(f"register_block({t!r}): a name must be dotted, 'package.module.Class' (or a pattern with *)")
+    if isinstance(t, type) and issubclass(t, Block):
+        raise TypeError(f"register_block got the Block class {t.__name__} as a layer type (arguments swapped? "
+                        f"register_block(MyLayer)({t.__name__}))")
+    if not (isinstance(t, type) and issubclass(t, nn.Module)):
+        raise TypeError(f"register_block takes module classes (nn.Module subclasses), dotted names or patterns, "
+                        f"got {_describe(t)}")
+
+
+def _describe(x: object) -> str:
+    """``x`` for an error message: a class by its name, anything else as an instance of its class."""
+    if isinstance(x, type):
+        return f"the class {x.__qualname__}"
+    return f"an instance of {type(x).__qualname__}" + (" (pass the class itself)" if isinstance(x, (nn.Module, Block))
+                                                        else "")
 
 
 def _resolve_lazy() -> None:
