@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 import traceback
 import warnings
@@ -383,11 +384,15 @@ class _Uses:
     def __init__(self) -> None:
         self.of: dict[int, list[tuple[Block, str]]] = {}
 
-    def back(self, p: Tensor, alpha: Tensor) -> Tensor:
+    def exact_back(self, p: Tensor) -> bool:
+        """Whether every block using ``p`` sums its back-projection in float64 on request (``back(..., exact=True)``)."""
+        return all("exact" in inspect.signature(type(blk).back).parameters for blk, _ in self.of[id(p)])
+
+    def back(self, p: Tensor, alpha: Tensor, exact: bool = False) -> Tensor:
         out = None
         for blk, name in self.of[id(p)]:
             try:
-                g = blk.back(name, alpha)
+                g = blk.back(name, alpha, exact=True) if exact else blk.back(name, alpha)
             except Exception as e:
                 raise _blame(e, blk, name) from e
             if not isinstance(g, Tensor) or g.numel() != p.numel():
@@ -1008,6 +1013,7 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
     if not (torch.isfinite(gram).all() and torch.isfinite(rhs).all()):
         raise _non_finite()
     alpha = solve_gram(gram, rhs, rcond)
+    exact = _cancels(gram, rhs, alpha)
 
     out = torch.empty_like(v)
     with record_function("overunlearn::back_projection"):
@@ -1019,6 +1025,12 @@ def _project_once(model: nn.Module, inputs, score_fn, v: Tensor, mode: str, rcon
                     out[o : o + c] = staged.pop(id(p))
                 elif id(p) in kept:
                     out[o : o + c] = _back_from_rows(p, kept.pop(id(p)), alpha, _units(p, uses.of[id(p)])).to(v.dtype)
+                elif exact and p.dtype != torch.float64 and not uses.exact_back(p):
+                    out[o : o + c] = _back_exact(p, uses.of[id(p)], alpha).to(v.dtype)
+                    uses.done(p)
+                elif exact and p.dtype != torch.float64:
+                    out[o : o + c] = uses.back(p, alpha, exact=True).reshape(-1).to(v.dtype)
+                    uses.done(p)
                 else:
                     out[o : o + c] = uses.back(p, alpha).reshape(-1).to(v.dtype)
                     uses.done(p)
@@ -1170,20 +1182,65 @@ class _Stage:
         return out
 
 
+#: above this cancellation factor of ``J^T alpha`` (see :func:`_cancels`) the back-projection is taken from
+#: rows in float64 instead of the blocks' own, in the parameters' dtype: at 1000, float32's rounding
+#: (1.2e-7 relative) could reach 1e-4 of the result
+_CANCEL = 1000.0
+
+
+def _cancels(gram: Tensor, rhs: Tensor, alpha: Tensor) -> bool:
+    """Whether ``J^T alpha`` cancels: ``sum_i |alpha_i| |J_i| / |J^T alpha|`` above :data:`_CANCEL`.
+
+    ``alpha = G^+ J v`` is large along eigenvectors of ``G`` with small eigenvalues (an ill-conditioned or
+    nearly rank-deficient Jacobian: smooth low-dimensional inputs, as Data Poisoning's MLP has), and its
+    combination of rows then cancels to a vector far smaller than its terms. Summed in float32, as a
+    block's back-projection sums them, the result keeps float32's rounding of the terms, so the step's
+    first-order change of the retained outputs, ``J (v - P v)``, grew from float32's floor to ~1e-3 of
+    ``|v|`` on such a model. ``|J_i| = sqrt(G_ii)`` and ``|J^T alpha|^2 = alpha . J v``: nothing to compute.
+    """
+    norm2 = float(alpha @ rhs)
+    if not norm2 > 0.0:
+        return False
+    terms = float((alpha.abs() * gram.diagonal().clamp_min(0).sqrt()).sum())
+    return terms > _CANCEL * math.sqrt(norm2)
+
+
+def _back_exact(p: Tensor, us: list[tuple[Block, str]], alpha: Tensor) -> Tensor:
+    """``J_p^T alpha`` (flattened) from ``p``'s rows formed again slice by slice (as for its Gram) and taken in
+    float64: the back-projection consistent with the float64 Gram when the coefficients cancel."""
+    k = alpha.shape[0]
+    first = _units(p, us)
+    inner = max(1, p.numel() // max(first, 1))
+    supports = [blk.support(name) for blk, name in us]
+    index = None if any(s is None for s in supports) else torch.unique(torch.cat([s for s in supports if s is not None]))
+    total = first if index is None else index.numel()
+    per = max(1, _ROWS_BYTES // (p.element_size() * k * inner))
+    out = torch.zeros(first, inner, dtype=p.dtype, device=p.device)  # (rows outside the support: zero)
+    for s in range(0, total, per):
+        ix = slice(s, min(s + per, total)) if index is None else index[s : s + per]
+        rows = _summed_rows(us, ix, k, count(ix, first) * inner)
+        out[ix] = _rows_back(rows, alpha, p.dtype).view(-1, inner)
+    return out.reshape(-1)
+
+
+def _rows_back(rows: Tensor, alpha: Tensor, dtype: torch.dtype) -> Tensor:
+    """``rows^T alpha`` in float64 (cache-sized blocks of columns), returned in ``dtype``."""
+    flat = torch.empty(rows.shape[1], dtype=dtype, device=rows.device)
+    chunk = _chunk(rows.shape[0], None, rows.device)
+    buf = None
+    for s in range(0, rows.shape[1], chunk):
+        block = _as_double(rows[:, s : s + chunk], chunk, buf)
+        buf = block if block.shape[1] == chunk else buf
+        flat[s : s + chunk] = (block.T @ alpha).to(dtype)
+    return flat
+
+
 def _back_from_rows(p: Tensor, slices: list[tuple[slice | Tensor, Tensor]], alpha: Tensor, first: int) -> Tensor:
     """``J_p^T alpha`` from kept rows (float64 in cache-sized blocks), flattened."""
     make = torch.zeros if any(isinstance(ix, Tensor) for ix, _ in slices) else torch.empty  # (gaps: zero rows)
     out = make(first, p.numel() // max(first, 1), dtype=p.dtype, device=p.device)
-    buf = None
     for ix, rows in slices:
-        k = rows.shape[0]
-        flat = torch.empty(rows.shape[1], dtype=p.dtype, device=p.device)
-        chunk = _chunk(k, None, rows.device)
-        for s in range(0, rows.shape[1], chunk):
-            block = _as_double(rows[:, s : s + chunk], chunk, buf)
-            buf = block if block.shape[1] == chunk else buf
-            flat[s : s + chunk] = (block.T @ alpha).to(p.dtype)
-        out[ix] = flat.view(-1, out.shape[1])
+        out[ix] = _rows_back(rows, alpha, p.dtype).view(-1, out.shape[1])
     return out.reshape(-1)
 
 

@@ -154,7 +154,11 @@ class Block:
         raise NotImplementedError
 
     def back(self, name: str, alpha: Tensor) -> Tensor:
-        """``J_p^T alpha`` in the parameter's shape and dtype (``alpha``: ``(k,)`` float64)."""
+        """``J_p^T alpha`` in the parameter's shape and dtype (``alpha``: ``(k,)`` float64).
+
+        A block may also take a keyword ``exact``: when ``alpha``'s terms cancel (an ill-conditioned Gram)
+        the engine calls ``back(name, alpha, exact=True)`` and the block sums in float64. A block without
+        it gets its back-projection from its :meth:`rows`, formed again and summed in float64."""
         raise NotImplementedError
 
     def done(self) -> None:
@@ -197,8 +201,8 @@ class RowsBlock(Block):
         r = self._cached(name)
         return r.view(self.k, p.shape[0] if p.dim() else 1, -1)[:, index].reshape(self.k, -1)
 
-    def back(self, name: str, alpha: Tensor) -> Tensor:
-        p = self.module._parameters[name]
+    def back(self, name: str, alpha: Tensor, exact: bool = False) -> Tensor:
+        p = self.module._parameters[name]  # (always summed in float64: the rows are small)
         return (self._cached(name).double().T @ alpha).reshape(p.shape).to(p.dtype)
 
 

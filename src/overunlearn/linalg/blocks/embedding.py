@@ -129,12 +129,14 @@ class EmbeddingBlock(Block):
         out.index_add_(0, slot, self.d[keep])
         return out.view(k, c * e)
 
-    def back(self, name: str, alpha: Tensor) -> Tensor:
+    def back(self, name: str, alpha: Tensor, exact: bool = False) -> Tensor:
+        """``J^T alpha``; ``exact``: summed in float64 (the engine asks for it when ``alpha``'s terms cancel)."""
         w = self.module.weight
-        scaled = self.d * alpha.to(self.d.dtype)[:, None, None]
-        out = torch.zeros_like(w)
+        dtype = torch.float64 if exact else self.d.dtype
+        scaled = self.d.to(dtype) * alpha.to(dtype)[:, None, None]
+        out = torch.zeros(w.shape, dtype=dtype, device=w.device)
         out.index_add_(0, self.per_row(self.ids).reshape(-1), scaled.reshape(-1, scaled.shape[-1]))
-        return out
+        return out.to(w.dtype)
 
 
 @register_block("transformers.models.*ScaledWordEmbedding")

@@ -106,21 +106,23 @@ class PositionalBlock(Block):
             torch.bmm(lh, rh, out=out[rows_h])
         return out.view(k, c * width)
 
-    def _summed(self, alpha: Tensor) -> Tensor:
-        """``S_i = sum_h alpha_{h n + i} D_{h n + i}``: ``(n, T, o)`` in the model's dtype."""
-        scaled = self.d * alpha.to(self.d.dtype)[:, None, None]
+    def _summed(self, alpha: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """``S_i = sum_h alpha_{h n + i} D_{h n + i}``: ``(n, T, o)`` in ``dtype`` (the model's by default)."""
+        dtype = dtype or self.d.dtype
+        scaled = self.d.to(dtype) * alpha.to(dtype)[:, None, None]
         return scaled.view(self.heads, self.n, *scaled.shape[1:]).sum(0) if self.heads > 1 else scaled
 
     def back_flops(self, name: str) -> int:
         p = self.module._parameters[name]
         return self.n * self.t * p.numel()
 
-    def back(self, name: str, alpha: Tensor) -> Tensor:
+    def back(self, name: str, alpha: Tensor, exact: bool = False) -> Tensor:
+        """``J_p^T alpha``; ``exact``: summed in float64 (the engine asks for it when ``alpha``'s terms cancel)."""
         p = self.module._parameters[name]
-        s = self._summed(alpha)
+        s = self._summed(alpha, torch.float64 if exact else None)
         if name == "bias":
             return s.sum(dim=(0, 1)).reshape(p.shape).to(p.dtype)
         s2 = s.reshape(-1, s.shape[2])
-        a2 = self.a.reshape(-1, self.a.shape[2])
+        a2 = self.a.reshape(-1, self.a.shape[2]).to(s2.dtype)
         g = s2.T @ a2 if self.layout == "op" else a2.T @ s2
         return g.reshape(p.shape).to(p.dtype)
