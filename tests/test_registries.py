@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from overunlearn import Budget, ClassificationTask, TensorData, UnlearningProblem, unlearn
-from overunlearn.benchmarks import MetricSpec, register_benchmark
+from overunlearn.benchmarks import MetricSpec, list_benchmarks, register_benchmark
 from overunlearn.benchmarks.base import _BENCHMARKS, check_metrics, get_benchmark, seeded
 from overunlearn.methods import create, get_method, list_methods, register_method
 from overunlearn.methods.base import Method, MethodConfig
@@ -22,6 +22,7 @@ from overunlearn.methods.registry import _REGISTRY
 
 @pytest.fixture
 def clean_registries():
+    list_benchmarks()  # (the built-ins register when first needed: load them before taking the copy)
     methods, benches = dict(_REGISTRY), dict(_BENCHMARKS)
     yield
     _REGISTRY.clear()
@@ -198,3 +199,24 @@ def test_a_trial_whose_evaluate_misses_a_metric_fails_and_says_which(clean_regis
                                        "config": {}, "budget": {"epochs": 1}, "engine": {}}})
     assert rec["status"] == "failed" and rec["phase"] == "evaluate"
     assert "returned no 'noise'" in rec["error"]
+
+
+def test_seeded_leaves_the_cuda_seed_alone():
+    """``torch.manual_seed`` would also reseed CUDA's generators (on a machine without CUDA: queued until it starts),
+    which ``fork_rng(devices=[])`` does not restore."""
+    import torch.cuda
+
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(7)
+        state = torch.cuda.get_rng_state_all()
+        with seeded(1234):
+            pass
+        assert all(torch.equal(a, b) for a, b in zip(state, torch.cuda.get_rng_state_all()))
+        return
+    tracker = torch.cuda._lazy_seed_tracker
+    torch.cuda.manual_seed_all(7)
+    queued = tracker.manual_seed_all_cb
+    with seeded(1234):
+        pass
+    get_benchmark("poison")  # (factories run under seeded(0))
+    assert tracker.manual_seed_all_cb is queued

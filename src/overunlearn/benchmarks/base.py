@@ -176,7 +176,7 @@ def check_metrics(bench: Any, values: Any) -> dict[str, float]:
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Run a benchmark's code with torch's CPU generator, NumPy's and Python's global generators seeded by
-    ``seed``, and restore them afterwards: a benchmark that draws from them unseeded gets numbers that do not
+    ``seed``, and restore them afterwards (CUDA's generators are left alone): a benchmark that draws from them unseeded gets numbers that do not
     depend on what ran before it in the process (the worker count, the order of trials)."""
     import random
 
@@ -186,7 +186,7 @@ def seeded(seed: int) -> Iterator[None]:
     np_state, py_state = np.random.get_state(), random.getstate()
     try:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # (torch.manual_seed would reseed CUDA's generators too)
             np.random.seed(seed % 2**32)
             random.seed(seed)
             yield

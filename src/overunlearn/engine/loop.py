@@ -170,10 +170,10 @@ def _reset_lora(m: nn.Module, inits: dict[str, Any]) -> list[nn.Parameter]:
             continue
         try:
             reset(name, init)
-        except ValueError as e:  # pissa, olora, loftq, eva...: derived from the base weights, which they change
-            raise DataError(f"Retrain cannot re-initialise the LoRA adapter {name!r}: its init_lora_weights={init!r} "
-                            f"is not drawn at random ({e}); pass UnlearningProblem(make_model=...) that builds the "
-                            "model afresh") from None
+        except ValueError as e:  # pissa, olora, loftq, eva, orthogonal...: set up when peft builds the adapter
+            raise DataError(f"Retrain cannot re-initialise the LoRA adapter {name!r}: peft cannot redraw its "
+                            f"init_lora_weights={init!r} on an existing adapter ({e}); pass "
+                            "UnlearningProblem(make_model=...) that builds the model afresh") from None
     return [p for n, p in m.named_parameters() if n.split(".")[0].startswith("lora_")]
 
 
