@@ -276,3 +276,16 @@ def test_resnet50_renormalises_to_imagenet_statistics():
     expected = ((x * 0.5 + 0.5) - mean) / std
     assert torch.allclose(seen["x"], expected, atol=1e-5)
     assert not any("in_scale" in n for n, _ in m.named_parameters())
+
+
+def test_predict_runs_on_the_models_own_device():
+    """A sweep may unlearn on another device than the benchmark's: evaluation follows the model (the images went to
+    the benchmark's device and the forward failed on a device mismatch; ``meta`` stands in for CUDA here)."""
+    from overunlearn.data.color import ERASE_PALETTE, ColoredImages
+
+    torch.manual_seed(0)
+    data = ColoredImages(torch.rand(5, 1, 28, 28), torch.zeros(5, dtype=torch.long),
+                         (torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.long)), ERASE_PALETTE)
+    model = SmallCNN(3, 10, 3)
+    logits = predict(model, data, device="meta")
+    assert logits[0].shape == (5, 10) and logits[0].device.type == "cpu"

@@ -68,3 +68,36 @@ def test_ray_matches_local(tmp_path, sequential):
     assert (res.finished, res.failed) == (8, 4)
     assert results(path) == sequential
     assert {r["executor"] for r in read_journal(path).trials()} == {"ray"}
+
+
+@pytest.mark.parametrize("gpus, visible, jobs, expected", [
+    (0, None, 2, ["", ""]),  # CPU only: the workers see no GPU ("auto" is the CPU there)
+    (2, None, 3, ["0", "1", "0"]),
+    (2, "3,5,7", 3, ["3", "5", "3"]),  # --gpus 2 of the visible three
+    (3, "3,5,7", 2, ["3", "5"]),
+])
+def test_the_pool_gives_each_worker_its_gpu(monkeypatch, gpus, visible, jobs, expected):
+    from overunlearn.sweep.executors import ProcessPoolExecutor
+
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    ex = ProcessPoolExecutor(jobs=jobs, threads=1, gpus=gpus)
+    pool = ex._start()  # (no task submitted: no worker has taken its device yet)
+    try:
+        queue = pool._initargs[1]
+        assert [queue.get(timeout=10) for _ in range(jobs)] == expected
+    finally:
+        pool.shutdown()
+
+
+def test_a_worker_pinned_to_one_gpu_reads_cuda_n_as_that_gpu(monkeypatch):
+    from overunlearn.sweep import worker
+
+    monkeypatch.setitem(worker._CONFIGURED, "pinned", True)
+    assert worker._task_device({"device": "cuda:1"}) == "cuda"
+    assert worker._task_device({"device": "cpu"}) == "cpu"
+    monkeypatch.setitem(worker._CONFIGURED, "pinned", False)
+    assert worker._task_device({"device": "cuda:1"}) == "cuda:1"
+    assert worker._task_device({}) == "auto"

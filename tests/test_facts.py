@@ -190,3 +190,10 @@ def test_the_prior_is_a_guess_from_the_retain_facts_and_averages_to_chance():
     # (400 facts, binomial sd ~0.011); the previous prior, the in-sample most frequent answer, was 0.098
     assert abs(b.prior(range(1, 31)) - b.chance()) < 0.03
     assert b.prior((1,)) == pytest.approx(0.15)  # seed 1: 6 of its 40 forget facts
+
+
+def test_evaluation_follows_the_models_device():
+    b = FactsBenchmark("test", use_cache=False, device="cpu", people=16)
+    b.device = torch.device("meta")  # as a benchmark built for CUDA evaluating a model unlearned on the CPU
+    logp, ok = b._answer_logprobs(b.make_model(), b._sequences(b.split(1)["forget_facts"]))
+    assert logp.device.type == "cpu" and torch.isfinite(logp).all()

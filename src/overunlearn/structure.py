@@ -111,6 +111,15 @@ def non_finite_leaf(inputs: Inputs) -> str | None:
     return None
 
 
+def model_device(model: nn.Module, default: torch.device | str = "cpu") -> torch.device:
+    """Where ``model`` lives: its first parameter's (else buffer's) device; ``default`` for a model with neither."""
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device(default)
+
+
 def call_model(model: nn.Module | Callable[..., Any], inputs: Inputs) -> Any:
     """Call ``model`` on structured inputs: ``model(**d)``, ``model(*t)`` or ``model(x)``."""
     if isinstance(inputs, Mapping):

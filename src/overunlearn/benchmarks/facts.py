@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from overunlearn import structure
 from overunlearn.benchmarks.base import MetricSpec, cached_reference, register_benchmark, retrain_seed
 from overunlearn.benchmarks.training import ModelCache
 from overunlearn.data.facts import ATTRIBUTES, FactWorld, generate_world
@@ -333,8 +334,9 @@ class FactsBenchmark:
         """Per sequence: the log-probabilities of the answer's first position over the vocabulary ``(n, V)``,
         and whether every answer token is the argmax ``(n,)``."""
         model.eval()
-        x = {k: v.to(self.device) for k, v in data.inputs.items()}
-        y = data.targets.to(self.device)  # type: ignore[union-attr]
+        dev = structure.model_device(model)  # (a sweep may unlearn on another device than the benchmark's)
+        x = {k: v.to(dev) for k, v in data.inputs.items()}
+        y = data.targets.to(dev)  # type: ignore[union-attr]
         logits = self.task.select(model(**x))[:, :-1].float()
         labels = y[:, 1:]
         scored = labels != -100

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from overunlearn import structure
 from overunlearn.data.color import ColoredImages, colorize
 from overunlearn.errors import CacheFileError, CacheRebuiltWarning
 from overunlearn.problem import as_heads
@@ -250,8 +251,10 @@ def train(model: nn.Module, phases: list[Phase], recipe: TrainRecipe, *, seed: i
 @torch.no_grad()
 def predict(model: nn.Module, data: ColoredImages, *, batch_size: int = 1000,
             device: torch.device | str = "cpu") -> tuple[Tensor, ...]:
-    """Logits of every head on ``data`` (eval mode, restored afterwards), on the CPU."""
-    dev = torch.device(device)
+    """Logits of every head on ``data`` (eval mode, restored afterwards), on the CPU. The images go to the
+    model's own device (``device`` only for a model without parameters or buffers): a sweep may unlearn on
+    another device than the benchmark's."""
+    dev = structure.model_device(model, device)
     was_training = model.training
     model.eval()
     outs: list[tuple[Tensor, ...]] = []

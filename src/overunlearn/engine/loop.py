@@ -325,12 +325,15 @@ def _vocabulary_hint(model: nn.Module, inputs: Any) -> str:
             "(a tokenizer with another vocabulary, or a pad id outside it?)")
 
 
-def check_data(problem: UnlearningProblem, model: nn.Module, dev: torch.device) -> None:
+def check_data(problem: UnlearningProblem, model: nn.Module, dev: torch.device) -> tuple[int, ...] | None:
     """Check outputs against targets on the first batch of the retain *and* the forget set.
 
     Runs before the clock starts, without gradients and in eval mode (no BatchNorm update), so that
     malformed targets raise a :class:`DataError` whichever set a method looks at first (or at all).
+    Returns, for a categorical task, each head's number of classes (a language model's vocabulary): the
+    bounds later batches of a ``Dataset`` are held to (:func:`_check_drawn_labels`).
     """
+    bounds: tuple[int, ...] | None = None
     flags = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -358,11 +361,22 @@ def check_data(problem: UnlearningProblem, model: nn.Module, dev: torch.device) 
                         _check_all_labels(problem.task, out, data.targets)
                     if isinstance(problem.task, CausalLMTask):
                         _check_some_scored(name, problem.task, data, b)
+                    bounds = _label_bounds(problem.task, out)
                 except DataError as e:
                     raise DataError(f"{name} set: {e}") from None
     finally:
         for m, f in flags.items():
             m.training = f
+    return bounds
+
+
+def _label_bounds(task, outputs: Outputs) -> tuple[int, ...] | None:
+    """Each head's number of classes (a causal language model's vocabulary) for a categorical task."""
+    if isinstance(task, CausalLMTask):
+        return (int(task.select(outputs).shape[-1]),)
+    if isinstance(task, ClassificationTask):
+        return tuple(int(o.shape[1]) for o in task.logits(outputs))
+    return None
 
 
 def _check_all_labels(task: ClassificationTask, outputs: Outputs, targets) -> None:
@@ -444,15 +458,23 @@ def _make_optimizer(config: MethodConfig, params: list[Tensor]) -> torch.optim.O
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
 
 
-def _check_drawn_labels(batches: list[tuple[str, Batch]], step: int) -> None:
+def _check_drawn_labels(batches: list[tuple[str, Batch]], step: int, bounds: tuple[int, ...] | None = None) -> None:
     """Class / token labels of a categorical task drawn from a ``Dataset``: none negative but -100 (the unscored
-    mark), which a loss would otherwise read as an index (a causal LM's gather clamps it to token 0)."""
+    mark), which a loss would otherwise read as an index (a causal LM's gather clamps it to token 0), and none
+    at or beyond its head's ``bounds`` (on a GPU an index out of range is a device-side assert that breaks the
+    process's CUDA context, not an error the step could name)."""
     for name, b in batches:
         for head, t in enumerate(as_heads(b.targets)):
-            if not t.is_floating_point() and bool(((t < 0) & (t != IGNORE_INDEX)).any()):
+            if t.is_floating_point():
+                continue
+            if bool(((t < 0) & (t != IGNORE_INDEX)).any()):
                 bad = int(t[(t < 0) & (t != IGNORE_INDEX)][0])
                 raise DataError(f"the {name} batch of step {step}: label {bad} (head {head}) is negative; labels are "
                                 "class or token indices, -100 where a position is not scored")
+            if bounds is not None and head < len(bounds) and t.numel() and int(t.max()) >= bounds[head]:
+                raise DataError(f"the {name} batch of step {step}: label {int(t.max())} (head {head}) is out of range "
+                                f"[0, {bounds[head]}) of the model's outputs -- a later batch of a Dataset (those are "
+                                "not checked ahead); check the labels of the whole set")
 
 
 def _one_step(ctx: UnlearningContext, method: Method, info: StepInfo, retain_b: Batch, forget_b: Batch,
@@ -471,7 +493,7 @@ def _one_step(ctx: UnlearningContext, method: Method, info: StepInfo, retain_b: 
                                                                                         ctx.problem.forget))
              if not isinstance(data, TensorData)]  # (a Dataset's batches after the first are not checked ahead)
     if drawn and ctx.problem.task.is_categorical:
-        _check_drawn_labels(drawn, info.step)
+        _check_drawn_labels(drawn, info.step, ctx.label_bounds)
     try:
         loss = method.loss(ctx, info, retain_b, forget_dev)
     except (IndexError, RuntimeError) as exc:
@@ -558,10 +580,11 @@ def unlearn(problem: UnlearningProblem, method: Method | type[Method] | str, bud
     if budget.steps is not None:
         max_steps = min(max_steps, budget.steps)
 
-    check_data(problem, model, dev)
+    bounds = check_data(problem, model, dev)
     _check_optimizer(method.config, [p for p in model.parameters() if p.requires_grad])
     _package_warm_up()
     ctx = UnlearningContext(problem, model, dev, seed, planned, steps_per_epoch)
+    ctx.label_bounds = bounds
     if method.needs_planned_epochs:
         ctx.require_planned_epochs(method.name)
     record = UnlearnRecord(method=method.name, config=method.config.to_dict(), steps_per_epoch=steps_per_epoch,

@@ -233,8 +233,9 @@ class UnlearningTrainer(Trainer):
         steps_per_epoch = math.ceil(len(self.train_dataset) / self.args.per_device_train_batch_size)
         planned = math.ceil(self.args.max_steps / steps_per_epoch) if self.args.max_steps > 0 else \
             math.ceil(self.args.num_train_epochs)
-        check_data(self.problem, model, dev)
+        bounds = check_data(self.problem, model, dev)
         self.ctx = UnlearningContext(self.problem, model, dev, self.unlearning_seed, planned, steps_per_epoch)
+        self.ctx.label_bounds = bounds
         if self.method.needs_planned_epochs:
             self.ctx.require_planned_epochs(self.method.name)
         if getattr(self.method, "reinitialise", False):

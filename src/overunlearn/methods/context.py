@@ -85,6 +85,8 @@ class UnlearningContext:
         self.optimizer: torch.optim.Optimizer | None = None
         self._original: nn.Module | None = None
         self._checked = False
+        #: each head's number of classes, from the engine's first-batch check (categorical tasks)
+        self.label_bounds: tuple[int, ...] | None = None
 
     # -- models -------------------------------------------------------------------
     def original(self) -> nn.Module:

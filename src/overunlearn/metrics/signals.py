@@ -247,14 +247,6 @@ def _batches(data, batch_size: int):
         yield batch.select(torch.arange(s, min(n, s + batch_size)))
 
 
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
 def compute_signals(model: nn.Module, data, task: Task | None = None, *, head: int = 0, batch_size: int = 1024,
                     device: str | torch.device | None = None) -> Signals:
     """Per-example signals of ``model`` on ``data``, batched, without gradients, in eval mode.
@@ -269,7 +261,7 @@ def compute_signals(model: nn.Module, data, task: Task | None = None, *, head: i
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if device is not None:
         model = model.to(device)
-    dev = model_device(model)
+    dev = structure.model_device(model)
     was_training = model.training
     model.eval()
     parts = []

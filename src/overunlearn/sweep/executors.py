@@ -120,13 +120,15 @@ class ProcessPoolExecutor(_Base):
     def _start(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
             ctx = mp.get_context("spawn")
-            devices = None
+            devices = ctx.Queue()
             if self.gpus > 0:
-                devices = ctx.Queue()
                 visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-                ids = visible.split(",") if visible else [str(i) for i in range(self.gpus)]
+                ids = (visible.split(",") if visible else [str(i) for i in range(self.gpus)])[: self.gpus]
                 for i in range(self.jobs):
                     devices.put(ids[i % len(ids)])
+            else:  # CPU only: the workers see no GPU (device "auto" then means the CPU)
+                for _ in range(self.jobs):
+                    devices.put("")
             self._pool = cf.ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx, initializer=_pool_init,
                                                 initargs=(self.threads, devices, os.getpid()))
         return self._pool

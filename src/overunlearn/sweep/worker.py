@@ -27,19 +27,28 @@ _BENCH_CACHE: OrderedDict[str, Any] = OrderedDict()
 _PROBLEM_CACHE: OrderedDict[tuple[str, int], Any] = OrderedDict()
 _MAX_BENCH = 4
 _MAX_PROBLEMS = 2
-_CONFIGURED: dict[str, Any] = {"threads": None}
+_CONFIGURED: dict[str, Any] = {"threads": None, "pinned": False}
 
 
 def configure_process(threads: int | None = None, cuda_device: str | None = None) -> None:
-    """Set torch's thread count and pin the process to one GPU (call before CUDA is used)."""
+    """Set torch's thread count and pin the process to one GPU (call before CUDA is used); ``cuda_device=""``
+    hides every GPU."""
     if cuda_device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_device
+        _CONFIGURED["pinned"] = cuda_device != ""
     if threads:
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         import torch
 
         torch.set_num_threads(int(threads))
         _CONFIGURED["threads"] = int(threads)
+
+
+def _task_device(task: dict[str, Any]) -> str:
+    """The device a task asks for; in a worker pinned to one GPU, ``cuda:N`` is that GPU (``cuda``): the
+    pool spreads workers over the GPUs, and a pinned worker sees exactly one."""
+    device = str(task.get("device", "auto"))
+    return "cuda" if _CONFIGURED["pinned"] and device.startswith("cuda:") else device
 
 
 def warm_up() -> None:
@@ -181,7 +190,7 @@ def _run_trial(task: dict[str, Any]) -> dict[str, Any]:
         phase = "unlearn"
         warm_up()
         method = create(t["method"], **t["config"])
-        device = str(resolve_device(task.get("device", "auto")))
+        device = str(resolve_device(_task_device(task)))
         rec.update(_device_info(device))
         result = unlearn(problem, method, Budget(**t["budget"]), seed=t["seed"], device=device,
                          forget_bn_stats=bool(t["engine"].get("forget_bn_stats", False)))
@@ -231,7 +240,7 @@ def _run_batch(task: dict[str, Any]) -> dict[str, Any]:
         return {"kind": "batch", "records": records}
     try:
         warm_up()
-        device = str(resolve_device(task.get("device", "auto")))
+        device = str(resolve_device(_task_device(task)))
         started = time.time()
         # the trials that qualify (batchable) run as one vectorised ensemble, any other one on its own
         outcomes = unlearn_many(runs, device)

@@ -482,7 +482,9 @@ class SparseMoEBlock(Block):
                 and getattr(experts, "has_gate", False) is True and getattr(experts, "has_bias", True) is False
                 and getattr(experts, "is_transposed", True) is False
                 and getattr(experts, "is_concatenated", False) is True
-                and getattr(experts, "has_post_expert_norm", True) is False
+                # (transformers before 5.25 has no such flag and no post-expert norm; a norm the flag does not
+                # announce would fail the engine's check against autograd)
+                and getattr(experts, "has_post_expert_norm", False) is False
                 and callable(getattr(experts, "_apply_gate", None)) and _one_input(layout.router_base))
 
     def __init__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
