@@ -19,7 +19,7 @@ LAYERS: list[set[str]] = [
     {"errors"},
     {"structure", "storage", "plugins"},
     {"problem", "models"},
-    {"batching", "data", "linalg", "metrics", "theory"},
+    {"batching", "data", "initialisation", "linalg", "metrics", "theory"},
     {"methods", "workers"},
     {"training"},
     {"engine"},

@@ -987,3 +987,70 @@ def test_a_task_whose_scores_take_only_the_outputs_still_works_with_minnorm():
     p = UnlearningProblem(base.model, base.retain, base.forget, OldStyle())
     assert not takes_targets(p.task.scores) and takes_targets(RegressionTask().scores)
     assert unlearn(p, create("minnorm_og", reg_coef=0.05), Budget(steps=2), device="cpu").record.steps == 2
+
+
+# ---- MinNorm-OG's anchor ------------------------------------------------------------------------------------
+
+def test_minnorm_step_with_an_anchor_shrinks_the_difference_inside_the_complement():
+    """``theta <- theta - c P_perp(theta - a)``: with ``a = 0`` the paper's step; the change is orthogonal to every
+    sampled output gradient, and the anchored step equals the formula computed with the vmapped Jacobian."""
+    from overunlearn.linalg.jacobian import output_jacobian
+    from overunlearn.linalg.projection import project_onto_span
+    from overunlearn.methods.minnorm_og import minnorm_projection_step
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 1)).double().eval()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    batch = Batch(x, torch.zeros(6, 1, dtype=torch.float64))
+    task = RegressionTask()
+    params = [p for p in model.parameters()]
+    anchor = [torch.randn_like(p) for p in params]
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    a = torch.cat([t.reshape(-1) for t in anchor])
+    jac = output_jacobian(model, x, task.scores)
+    for given, centre in ((None, torch.zeros_like(theta)), ([torch.zeros_like(p) for p in params], torch.zeros_like(theta)),
+                          (anchor, a)):
+        m = copy.deepcopy(model)
+        minnorm_projection_step(m, batch, task.scores, None, 0.3, 6, torch.Generator().manual_seed(0), anchor=given)
+        got = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+        v = theta - centre
+        expected = theta - 0.3 * (v - project_onto_span(jac, v))
+        assert float((got - expected).abs().max()) < 1e-10
+        assert float((jac @ (got - theta)).abs().max()) < 1e-9  # outputs fixed to first order
+
+
+def test_minnorm_anchors_are_the_init_mean_or_retrains_starting_point():
+    from overunlearn.engine import reinitialise_trainable
+    from overunlearn.initialisation import init_draw, init_mean
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))  # trained values, far from any init
+    data = TensorData(torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    problem = UnlearningProblem(model, data, data, ClassificationTask())
+    mean = init_mean(problem, model)
+    names = [n for n, _ in model.named_parameters()]
+    by_name = dict(zip(names, mean))
+    assert torch.equal(by_name["1.weight"], torch.ones(8)) and torch.equal(by_name["1.bias"], torch.zeros(8))
+    assert all(float(by_name[n].abs().max()) == 0.0 for n in ("0.weight", "0.bias", "3.weight", "3.bias"))
+    draw = init_draw(problem, model, seed=5)
+    fresh = reinitialise_trainable(problem, copy.deepcopy(model), 5)
+    assert all(torch.equal(d, q) for d, q in zip(draw, fresh.parameters()))
+    # a benchmark's make_model builds the same model at every call: init_mean does not read it
+    fixed = UnlearningProblem(model, data, data, ClassificationTask(), make_model=lambda: copy.deepcopy(fresh))
+    assert float(init_mean(fixed, model)[0].abs().max()) == 0.0
+
+
+@pytest.mark.filterwarnings("ignore:minnorm_og. projection 0 removed")
+def test_minnorm_anchor_option_runs_and_is_not_vectorised():
+    problem = classification_problem(seed=1)
+    for anchor in ("init_mean", "init"):
+        method = create("minnorm_og", reg_coef=0.2, anchor=anchor, grad_sample_size=8)
+        assert method.vectorised(2, 0) is None and "anchor='zero'" in method.why_not_vectorised()
+        out = unlearn(problem, method, Budget(epochs=1), device="cpu").model
+        assert all(torch.isfinite(p).all() for p in out.parameters())
+    assert create("minnorm_og").vectorised(2, 0) is not None
+    with pytest.raises(ValueError, match="anchor='one' is not one of"):
+        create("minnorm_og", anchor="one")

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from overunlearn import structure
 from overunlearn.batching import RetainCycle, forget_batches_per_epoch, forget_epoch
 from overunlearn.errors import DataError, NonFiniteLossError
+from overunlearn.initialisation import reinitialise_trainable
 from overunlearn.methods.base import Method, MethodConfig
 from overunlearn.methods.context import StepInfo, UnlearningContext
 from overunlearn.problem import (
@@ -128,119 +129,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _hf_initialiser(model: nn.Module) -> Callable[[nn.Module], None] | None:
-    """Hugging Face's own per-module initialisation (``PreTrainedModel._init_weights``) of the
-    outermost Hugging Face model inside ``model``, if there is one."""
-    for m in model.modules():
-        init = getattr(m, "_init_weights", None)
-        if callable(init) and hasattr(m, "config"):
-            return init
-    return None
-
-
-def _lora_inits(model: nn.Module) -> dict[str, Any]:
-    """``adapter name -> init_lora_weights`` from a peft model's configs (empty for other models)."""
-    for m in model.modules():
-        configs = getattr(m, "peft_config", None)
-        if isinstance(configs, dict):
-            return {name: getattr(cfg, "init_lora_weights", True) for name, cfg in configs.items()}
-    return {}
-
-
-def _reset_lora(m: nn.Module, inits: dict[str, Any]) -> list[nn.Parameter]:
-    """Re-initialise a peft LoRA layer's adapters with peft's rule and the adapter's configured
-    ``init_lora_weights``; returns the adapter parameters (empty if ``m`` is no LoRA layer)."""
-    reset = getattr(m, "reset_lora_parameters", None)
-    adapters = getattr(m, "lora_A", None)
-    if not callable(reset) or adapters is None:
-        return []
-    for name in list(adapters.keys()):
-        init = inits.get(name, True)
-        if init is False:
-            # peft's rule for False is "keep the layers' construction values" (its reset does nothing), so draw
-            # those again: nn.Linear's / nn.Conv's own init for A and B, a normal for embedding adapters
-            for table in (m.lora_A, getattr(m, "lora_B", {})):
-                if name in table and callable(getattr(table[name], "reset_parameters", None)):
-                    table[name].reset_parameters()
-            for table in (getattr(m, "lora_embedding_A", {}), getattr(m, "lora_embedding_B", {})):
-                if name in table:
-                    nn.init.normal_(table[name])
-            continue
-        try:
-            reset(name, init)
-        except ValueError as e:  # pissa, olora, loftq, eva, orthogonal...: set up when peft builds the adapter
-            raise DataError(f"Retrain cannot re-initialise the LoRA adapter {name!r}: peft cannot redraw its "
-                            f"init_lora_weights={init!r} on an existing adapter ({e}); pass "
-                            "UnlearningProblem(make_model=...) that builds the model afresh") from None
-    return [p for n, p in m.named_parameters() if n.split(".")[0].startswith("lora_")]
-
-
-def reinitialise_trainable(problem: UnlearningProblem, model: nn.Module, seed: int) -> nn.Module:
-    """Fresh values for every trainable parameter, for Retrain.
-
-    ``problem.make_model()`` when given; otherwise: peft LoRA adapters with peft's rule and their
-    configured ``init_lora_weights``; a Hugging Face model with its own ``_init_weights`` applied to
-    every module (children first, as Hugging Face does, so a block's scaled projections are scaled);
-    any parameter still untouched with its module's ``reset_parameters`` (or ``_reset_parameters``, as
-    ``nn.MultiheadAttention`` has); then ``problem.init_fn`` on every module if given. Frozen
-    parameters (``requires_grad=False``, e.g. a LoRA model's base weights) keep their values. A
-    trainable parameter that nothing re-initialised stops the run with :class:`DataError`.
-
-    The new values are drawn from the CPU generator only (a model on another device is reset
-    through a CPU copy), so one seed gives the same initial model on every device, and no other
-    generator (CUDA's included) is touched.
-    """
-    on_cpu = all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        if problem.make_model is not None:
-            fresh = problem.make_model()
-            model.load_state_dict(fresh.state_dict())
-            return model
-        work = model if on_cpu else copy.deepcopy(model).cpu()
-        trainable = [p for p in work.parameters() if p.requires_grad]
-        frozen = {name: p.detach().clone() for name, p in work.named_parameters() if not p.requires_grad}
-        covered: set[int] = set()
-        with torch.no_grad():
-            inits = _lora_inits(work)
-            lora = [q for m in work.modules() for q in _reset_lora(m, inits)]
-            lora_values = [q.detach().clone() for q in lora]
-            covered.update(id(q) for q in lora)
-            hf_init = _hf_initialiser(work)
-            if hf_init is not None:
-                for p in work.parameters():  # Hugging Face's init functions skip tensors flagged as initialised
-                    p._is_hf_initialized = False
-                before = {id(p): (p._version, p.detach().clone()) for p in trainable if id(p) not in covered}
-                work.apply(hf_init)
-                covered.update(i for p in trainable if (i := id(p)) in before
-                               and (p._version != before[i][0] or not torch.equal(p, before[i][1])))
-                for q, value in zip(lora, lora_values):  # (its Linear init must not replace LoRA's)
-                    q.copy_(value)
-            for m in work.modules():
-                own = [p for p in m.parameters(recurse=False) if p.requires_grad and id(p) not in covered]
-                reset = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)
-                if own and callable(reset):
-                    reset()
-                    covered.update(id(p) for p in m.parameters(recurse=False))
-            if problem.init_fn is not None:
-                work.apply(problem.init_fn)
-                covered.update(id(p) for p in work.parameters())
-            # (a reset of a module with frozen parameters must not change them)
-            named = dict(work.named_parameters())
-            for name, value in frozen.items():
-                named[name].copy_(value)
-        missed = [name for name, p in work.named_parameters() if p.requires_grad and id(p) not in covered]
-        if missed:
-            shown = ", ".join(missed[:5]) + (f" and {len(missed) - 5} more" if len(missed) > 5 else "")
-            raise DataError(
-                f"Retrain: {len(missed)} trainable parameter(s) belong to no module that can re-initialise them "
-                f"({shown}), so Retrain would keep trained values; pass UnlearningProblem(init_fn=...) (called on "
-                "every module) or make_model=..., or freeze them (requires_grad=False)")
-        if work is not model:
-            model.load_state_dict(work.state_dict())
-    return model
 
 
 def _max_positions(model: nn.Module) -> int | None:

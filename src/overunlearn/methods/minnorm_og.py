@@ -37,6 +37,7 @@ from typing import Literal
 import torch
 
 from overunlearn.errors import NonFiniteLossError
+from overunlearn.initialisation import init_draw, init_mean
 from overunlearn.linalg.coverage import ProjectionReport, explain_projection
 from overunlearn.linalg.jacobian import output_jacobian_reference, sample_indices
 from overunlearn.linalg.projection import project_model_onto_span, project_onto_span_qr
@@ -60,6 +61,11 @@ class MinNormOGConfig(MethodConfig):
         order: ``"project_then_descend"`` or ``"descend_then_project"``.
         jacobian: ``"per_sample"`` or ``"batch_train"`` (BatchNorm semantics, see module doc).
         implementation: ``"fast"`` (per-layer blocks + Gram solve) or ``"reference"`` (backward loop + QR).
+        anchor: what the shrinkage pulls towards: ``"zero"`` (the paper: the minimum-norm solution),
+            ``"init_mean"`` (the mean of the model's initial distribution, :func:`overunlearn.initialisation.init_mean`:
+            1 for a norm's gain, 0 for zero-mean random weights) or ``"init"`` (a fresh initialisation,
+            Retrain's starting point for the run's seed, :func:`overunlearn.initialisation.init_draw`). The
+            last two need what Retrain needs to re-initialise the model.
     """
 
     reg_coef: float = 0.1
@@ -70,6 +76,7 @@ class MinNormOGConfig(MethodConfig):
     order: Literal["project_then_descend", "descend_then_project"] = "project_then_descend"
     jacobian: Literal["per_sample", "batch_train"] = "per_sample"
     implementation: Literal["fast", "reference"] = "fast"
+    anchor: Literal["zero", "init_mean", "init"] = "zero"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -82,6 +89,7 @@ class MinNormOGConfig(MethodConfig):
             "order": ("project_then_descend", "descend_then_project"),
             "jacobian": ("per_sample", "batch_train"),
             "implementation": ("fast", "reference"),
+            "anchor": ("zero", "init_mean", "init"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -101,8 +109,10 @@ def takes_targets(score_fn) -> bool:
 
 def minnorm_projection_step(model: torch.nn.Module, batch: Batch, score_fn, strata, coef: float,
                             n_pert: int, generator: torch.Generator, jacobian: str = "per_sample",
-                            implementation: str = "fast", with_targets: bool = False) -> float:
-    """One step ``theta <- theta - coef * P_{G^perp}(theta)`` in place on ``model``'s trainable parameters.
+                            implementation: str = "fast", with_targets: bool = False,
+                            anchor: list[torch.Tensor] | None = None) -> float:
+    """One step ``theta <- theta - coef * P_{G^perp}(theta - a)`` in place on ``model``'s trainable parameters,
+    with the anchor ``a`` (one tensor per trainable parameter; ``None``: zero, the paper's step).
 
     ``score_fn(outputs)`` gives the scores; with ``with_targets``, ``score_fn(outputs, targets)``
     (a language model's token log-probabilities need the labels). Returns the fraction of the
@@ -114,17 +124,21 @@ def minnorm_projection_step(model: torch.nn.Module, batch: Batch, score_fn, stra
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         theta = torch.cat([p.detach().reshape(-1) for p in params])
+        a = None if anchor is None else torch.cat([t.reshape(-1) for t in anchor])
+        v = theta if a is None else theta - a
     if implementation == "fast":
         # per-layer blocks where they apply, the rest through the torch.func Jacobian (linalg/projection.py)
-        in_span = project_model_onto_span(model, x, score_fn, theta, mode=jacobian, targets=y)
+        in_span = project_model_onto_span(model, x, score_fn, v, mode=jacobian, targets=y)
     else:
         jac = output_jacobian_reference(model, x, score_fn, mode=jacobian, targets=y)  # type: ignore[arg-type]
         if not torch.isfinite(jac).all():
             raise FloatingPointError("the output Jacobian contains NaN or infinite values")
-        in_span = project_onto_span_qr(jac, theta)
+        in_span = project_onto_span_qr(jac, v)
         del jac
-    # theta - coef * (theta - P theta) = (1 - coef) theta + coef * P theta
+    # theta - coef * (v - P v) = (1 - coef) theta + coef * (a + P v), v = theta - a
     with torch.no_grad():
+        if a is not None:
+            in_span = in_span + a
         # one multi-tensor operation each (elementwise as p.mul_(1 - coef).add_(x, alpha=coef) per parameter)
         pieces = [x.view_as(p) for x, p in zip(in_span.split([p.numel() for p in params]), params)]
         if all(p.dtype in (torch.float32, torch.float64) for p in params):
@@ -134,7 +148,7 @@ def minnorm_projection_step(model: torch.nn.Module, batch: Batch, score_fn, stra
                 p.mul_(1.0 - coef)
         torch._foreach_add_(params, pieces, alpha=coef)
         norm = float(theta.norm())
-        return coef * float((theta - in_span).norm()) / norm if norm > 0 else 0.0
+        return coef * float((theta - in_span).norm()) / norm if norm > 0 else 0.0  # (theta - (a + P v) = v - P v)
 
 
 @register_method("minnorm_og")
@@ -151,6 +165,8 @@ class MinNormOG(Method):
             ctx.require_planned_epochs(self.name)
         self.projections = 0
         self.warned = False
+        self.anchor = {"zero": lambda: None, "init_mean": lambda: init_mean(ctx.problem, ctx.model),
+                       "init": lambda: init_draw(ctx.problem, ctx.model, ctx.seed)}[self.config.anchor]()
 
     def explain(self, problem: UnlearningProblem) -> ProjectionReport:
         """How this method's fast projection handles ``problem``'s model: for every trainable parameter,
@@ -187,7 +203,7 @@ class MinNormOG(Method):
             removed = minnorm_projection_step(
                 ctx.model, retain, task.scores, task.strata(retain.targets), self.coefficient(self.projections),
                 self.config.grad_sample_size, ctx.generator, self.config.jacobian, self.config.implementation,
-                with_targets=takes_targets(task.scores),
+                with_targets=takes_targets(task.scores), anchor=self.anchor,
             )
         except NonFiniteLossError:
             raise
@@ -217,8 +233,10 @@ class MinNormOG(Method):
             self._project(ctx, info, retain)
 
     def _vectorisable(self) -> bool:
-        # the vectorised runner computes the per-sample (eval-mode) Jacobian's Gram in float64, as "fast" does
-        return self.config.implementation == "fast" and self.config.jacobian == "per_sample"
+        # the vectorised runner computes the per-sample (eval-mode) Jacobian's Gram in float64, as "fast" does,
+        # and shrinks towards zero
+        return (self.config.implementation == "fast" and self.config.jacobian == "per_sample"
+                and self.config.anchor == "zero")
 
     def vectorised(self, epochs: int, seed: int) -> VectorisedForm | None:
         cfg = self.config
@@ -236,5 +254,5 @@ class MinNormOG(Method):
 
     def why_not_vectorised(self) -> str:
         if not self._vectorisable():
-            return "MinNorm-OG is vectorised for implementation='fast', jacobian='per_sample' only"
+            return "MinNorm-OG is vectorised for implementation='fast', jacobian='per_sample', anchor='zero' only"
         return super().why_not_vectorised()
