@@ -512,7 +512,7 @@ def test_minnorm_projects_in_the_right_epochs_with_decaying_coefficients(monkeyp
     events: list[tuple] = []
 
     def fake_projection(model, batch, score_fn, strata, coef, n_pert, generator, jacobian, implementation,
-                        with_targets=False):
+                        with_targets=False, anchor=None):
         events.append(("proj", coef))
         return 0.0
 
