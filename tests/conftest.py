@@ -11,6 +11,7 @@ from hypothesis import settings
 from torch import nn
 
 from overunlearn import ClassificationTask, RegressionTask, TensorData, UnlearningProblem
+from overunlearn.linalg.blocks import RowsBlock
 from overunlearn.methods import Method, MethodConfig
 
 # Property tests draw new examples on every local run (exploration: a failure prints the example to add as
@@ -90,6 +91,20 @@ class Gain(nn.Module):
 
     def forward(self, x):
         return self.gain * torch.tanh(x)
+
+
+class GainRows(RowsBlock):
+    """A right projection block for :class:`Gain`: a sample's gain row is ``d * tanh(x)``."""
+
+    param_names = ("gain",)
+
+    def __init__(self, module, args, kwargs, output):  # noqa: ANN001
+        super().__init__(module, args, kwargs, output)
+        self.x = args[0].detach()
+        self.output, self.batch, self.saved = output, args[0].shape[0], [args[0]]
+
+    def all_rows(self, name):  # noqa: ANN001, ANN201
+        return self.deltas * self.per_row(torch.tanh(self.x))
 
 
 @pytest.fixture

@@ -1209,15 +1209,9 @@ def _back_exact(p: Tensor, us: list[tuple[Block, str]], alpha: Tensor) -> Tensor
     """``J_p^T alpha`` (flattened) from ``p``'s rows formed again slice by slice (as for its Gram) and taken in
     float64: the back-projection consistent with the float64 Gram when the coefficients cancel."""
     k = alpha.shape[0]
-    first = _units(p, us)
-    inner = max(1, p.numel() // max(first, 1))
-    supports = [blk.support(name) for blk, name in us]
-    index = None if any(s is None for s in supports) else torch.unique(torch.cat([s for s in supports if s is not None]))
-    total = first if index is None else index.numel()
-    per = max(1, _ROWS_BYTES // (p.element_size() * k * inner))
+    first, inner, _, pieces = _row_slices(p, us, k)
     out = torch.zeros(first, inner, dtype=p.dtype, device=p.device)  # (rows outside the support: zero)
-    for s in range(0, total, per):
-        ix = slice(s, min(s + per, total)) if index is None else index[s : s + per]
+    for ix in pieces:
         rows = _summed_rows(us, ix, k, count(ix, first) * inner)
         out[ix] = _rows_back(rows, alpha, p.dtype).view(-1, inner)
     return out.reshape(-1)
@@ -1264,24 +1258,17 @@ def _rows_gram(p: Tensor, us: list[tuple[Block, str]], vp: Tensor, gram: Tensor,
     in slices of its first dimension of about ``_ROWS_BYTES`` bytes each; with ``keep``, return the
     slices (for the back-projection). ``scratches``: reusable row buffers by dtype (filled here)."""
     k = gram.shape[0]
-    first = _units(p, us)
-    inner = max(1, p.numel() // max(first, 1))
-    supports = [blk.support(name) for blk, name in us]
-    index = None if any(s is None for s in supports) else torch.unique(torch.cat([s for s in supports if s is not None]))
-    total = first if index is None else index.numel()
-    per = max(1, _ROWS_BYTES // (p.element_size() * k * inner))
+    first, inner, widest, pieces = _row_slices(p, us, k)
     v2 = vp.reshape(first, inner)
     slices: list[tuple[slice | Tensor, Tensor]] = []
     # one use whose rows are not kept may form them in the reused scratch buffer
     scratch = None
     if scratches is not None and not keep and len(us) == 1 and _takes_scratch(type(us[0][0])):
         scratch = scratches.get(p.dtype)
-        if scratch is None or scratch.numel() < min(per, total) * k * inner:
-            scratch = scratches[p.dtype] = torch.empty(max(_ROWS_BYTES // p.element_size(), min(per, total) * k * inner),
+        if scratch is None or scratch.numel() < widest * k * inner:
+            scratch = scratches[p.dtype] = torch.empty(max(_ROWS_BYTES // p.element_size(), widest * k * inner),
                                                        dtype=p.dtype, device=p.device)
-    for s in range(0, total, per):
-        # (a slice where every index is wanted: the blocks then work on views, not gathered copies)
-        ix = slice(s, min(s + per, total)) if index is None else index[s : s + per]
+    for ix in pieces:
         rows = _summed_rows(us, ix, k, count(ix, first) * inner, scratch)
         g, r = gram_and_rhs(rows, v2[ix].reshape(-1))
         gram += g
@@ -1289,6 +1276,21 @@ def _rows_gram(p: Tensor, us: list[tuple[Block, str]], vp: Tensor, gram: Tensor,
         if keep:
             slices.append((ix, rows))
     return slices if keep else None
+
+
+def _row_slices(p: Tensor, us: list[tuple[Block, str]], k: int) -> tuple[int, int, int, list[slice | Tensor]]:
+    """How ``p``'s rows are formed: its units ``first`` (``Block.units``), the entries per unit ``inner``, the
+    most units in one slice, and the slices of units, each of about ``_ROWS_BYTES`` of rows -- only the units
+    the blocks' ``support`` names when every block names some. A slice where every unit is wanted is a
+    ``slice`` (the blocks then work on views, not gathered copies)."""
+    first = _units(p, us)
+    inner = max(1, p.numel() // max(first, 1))
+    supports = [blk.support(name) for blk, name in us]
+    index = None if any(s is None for s in supports) else torch.unique(torch.cat([s for s in supports if s is not None]))
+    total = first if index is None else index.numel()
+    per = max(1, _ROWS_BYTES // (p.element_size() * k * inner))
+    pieces = [slice(s, min(s + per, total)) if index is None else index[s : s + per] for s in range(0, total, per)]
+    return first, inner, min(per, total), pieces
 
 
 def _summed_rows(us: list[tuple[Block, str]], ix: Tensor | slice, k: int, width: int,
