@@ -73,11 +73,15 @@ def test_ray_matches_local(tmp_path, sequential):
 @pytest.mark.parametrize("gpus, visible, jobs, expected", [
     (0, None, 2, ["", ""]),  # CPU only: the workers see no GPU ("auto" is the CPU there)
     (2, None, 3, ["0", "1", "0"]),
+    (4, None, 2, ["0", "1"]),  # more than the machine's two: the two there are
     (2, "3,5,7", 3, ["3", "5", "3"]),  # --gpus 2 of the visible three
     (3, "3,5,7", 2, ["3", "5"]),
 ])
 def test_the_pool_gives_each_worker_its_gpu(monkeypatch, gpus, visible, jobs, expected):
+    from overunlearn.sweep import executors
     from overunlearn.sweep.executors import ProcessPoolExecutor
+
+    monkeypatch.setattr(executors, "_gpu_count", lambda: 2)
 
     if visible is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)

@@ -261,3 +261,20 @@ def test_retrain_refuses_lora_adapters_derived_from_the_base_weights():
                 cfg.init_lora_weights = "olora"
     with pytest.raises(DataError, match="Retrain cannot re-initialise the LoRA adapter 'default'"):
         unlearn(problem(model), create("retrain"), Budget(steps=0), device="cpu")
+
+
+def test_the_trainer_holds_later_dataset_batches_to_the_vocabulary(tmp_path):
+    """As ``unlearn`` does: on a GPU an out-of-range label is a device-side assert, not an error naming the step."""
+    from overunlearn.integrations.huggingface import UnlearningTrainer
+
+    x, y = tokens(12)
+    y[10, -1] = VOCAB + 5  # in a later batch of the forget Dataset
+    items = [({k: v[i] for k, v in x.items()}, y[i]) for i in range(6, 12)]
+    p = problem(gpt2())
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3,
+                                          report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = UnlearningTrainer(p.model, args, method="ga", retain_dataset=p.retain, forget_dataset=items, task=p.task)
+    trainer.get_train_dataloader = lambda: torch.utils.data.DataLoader(  # (in order: the bad example comes third)
+        items, batch_size=2, collate_fn=trainer._raw_collate)
+    with pytest.raises(DataError, match=rf"forget batch of step \d+: label {VOCAB + 5} \(head 0\) is out of range"):
+        trainer.train()

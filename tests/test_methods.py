@@ -1054,3 +1054,36 @@ def test_minnorm_anchor_option_runs_and_is_not_vectorised():
     assert create("minnorm_og").vectorised(2, 0) is not None
     with pytest.raises(ValueError, match="anchor='one' is not one of"):
         create("minnorm_og", anchor="one")
+
+
+def test_init_mean_in_half_precision_and_its_errors_name_the_anchor():
+    from overunlearn.initialisation import cpu_copy, init_mean
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64)).bfloat16()
+    data = TensorData(torch.randn(4, 64).bfloat16(), torch.randn(4, 64).bfloat16())
+    problem = UnlearningProblem(model, data, data, RegressionTask())
+    mean = init_mean(problem, model)
+    assert float(mean[0].abs().max()) == 0.0  # two bfloat16 draws of a weight agreed by chance at ~0.1% of entries
+    assert mean[0].dtype == torch.bfloat16 and torch.equal(mean[2], torch.ones(64, dtype=torch.bfloat16))
+
+    class Bare(nn.Module):  # a parameter no module can re-initialise
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3))
+
+        def forward(self, x):  # noqa: ANN001, ANN201
+            return x * self.w
+
+    bare = Bare()
+    d3 = TensorData(torch.randn(4, 3), torch.randn(4, 3))
+    p = UnlearningProblem(bare, d3, d3, RegressionTask(), make_model=Bare)
+    with pytest.raises(DataError, match=r"MinNorm-OG's anchor='init_mean': 1 trainable parameter.*init_fn=\.\.\.\) \(called "
+                                        r"on every module\), or freeze"):
+        init_mean(p, bare)
+    # the CPU copy shares tied parameters as the model does
+    tied = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 5, bias=False))
+    tied[1].weight = tied[0].weight
+    twin = cpu_copy(tied)
+    assert twin[1].weight is twin[0].weight and twin[0].weight is not tied[0].weight
+    assert torch.equal(twin[0].weight, tied[0].weight)

@@ -64,7 +64,22 @@ def _reset_lora(m: nn.Module, inits: dict[str, Any]) -> list[nn.Parameter]:
     return [p for n, p in m.named_parameters() if n.split(".")[0].startswith("lora_")]
 
 
-def reinitialise_trainable(problem: UnlearningProblem, model: nn.Module, seed: int) -> nn.Module:
+def cpu_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A deep copy of ``model`` on the CPU (floating tensors in ``dtype`` if given), made without a second copy
+    on ``model``'s own device (``copy.deepcopy(model).cpu()`` first duplicates a GPU model on the GPU)."""
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in memo:
+            continue
+        c = t.detach().to("cpu", copy=True)
+        if dtype is not None and c.is_floating_point():
+            c = c.to(dtype)
+        memo[id(t)] = nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else c
+    return copy.deepcopy(model, memo)
+
+
+def reinitialise_trainable(problem: UnlearningProblem, model: nn.Module, seed: int, *,
+                           caller: str = "Retrain") -> nn.Module:
     """Fresh values for every trainable parameter, for Retrain.
 
     ``problem.make_model()`` when given; otherwise: peft LoRA adapters with peft's rule and their
@@ -77,7 +92,7 @@ def reinitialise_trainable(problem: UnlearningProblem, model: nn.Module, seed: i
 
     The new values are drawn from the CPU generator only (a model on another device is reset
     through a CPU copy), so one seed gives the same initial model on every device, and no other
-    generator (CUDA's included) is touched.
+    generator (CUDA's included) is touched. ``caller`` names what needs the fresh values in errors.
     """
     on_cpu = all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
     with torch.random.fork_rng(devices=[]):
@@ -86,7 +101,7 @@ def reinitialise_trainable(problem: UnlearningProblem, model: nn.Module, seed: i
             fresh = problem.make_model()
             model.load_state_dict(fresh.state_dict())
             return model
-        work = model if on_cpu else copy.deepcopy(model).cpu()
+        work = model if on_cpu else cpu_copy(model)
         trainable = [p for p in work.parameters() if p.requires_grad]
         frozen = {name: p.detach().clone() for name, p in work.named_parameters() if not p.requires_grad}
         covered: set[int] = set()
@@ -121,10 +136,11 @@ def reinitialise_trainable(problem: UnlearningProblem, model: nn.Module, seed: i
         missed = [name for name, p in work.named_parameters() if p.requires_grad and id(p) not in covered]
         if missed:
             shown = ", ".join(missed[:5]) + (f" and {len(missed) - 5} more" if len(missed) > 5 else "")
+            also = " or make_model=..." if caller == "Retrain" else ""
             raise DataError(
-                f"Retrain: {len(missed)} trainable parameter(s) belong to no module that can re-initialise them "
-                f"({shown}), so Retrain would keep trained values; pass UnlearningProblem(init_fn=...) (called on "
-                "every module) or make_model=..., or freeze them (requires_grad=False)")
+                f"{caller}: {len(missed)} trainable parameter(s) belong to no module that can re-initialise them "
+                f"({shown}); pass UnlearningProblem(init_fn=...) (called on every module){also}, or freeze them "
+                "(requires_grad=False)")
         if work is not model:
             model.load_state_dict(work.state_dict())
     return model
@@ -140,8 +156,9 @@ def init_mean(problem: UnlearningProblem, model: nn.Module, seeds: tuple[int, in
     same model at every call (the benchmarks' do: a fixed seed)."""
     problem = dataclasses.replace(problem, make_model=None)
     draws = []
-    for seed in seeds:
-        fresh = reinitialise_trainable(problem, copy.deepcopy(model).cpu(), seed)
+    for seed in seeds:  # (in float32: two half-precision draws of a random weight agree by chance too often)
+        fresh = reinitialise_trainable(problem, cpu_copy(model, torch.float32), seed,
+                                       caller="MinNorm-OG's anchor='init_mean'")
         draws.append([p.detach() for p in fresh.parameters() if p.requires_grad])
     mine = [p for p in model.parameters() if p.requires_grad]
     return [torch.where(a == b, a, torch.zeros_like(a)).to(device=p.device, dtype=p.dtype)
@@ -151,7 +168,7 @@ def init_mean(problem: UnlearningProblem, model: nn.Module, seeds: tuple[int, in
 def init_draw(problem: UnlearningProblem, model: nn.Module, seed: int) -> list[torch.Tensor]:
     """For each trainable parameter of ``model`` (in order), its value in a fresh initialisation: Retrain's
     starting point for ``seed`` (:func:`reinitialise_trainable` on a copy). On ``model``'s device and dtypes."""
-    fresh = reinitialise_trainable(problem, copy.deepcopy(model).cpu(), seed)
+    fresh = reinitialise_trainable(problem, cpu_copy(model), seed, caller="MinNorm-OG's anchor='init'")
     mine = [p for p in model.parameters() if p.requires_grad]
     return [q.detach().to(device=p.device, dtype=p.dtype)
             for p, q in zip(mine, [q for q in fresh.parameters() if q.requires_grad], strict=True)]

@@ -219,7 +219,7 @@ def check_data(problem: UnlearningProblem, model: nn.Module, dev: torch.device) 
     Runs before the clock starts, without gradients and in eval mode (no BatchNorm update), so that
     malformed targets raise a :class:`DataError` whichever set a method looks at first (or at all).
     Returns, for a categorical task, each head's number of classes (a language model's vocabulary): the
-    bounds later batches of a ``Dataset`` are held to (:func:`_check_drawn_labels`).
+    bounds later batches of a ``Dataset`` are held to (:func:`check_drawn_labels`).
     """
     bounds: tuple[int, ...] | None = None
     flags = {m: m.training for m in model.modules()}
@@ -346,7 +346,7 @@ def _make_optimizer(config: MethodConfig, params: list[Tensor]) -> torch.optim.O
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
 
 
-def _check_drawn_labels(batches: list[tuple[str, Batch]], step: int, bounds: tuple[int, ...] | None = None) -> None:
+def check_drawn_labels(batches: list[tuple[str, Batch]], step: int, bounds: tuple[int, ...] | None = None) -> None:
     """Class / token labels of a categorical task drawn from a ``Dataset``: none negative but -100 (the unscored
     mark), which a loss would otherwise read as an index (a causal LM's gather clamps it to token 0), and none
     at or beyond its head's ``bounds`` (on a GPU an index out of range is a device-side assert that breaks the
@@ -381,7 +381,7 @@ def _one_step(ctx: UnlearningContext, method: Method, info: StepInfo, retain_b: 
                                                                                         ctx.problem.forget))
              if not isinstance(data, TensorData)]  # (a Dataset's batches after the first are not checked ahead)
     if drawn and ctx.problem.task.is_categorical:
-        _check_drawn_labels(drawn, info.step, ctx.label_bounds)
+        check_drawn_labels(drawn, info.step, ctx.label_bounds)
     try:
         loss = method.loss(ctx, info, retain_b, forget_dev)
     except (IndexError, RuntimeError) as exc:

@@ -43,7 +43,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from overunlearn import structure
 from overunlearn.batching import RetainCycle
-from overunlearn.engine import check_data, reinitialise_trainable
+from overunlearn.engine import check_data, check_drawn_labels, reinitialise_trainable
 from overunlearn.errors import DataError, NonFiniteLossError
 from overunlearn.methods import Method, create
 from overunlearn.methods.context import StepInfo, UnlearningContext
@@ -268,6 +268,11 @@ class UnlearningTrainer(Trainer):
         forget = self._to_batch(inputs).to(ctx.device)
         retain = next(self._retain_iter).to(ctx.device)
         self._info, self._retain = info, retain
+        drawn = [(name, b) for name, b, data in (("retain", retain, self.problem.retain),
+                                                 ("forget", forget, self.problem.forget))
+                 if not isinstance(data, TensorData)]  # (in-memory labels were checked whole before the run)
+        if drawn and self.problem.task.is_categorical:
+            check_drawn_labels(drawn, step, ctx.label_bounds)
         method.before_step(ctx, info, retain)
         loss = method.loss(ctx, info, retain, forget if method.uses_forget else None)
         if not torch.isfinite(loss.detach()):

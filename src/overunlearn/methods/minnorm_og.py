@@ -221,6 +221,9 @@ class MinNormOG(Method):
                 stacklevel=2)
         self.projections += 1
 
+    def teardown(self, ctx):  # type: ignore[override]
+        self.anchor = None  # (a copy of the trainable parameters)
+
     def before_step(self, ctx, info, retain):  # type: ignore[override]
         if self.config.order == "project_then_descend":
             self._project(ctx, info, retain)

@@ -121,9 +121,10 @@ class ProcessPoolExecutor(_Base):
         if self._pool is None:
             ctx = mp.get_context("spawn")
             devices = ctx.Queue()
-            if self.gpus > 0:
-                visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-                ids = (visible.split(",") if visible else [str(i) for i in range(self.gpus)])[: self.gpus]
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            # at most the GPUs there are (--gpus 4 on a 2-GPU machine pinned workers to GPUs that do not exist)
+            ids = (visible.split(",") if visible else [str(i) for i in range(_gpu_count())])[: self.gpus]
+            if ids:
                 for i in range(self.jobs):
                     devices.put(ids[i % len(ids)])
             else:  # CPU only: the workers see no GPU (device "auto" then means the CPU)
