@@ -321,6 +321,8 @@ def test_a_datasets_weights_follow_tensor_datas_rule(weight, msg, where):
 
 @pytest.mark.parametrize("label, msg", [(7, r"batch of step \d+: label 7 \(head 0\) is out of range \[0, 3\).*check "
                                             r"the labels of the whole set"),
+                                        (-100, r"batch of step \d+: label -100 \(head 0\) is negative; labels are class "
+                                               r"indices \(a classifier has no unscored mark\)"),
                                         (-1, r"batch of step \d+: label -1 \(head 0\) is negative")])
 def test_a_bad_label_in_a_later_batch_names_the_step(label, msg):
     p = _clf_problem(classes=3)

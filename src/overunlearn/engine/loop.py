@@ -346,19 +346,24 @@ def _make_optimizer(config: MethodConfig, params: list[Tensor]) -> torch.optim.O
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
 
 
-def check_drawn_labels(batches: list[tuple[str, Batch]], step: int, bounds: tuple[int, ...] | None = None) -> None:
+def check_drawn_labels(batches: list[tuple[str, Batch]], step: int, bounds: tuple[int, ...] | None = None,
+                       unscored: bool = True) -> None:
     """Class / token labels of a categorical task drawn from a ``Dataset``: none negative but -100 (the unscored
-    mark), which a loss would otherwise read as an index (a causal LM's gather clamps it to token 0), and none
-    at or beyond its head's ``bounds`` (on a GPU an index out of range is a device-side assert that breaks the
-    process's CUDA context, not an error the step could name)."""
+    mark, where ``unscored`` says the task has one: not a classifier's, whose first batch refuses it too), which
+    a loss would otherwise read as an index (a causal LM's gather clamps it to token 0) or silently skip (cross
+    entropy ignores -100), and none at or beyond its head's ``bounds`` (on a GPU an index out of range is a
+    device-side assert that breaks the process's CUDA context, not an error the step could name)."""
     for name, b in batches:
         for head, t in enumerate(as_heads(b.targets)):
             if t.is_floating_point():
                 continue
-            if bool(((t < 0) & (t != IGNORE_INDEX)).any()):
-                bad = int(t[(t < 0) & (t != IGNORE_INDEX)][0])
+            bad_mask = (t < 0) & (t != IGNORE_INDEX) if unscored else t < 0
+            if bool(bad_mask.any()):
+                bad = int(t[bad_mask][0])
+                kinds = "class or token indices, -100 where a position is not scored" if unscored else \
+                    "class indices (a classifier has no unscored mark)"
                 raise DataError(f"the {name} batch of step {step}: label {bad} (head {head}) is negative; labels are "
-                                "class or token indices, -100 where a position is not scored")
+                                f"{kinds}")
             if bounds is not None and head < len(bounds) and t.numel() and int(t.max()) >= bounds[head]:
                 raise DataError(f"the {name} batch of step {step}: label {int(t.max())} (head {head}) is out of range "
                                 f"[0, {bounds[head]}) of the model's outputs -- a later batch of a Dataset (those are "
@@ -381,7 +386,7 @@ def _one_step(ctx: UnlearningContext, method: Method, info: StepInfo, retain_b: 
                                                                                         ctx.problem.forget))
              if not isinstance(data, TensorData)]  # (a Dataset's batches after the first are not checked ahead)
     if drawn and ctx.problem.task.is_categorical:
-        check_drawn_labels(drawn, info.step, ctx.label_bounds)
+        check_drawn_labels(drawn, info.step, ctx.label_bounds, not isinstance(ctx.problem.task, ClassificationTask))
     try:
         loss = method.loss(ctx, info, retain_b, forget_dev)
     except (IndexError, RuntimeError) as exc:

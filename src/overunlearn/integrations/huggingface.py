@@ -47,7 +47,7 @@ from overunlearn.engine import check_data, check_drawn_labels, reinitialise_trai
 from overunlearn.errors import DataError, NonFiniteLossError
 from overunlearn.methods import Method, create
 from overunlearn.methods.context import StepInfo, UnlearningContext
-from overunlearn.problem import Batch, Task, TensorData, UnlearningProblem, batch_from_items
+from overunlearn.problem import Batch, ClassificationTask, Task, TensorData, UnlearningProblem, batch_from_items
 
 __all__ = ["UnlearningTrainer"]
 
@@ -272,7 +272,7 @@ class UnlearningTrainer(Trainer):
                                                  ("forget", forget, self.problem.forget))
                  if not isinstance(data, TensorData)]  # (in-memory labels were checked whole before the run)
         if drawn and self.problem.task.is_categorical:
-            check_drawn_labels(drawn, step, ctx.label_bounds)
+            check_drawn_labels(drawn, step, ctx.label_bounds, not isinstance(self.problem.task, ClassificationTask))
         method.before_step(ctx, info, retain)
         loss = method.loss(ctx, info, retain, forget if method.uses_forget else None)
         if not torch.isfinite(loss.detach()):
