@@ -142,7 +142,8 @@ def _definition(obj: Any) -> str:
 
 
 def check_benchmark(bench: Any, name: str) -> Any:
-    """``bench`` if it follows the :class:`Benchmark` protocol, else one ``ValueError`` saying what is missing."""
+    """``bench`` if it follows the :class:`Benchmark` protocol, else one :class:`BenchmarkDefinitionError` saying
+    what is missing."""
     missing = [m for m in ("problem", "evaluate", "reference") if not callable(getattr(bench, m, None))]
     if missing:
         raise BenchmarkDefinitionError(f"benchmark {name!r} ({type(bench).__name__}) has no method(s) {', '.join(missing)}: a "

@@ -165,8 +165,11 @@ class MinNormOG(Method):
             ctx.require_planned_epochs(self.name)
         self.projections = 0
         self.warned = False
-        self.anchor = {"zero": lambda: None, "init_mean": lambda: init_mean(ctx.problem, ctx.model),
-                       "init": lambda: init_draw(ctx.problem, ctx.model, ctx.seed)}[self.config.anchor]()
+        self.anchor = None  # "zero": the paper's step
+        if self.config.anchor == "init_mean":
+            self.anchor = init_mean(ctx.problem, ctx.model)
+        elif self.config.anchor == "init":
+            self.anchor = init_draw(ctx.problem, ctx.model, ctx.seed)
 
     def explain(self, problem: UnlearningProblem) -> ProjectionReport:
         """How this method's fast projection handles ``problem``'s model: for every trainable parameter,
